@@ -1,0 +1,1 @@
+//! edgelorad's library: model loading, the multi-LoRA engine and the command line.

@@ -1,0 +1,349 @@
+//! The internal INT4 weight format.
+//!
+//! A matrix `W [rows = out, cols = in]` is stored row by row as blocks of [`QK`] = 32 consecutive
+//! input columns. A block is 20 bytes — an f16 scale, a 16-bit offset field and 16 bytes of nibbles —
+//! the same size as GGUF's Q4_1, so a decode step reads as few bytes as llama.cpp does. Element
+//! `j < 16` of a block is the low nibble of `qs[j]`, element `16 + j` the high nibble of `qs[j]`, so
+//! one 16-byte load gives two runs of 16 consecutive elements (what SIMD unpacking wants).
+//!
+//! Two kinds of block metadata cover every 4-bit source without a round trip through f32:
+//! * [`Q4Kind::ZeroPoint`]: `w = (q - z) * d`, `z` an integer in `m` (our quantizer, GPTQ, GGUF Q4_0).
+//!   The product is exact in f32, so dequantization is bit-exact with the reference definition.
+//! * [`Q4Kind::Affine`]: `w = d * q + m` with `m` an f16 (GGUF Q4_1, and Q4_K sub-blocks).
+//!
+//! Quantization groups are a multiple of 32 columns; a group wider than a block repeats its metadata
+//! in each of its blocks. The last block of a row may be partial (`cols % 32 != 0`): its unused
+//! nibbles hold the value that dequantizes to zero where one exists, and kernels never read the
+//! activations past `cols`.
+
+use bytemuck::{Pod, Zeroable};
+use half::f16;
+
+use crate::KernelError;
+
+/// Elements per block.
+pub const QK: usize = 32;
+
+/// One block of 32 4-bit weights with its metadata.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct BlockQ4 {
+    /// Scale, f16 bits.
+    pub d: u16,
+    /// Zero point (integer, [`Q4Kind::ZeroPoint`]) or offset (f16 bits, [`Q4Kind::Affine`]).
+    pub m: u16,
+    /// Packed nibbles: element j in the low nibble of `qs[j]`, element 16+j in its high nibble.
+    pub qs: [u8; 16],
+}
+
+impl BlockQ4 {
+    /// The 4-bit code of element `j` (0..32).
+    #[inline]
+    pub fn code(&self, j: usize) -> u8 {
+        if j < 16 {
+            self.qs[j] & 0x0F
+        } else {
+            self.qs[j - 16] >> 4
+        }
+    }
+
+    #[inline]
+    pub fn set_code(&mut self, j: usize, q: u8) {
+        debug_assert!(q < 16);
+        if j < 16 {
+            self.qs[j] = (self.qs[j] & 0xF0) | q;
+        } else {
+            self.qs[j - 16] = (self.qs[j - 16] & 0x0F) | (q << 4);
+        }
+    }
+
+    #[inline]
+    pub fn scale(&self) -> f32 {
+        f16::from_bits(self.d).to_f32()
+    }
+}
+
+/// How a block's `m` field is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Q4Kind {
+    /// `w = (q - m) * d`, `m` an integer zero point.
+    ZeroPoint,
+    /// `w = d * q + m`, `m` an f16 offset (unfused multiply-add, as gguf-py computes it).
+    Affine,
+}
+
+/// An INT4 matrix `[rows, cols]` in the internal block layout.
+#[derive(Clone, Debug)]
+pub struct Q4Matrix {
+    rows: usize,
+    cols: usize,
+    kind: Q4Kind,
+    blocks: Vec<BlockQ4>,
+}
+
+impl Q4Matrix {
+    /// Blocks per row: `ceil(cols / 32)`.
+    pub fn blocks_per_row_for(cols: usize) -> usize {
+        cols.div_ceil(QK)
+    }
+
+    /// Wraps blocks produced by a converter (GPTQ, GGUF). `blocks.len()` must be
+    /// `rows * ceil(cols / 32)`.
+    pub fn from_blocks(
+        rows: usize,
+        cols: usize,
+        kind: Q4Kind,
+        blocks: Vec<BlockQ4>,
+    ) -> Result<Self, KernelError> {
+        let want = rows * Self::blocks_per_row_for(cols);
+        if blocks.len() != want || rows == 0 || cols == 0 {
+            return Err(KernelError::Shape(format!(
+                "INT4 matrix [{rows}, {cols}] needs {want} blocks, got {}",
+                blocks.len()
+            )));
+        }
+        Ok(Self {
+            rows,
+            cols,
+            kind,
+            blocks,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn kind(&self) -> Q4Kind {
+        self.kind
+    }
+    pub fn blocks(&self) -> &[BlockQ4] {
+        &self.blocks
+    }
+    pub fn blocks_per_row(&self) -> usize {
+        Self::blocks_per_row_for(self.cols)
+    }
+    /// The blocks of one output row.
+    pub fn row_blocks(&self, n: usize) -> &[BlockQ4] {
+        let bpr = self.blocks_per_row();
+        &self.blocks[n * bpr..(n + 1) * bpr]
+    }
+    /// Bytes of weight data a product reads.
+    pub fn nbytes(&self) -> usize {
+        self.blocks.len() * std::mem::size_of::<BlockQ4>()
+    }
+
+    /// Quantizes a row-major f32 matrix by the reference definition (see the fixtures README):
+    /// per output row, groups of `group_size` consecutive input columns (the last one shorter when
+    /// `cols % group_size != 0`), f32 arithmetic, round-half-to-even,
+    /// `scale16 = f16((max - min) / 15)`, `zero = clamp(round(-min / s), 0, 15)`,
+    /// `q = clamp(round(w / s) + zero, 0, 15)`.
+    pub fn quantize(
+        w: &[f32],
+        rows: usize,
+        cols: usize,
+        group_size: usize,
+    ) -> Result<Self, KernelError> {
+        if group_size == 0 || group_size % QK != 0 {
+            return Err(KernelError::Unsupported(format!(
+                "INT4 group size {group_size}: must be a positive multiple of {QK}"
+            )));
+        }
+        if w.len() != rows * cols || rows == 0 || cols == 0 {
+            return Err(KernelError::Shape(format!(
+                "quantize: {} values for a [{rows}, {cols}] matrix",
+                w.len()
+            )));
+        }
+        let bpr = Self::blocks_per_row_for(cols);
+        let mut blocks = vec![BlockQ4::default(); rows * bpr];
+        for n in 0..rows {
+            let row = &w[n * cols..(n + 1) * cols];
+            for g0 in (0..cols).step_by(group_size) {
+                let g1 = (g0 + group_size).min(cols);
+                let (scale16, zero) = group_params(&row[g0..g1]);
+                let s = scale16.to_f32();
+                for b0 in (g0..g1).step_by(QK) {
+                    let blk = &mut blocks[n * bpr + b0 / QK];
+                    blk.d = scale16.to_bits();
+                    blk.m = zero as u16;
+                    let b1 = (b0 + QK).min(g1);
+                    for (j, &x) in row[b0..b1].iter().enumerate() {
+                        blk.set_code(j, quantize_one(x, s, zero));
+                    }
+                    // Padding dequantizes to exactly zero.
+                    for j in (b1 - b0)..QK {
+                        blk.set_code(j, zero);
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            rows,
+            cols,
+            kind: Q4Kind::ZeroPoint,
+            blocks,
+        })
+    }
+
+    /// Dequantizes one block into `out[..32]`.
+    #[inline]
+    pub fn dequantize_block(kind: Q4Kind, b: &BlockQ4, out: &mut [f32]) {
+        let d = b.scale();
+        match kind {
+            Q4Kind::ZeroPoint => {
+                let z = b.m as i32;
+                for (j, o) in out[..QK].iter_mut().enumerate() {
+                    *o = (b.code(j) as i32 - z) as f32 * d;
+                }
+            }
+            Q4Kind::Affine => {
+                let m = f16::from_bits(b.m).to_f32();
+                for (j, o) in out[..QK].iter_mut().enumerate() {
+                    *o = d * b.code(j) as f32 + m;
+                }
+            }
+        }
+    }
+
+    /// Dequantizes output row `n` into `out[..cols]`.
+    pub fn dequantize_row(&self, n: usize, out: &mut [f32]) {
+        let mut tmp = [0f32; QK];
+        for (bi, b) in self.row_blocks(n).iter().enumerate() {
+            Self::dequantize_block(self.kind, b, &mut tmp);
+            let k0 = bi * QK;
+            let k1 = (k0 + QK).min(self.cols);
+            out[k0..k1].copy_from_slice(&tmp[..k1 - k0]);
+        }
+    }
+
+    /// The whole matrix as row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        for n in 0..self.rows {
+            self.dequantize_row(n, &mut out[n * self.cols..(n + 1) * self.cols]);
+        }
+        out
+    }
+
+    /// Reference product: `out[r, n] = sum_k W[n, k] * x[r, k]` for `m` rows of `x` (`[m, cols]`),
+    /// `out` is `[m, rows]`. Dequantizes each weight row once and uses it for every activation row,
+    /// so the weights are read once whatever `m` is.
+    pub fn matmul_reference(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), m * self.cols);
+        assert_eq!(out.len(), m * self.rows);
+        let mut wrow = vec![0f32; self.cols];
+        for n in 0..self.rows {
+            self.dequantize_row(n, &mut wrow);
+            for r in 0..m {
+                out[r * self.rows + n] =
+                    crate::cpu::ops::dot(&wrow, &x[r * self.cols..(r + 1) * self.cols]);
+            }
+        }
+    }
+}
+
+/// `(scale16, zero)` of one group by the reference definition.
+fn group_params(g: &[f32]) -> (f16, u8) {
+    let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+    for &x in g {
+        lo = lo.min(x);
+        hi = hi.max(x);
+    }
+    let scale16 = f16::from_f32((hi - lo) / 15.0);
+    let s = scale16.to_f32();
+    if s == 0.0 || !s.is_finite() {
+        // A constant group: represent its value with code 1 and zero point 0 (or 1 for negatives),
+        // falling back to an all-zero group when the value itself is zero.
+        let v = if hi.abs() > lo.abs() { hi } else { lo };
+        let s16 = f16::from_f32(v.abs());
+        return if s16.to_f32() == 0.0 {
+            (f16::ZERO, 0)
+        } else {
+            (s16, if v < 0.0 { 1 } else { 0 })
+        };
+    }
+    let zero = (-lo / s).round_ties_even().clamp(0.0, 15.0) as u8;
+    (scale16, zero)
+}
+
+#[inline]
+fn quantize_one(x: f32, s: f32, zero: u8) -> u8 {
+    if s == 0.0 {
+        return zero;
+    }
+    ((x / s).round_ties_even() + zero as f32).clamp(0.0, 15.0) as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    #[test]
+    fn dequantized_error_is_within_half_a_step_per_group() {
+        let (rows, cols) = (5, 176);
+        let mut s = 7;
+        let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s)).collect();
+        let q = Q4Matrix::quantize(&w, rows, cols, 32).unwrap();
+        assert_eq!(q.blocks_per_row(), 6);
+        let dq = q.dequantize();
+        for n in 0..rows {
+            for k in 0..cols {
+                let b = &q.row_blocks(n)[k / 32];
+                let step = b.scale();
+                let err = (dq[n * cols + k] - w[n * cols + k]).abs();
+                assert!(
+                    err <= step * 0.5 + 1e-6 || err <= step,
+                    "({n},{k}) err {err} step {step}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn partial_block_padding_dequantizes_to_zero() {
+        let (rows, cols) = (2, 40);
+        let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let q = Q4Matrix::quantize(&w, rows, cols, 32).unwrap();
+        let mut tmp = [0f32; 32];
+        Q4Matrix::dequantize_block(q.kind(), &q.row_blocks(0)[1], &mut tmp);
+        assert!(tmp[8..].iter().all(|&v| v == 0.0), "{tmp:?}");
+    }
+
+    #[test]
+    fn wider_groups_share_metadata_across_blocks() {
+        let (rows, cols) = (3, 100);
+        let w: Vec<f32> = (0..rows * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let q = Q4Matrix::quantize(&w, rows, cols, 64).unwrap();
+        let r = q.row_blocks(1);
+        assert_eq!((r[0].d, r[0].m), (r[1].d, r[1].m));
+        assert!(Q4Matrix::quantize(&w, rows, cols, 48).is_err());
+    }
+
+    #[test]
+    fn matmul_reference_equals_dense_product_of_dequantized_weights() {
+        let (rows, cols, m) = (7, 70, 3);
+        let mut s = 3;
+        let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s)).collect();
+        let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut s)).collect();
+        let q = Q4Matrix::quantize(&w, rows, cols, 32).unwrap();
+        let dq = q.dequantize();
+        let mut out = vec![0f32; m * rows];
+        q.matmul_reference(&x, m, &mut out);
+        for r in 0..m {
+            for n in 0..rows {
+                let want: f32 = (0..cols).map(|k| dq[n * cols + k] * x[r * cols + k]).sum();
+                assert!((out[r * rows + n] - want).abs() < 1e-4);
+            }
+        }
+    }
+}

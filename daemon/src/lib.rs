@@ -1,1 +1,7 @@
-//! edgelorad's library: model loading, the multi-LoRA engine and the command line.
+//! edgelorad's library: model loading, adapters, the multi-LoRA engine and the command line.
+
+pub mod adapters;
+pub mod cli;
+pub mod default_model;
+pub mod engine;
+pub mod model;

@@ -1,6 +1,9 @@
 //! CPU kernels.
 
+pub mod attention;
 pub mod dense;
+pub mod kv;
+pub mod lora;
 pub mod ops;
 pub mod q4;
 pub mod q8;

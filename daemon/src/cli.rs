@@ -1,0 +1,407 @@
+//! The `edgelorad` command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool};
+
+use crate::adapters::LoraAdapter;
+use crate::engine::generate::{GenerateParams, all_logits, generate};
+use crate::engine::perplexity::perplexity;
+use crate::engine::sampler::SamplingParams;
+use crate::engine::{ForwardOptions, SparseConfig};
+use crate::model::chat::ChatMessage;
+use crate::model::{LoadOptions, Model, WeightDtype};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgelorad",
+    version,
+    about = "Many LoRA skills over one INT4 base model, on the edge"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate text from a prompt, a chat message or token ids.
+    Generate(GenerateArgs),
+    /// Check a model: logits, perplexity.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Manage models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EvalCommand {
+    /// Write the logits at every prompt position (one forward, fresh cache) to a safetensors file.
+    Logits(LogitsArgs),
+    /// Perplexity over a text file by llama-perplexity's method.
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Fetch the default model (SmolLM2-135M-Instruct Q4_1) into the cache and print its path.
+    Fetch,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face folder, a GPTQ folder or a GGUF file (default: SmolLM2-135M-Instruct Q4_1,
+    /// fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A PEFT LoRA adapter folder.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Projection weights: int4 (quantized at load) or f32 (full precision, for checking).
+    #[arg(long, default_value = "int4")]
+    pub dtype: WeightDtype,
+    /// INT4 group size for quantize-at-load (a multiple of 32).
+    #[arg(long, default_value_t = 32)]
+    pub group_size: usize,
+    /// KV cache element type: f32, f16 or int4.
+    #[arg(long, default_value = "f32")]
+    pub kv: KvDtype,
+    /// Tokens per KV page.
+    #[arg(long, default_value_t = 16)]
+    pub page_size: usize,
+    /// Attend only to the most relevant pages once the context exceeds this many tokens.
+    #[arg(long)]
+    pub sparse_budget: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// Raw prompt text (special tokens added as the model does).
+    #[arg(long, conflicts_with_all = ["chat", "prompt_tokens"])]
+    pub prompt: Option<String>,
+    /// A user message rendered through the model's chat template.
+    #[arg(long, conflicts_with = "prompt_tokens")]
+    pub chat: Option<String>,
+    /// A system message for --chat.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_tokens: Option<Vec<u32>>,
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Recompute the whole sequence every step instead of using the KV cache (for checking).
+    #[arg(long)]
+    pub no_kv_cache: bool,
+    /// Prompt tokens per prefill forward.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+    /// Print one JSON object: prompt ids, generated ids, text, and with --logits-out the logits file.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the logits each token was chosen from ([n, vocab] f32 `logits`) to this file.
+    #[arg(long)]
+    pub logits_out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub prompt_tokens: Vec<u32>,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// The text file to score.
+    #[arg(long)]
+    pub text: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    pub chunks: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Loaded {
+    model: Model,
+    adapter: Option<LoraAdapter>,
+    opts: ForwardOptions,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Loaded> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => crate::default_model::ensure()
+                .map_err(anyhow::Error::msg)
+                .context("fetching the default model")?,
+        };
+        let t0 = std::time::Instant::now();
+        let model = Model::load(
+            &path,
+            &LoadOptions {
+                dtype: self.dtype,
+                group_size: self.group_size,
+            },
+        )
+        .with_context(|| format!("loading {}", path.display()))?;
+        tracing::info!(
+            model = %path.display(),
+            arch = model.config.arch.name(),
+            layers = model.config.n_layers,
+            weight_mb = model.weights.bytes_per_token() as f64 / 1e6,
+            secs = t0.elapsed().as_secs_f64(),
+            "model loaded"
+        );
+        let adapter = match &self.adapter {
+            Some(dir) => Some(LoraAdapter::load_peft(dir, &model.config)?),
+            None => None,
+        };
+        if self.page_size == 0 {
+            bail!("--page-size must be at least 1");
+        }
+        let sparse = self.sparse_budget.map(|b| SparseConfig {
+            budget_tokens: b,
+            recent_pages: 1,
+        });
+        Ok(Loaded {
+            model,
+            adapter,
+            opts: ForwardOptions { sparse },
+        })
+    }
+
+    fn pool(&self, model: &Model, tokens: usize) -> Result<KvPool> {
+        let c = &model.config;
+        let geom = KvGeometry {
+            page_size: self.page_size,
+            n_layers: c.n_layers,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+        };
+        Ok(KvPool::new(
+            geom,
+            self.kv,
+            tokens.div_ceil(self.page_size) + 1,
+        )?)
+    }
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Eval(EvalCommand::Logits(a)) => cmd_logits(a),
+        Command::Eval(EvalCommand::Perplexity(a)) => cmd_perplexity(a),
+        Command::Model(ModelCommand::Fetch) => {
+            let p = crate::default_model::ensure().map_err(anyhow::Error::msg)?;
+            println!("{}", p.display());
+            Ok(())
+        }
+    }
+}
+
+fn write_logits(path: &Path, rows: usize, vocab: usize, data: &[f32]) -> Result<()> {
+    let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![rows, vocab], &bytes)?;
+    safetensors::serialize_to_file([("logits", view)], None, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let l = a.m.load()?;
+    let tok = &l.model.tokenizer;
+    let prompt: Vec<u32> = if let Some(ids) = &a.prompt_tokens {
+        ids.clone()
+    } else if let Some(text) = &a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: text.clone(),
+        });
+        tok.encode_chat(&msgs)?
+    } else if let Some(text) = &a.prompt {
+        tok.encode(text, true)?
+    } else {
+        bail!("give one of --prompt, --chat or --prompt-tokens");
+    };
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    sampling.validate()?;
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling,
+        stop_ids: if a.ignore_eos {
+            Vec::new()
+        } else {
+            tok.eos_ids.clone()
+        },
+        use_cache: !a.no_kv_cache,
+        prefill_chunk: a.prefill_chunk.max(1),
+        keep_logits: a.logits_out.is_some(),
+    };
+    let mut pool = a.m.pool(&l.model, prompt.len() + a.max_tokens)?;
+    let stream = !a.json;
+    let mut printed = 0usize;
+    let mut so_far: Vec<u32> = Vec::new();
+    let gen_out = generate(
+        &l.model,
+        &mut pool,
+        l.adapter.as_ref(),
+        &prompt,
+        &params,
+        &l.opts,
+        |t| {
+            if stream {
+                // Print the text that became stable (decoding can merge bytes across tokens).
+                so_far.push(t);
+                if let Ok(text) = tok.decode(&so_far, true)
+                    && !text.ends_with('\u{FFFD}')
+                    && text.len() > printed
+                {
+                    print!("{}", &text[printed..]);
+                    let _ = std::io::stdout().flush();
+                    printed = text.len();
+                }
+            }
+        },
+    )?;
+    let text = tok.decode(&gen_out.tokens, true)?;
+    if let Some(p) = &a.logits_out {
+        let vocab = l.model.config.vocab_size;
+        let flat: Vec<f32> = gen_out.logits.iter().flatten().copied().collect();
+        write_logits(p, gen_out.logits.len(), vocab, &flat)?;
+    }
+    if a.json {
+        let v = serde_json::json!({
+            "prompt_token_ids": prompt,
+            "token_ids": gen_out.tokens,
+            "text": text,
+            "finish_reason": gen_out.finish.as_str(),
+        });
+        println!("{v}");
+    } else {
+        if text.len() > printed {
+            print!("{}", &text[printed..]);
+        }
+        println!();
+    }
+    Ok(())
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let l = a.m.load()?;
+    let mut pool = a.m.pool(&l.model, a.prompt_tokens.len())?;
+    let logits = all_logits(
+        &l.model,
+        &mut pool,
+        l.adapter.as_ref(),
+        &a.prompt_tokens,
+        &l.opts,
+    )?;
+    write_logits(
+        &a.out,
+        a.prompt_tokens.len(),
+        l.model.config.vocab_size,
+        &logits,
+    )?;
+    eprintln!(
+        "wrote logits [{}, {}] to {}",
+        a.prompt_tokens.len(),
+        l.model.config.vocab_size,
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
+    let l = a.m.load()?;
+    let text = std::fs::read_to_string(&a.text)
+        .with_context(|| format!("reading {}", a.text.display()))?;
+    let tok = &l.model.tokenizer;
+    let tokens = tok.encode(&text, true)?;
+    // llama-perplexity puts BOS at the start of every window only when the model adds BOS.
+    let bos = if tokens.first().is_some()
+        && tok.bos_id.is_some()
+        && tok.encode("", true)?.first() == tok.bos_id.as_ref()
+    {
+        tok.bos_id
+    } else {
+        None
+    };
+    let mut pool = a.m.pool(&l.model, a.ctx)?;
+    let t0 = std::time::Instant::now();
+    let report = perplexity(
+        &l.model,
+        &mut pool,
+        &tokens,
+        a.ctx,
+        a.chunks,
+        bos,
+        &l.opts,
+        |i, n, ppl| {
+            eprintln!("[{i}/{n}] running perplexity {ppl:.4}");
+        },
+    )?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({"ppl": report.ppl, "ctx": report.ctx, "chunks": report.chunks,
+                "tokens_scored": report.tokens_scored, "text_tokens": tokens.len(), "kv": a.m.kv.to_string(),
+                "sparse_budget": a.m.sparse_budget, "seconds": secs})
+        );
+    } else {
+        println!(
+            "perplexity {:.4} over {} windows of {} tokens ({} predictions scored, kv {}, sparse budget {:?}, {:.1}s)",
+            report.ppl,
+            report.chunks,
+            report.ctx,
+            report.tokens_scored,
+            a.m.kv,
+            a.m.sparse_budget,
+            secs
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! One forward step over a batch of sequences, each with its own adapter (or none).
+//!
+//! The rows of every sequence in the step are stacked: each base projection runs once over all
+//! rows (the weights are read once per step whatever the batch mixes), then the LoRA deltas are
+//! added per segment of rows sharing an adapter (SGMV), never by merging weights. Keys and values
+//! go into the sequences' KV pages; attention reads them back page by page.
+
+use edgelora_kernels::cpu::attention::{SparseConfig, paged_attention};
+use edgelora_kernels::cpu::kv::KvPool;
+use edgelora_kernels::cpu::lora::{LoraSegment, sgmv_reference};
+use edgelora_kernels::cpu::ops::{Rope, rms_norm, swiglu};
+
+use super::{EngineError, SeqKv};
+use crate::adapters::LoraAdapter;
+use crate::model::{Model, Proj};
+
+/// One sequence's part of a step: new tokens appended after what its KV already holds.
+pub struct SeqStep<'a> {
+    pub tokens: &'a [u32],
+    pub kv: &'a mut SeqKv,
+    pub adapter: Option<&'a LoraAdapter>,
+    /// Logits for every new token (evaluation) instead of only the last.
+    pub all_logits: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ForwardOptions {
+    /// Query-aware page sparsity; `None` = dense attention.
+    pub sparse: Option<SparseConfig>,
+}
+
+/// Rotary tables for a model.
+pub fn rope_for(model: &Model) -> Rope {
+    Rope {
+        inv_freq: model.config.rope_inv_freq(),
+        head_dim: model.config.head_dim,
+        mscale: 1.0,
+    }
+}
+
+/// Runs one step. Returns, per sequence, `[n_new, vocab]` logits when `all_logits`, else `[vocab]`
+/// for its last token. On error nothing was written to any sequence.
+pub fn forward(
+    model: &Model,
+    pool: &mut KvPool,
+    seqs: &mut [SeqStep<'_>],
+    opts: &ForwardOptions,
+) -> Result<Vec<Vec<f32>>, EngineError> {
+    let c = &model.config;
+    let w = &model.weights;
+    let (hd, qd, kvd, hidden) = (c.head_dim, c.q_dim(), c.kv_dim(), c.hidden_size);
+
+    // Validate everything before touching any state.
+    for s in seqs.iter() {
+        if s.tokens.is_empty() {
+            return Err(EngineError::Invalid(
+                "a sequence in the step has no new tokens".into(),
+            ));
+        }
+        if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(EngineError::BadToken {
+                id,
+                vocab: c.vocab_size,
+            });
+        }
+        let new_len = s.kv.len + s.tokens.len();
+        if let Some(win) = c.sliding_window
+            && new_len > win
+        {
+            return Err(EngineError::TooLong {
+                len: new_len,
+                limit: win,
+                why: "sliding-window attention is not implemented past the window",
+            });
+        }
+    }
+    let needed: usize = seqs
+        .iter()
+        .map(|s| s.kv.pages_needed(pool, s.kv.len + s.tokens.len()))
+        .sum();
+    if needed > pool.free_count() {
+        return Err(EngineError::KvExhausted {
+            needed,
+            free: pool.free_count(),
+        });
+    }
+    for s in seqs.iter_mut() {
+        let new_len = s.kv.len + s.tokens.len();
+        s.kv.reserve(pool, new_len)?;
+    }
+
+    // Row bookkeeping: positions, owning sequence, and adapter segments.
+    let rows: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+    let mut pos = Vec::with_capacity(rows);
+    let mut owner = Vec::with_capacity(rows);
+    for (si, s) in seqs.iter().enumerate() {
+        for i in 0..s.tokens.len() {
+            pos.push(s.kv.len + i);
+            owner.push(si);
+        }
+    }
+    // Consecutive sequences with the same adapter form one segment.
+    let mut segments: Vec<(std::ops::Range<usize>, &LoraAdapter)> = Vec::new();
+    let mut r0 = 0;
+    for s in seqs.iter() {
+        let r1 = r0 + s.tokens.len();
+        if let Some(a) = s.adapter {
+            match segments.last_mut() {
+                Some((range, prev)) if range.end == r0 && std::ptr::eq(*prev, a) => range.end = r1,
+                _ => segments.push((r0..r1, a)),
+            }
+        }
+        r0 = r1;
+    }
+
+    let rope = rope_for(model);
+    let scale = 1.0 / (hd as f32).sqrt();
+    let page_size = pool.geometry().page_size;
+
+    let mut x = vec![0f32; rows * hidden];
+    let mut r = 0;
+    for s in seqs.iter() {
+        for &t in s.tokens {
+            w.embed
+                .dequantize_row(t as usize, &mut x[r * hidden..(r + 1) * hidden]);
+            r += 1;
+        }
+    }
+    let mut h = vec![0f32; rows * hidden];
+    let mut q = vec![0f32; rows * qd];
+    let mut k = vec![0f32; rows * kvd];
+    let mut v = vec![0f32; rows * kvd];
+    let mut att = vec![0f32; rows * qd];
+    let mut o = vec![0f32; rows * hidden];
+    let mut gate = vec![0f32; rows * c.intermediate_size];
+    let mut up = vec![0f32; rows * c.intermediate_size];
+
+    let project = |layer: usize, p: Proj, input: &[f32], out: &mut [f32]| {
+        let lin = w.layers[layer].get(p);
+        lin.forward(input, rows, out);
+        let segs: Vec<LoraSegment<'_>> = segments
+            .iter()
+            .filter_map(|(range, a)| {
+                a.get(layer, p).map(|pair| LoraSegment {
+                    rows: range.clone(),
+                    a: &pair.a,
+                    b: &pair.b,
+                    rank: pair.rank,
+                    scaling: a.scaling,
+                })
+            })
+            .collect();
+        if !segs.is_empty() {
+            sgmv_reference(input, lin.weight.cols(), out, lin.weight.rows(), &segs);
+        }
+    };
+
+    for (li, lw) in w.layers.iter().enumerate() {
+        for rr in 0..rows {
+            rms_norm(
+                &x[rr * hidden..(rr + 1) * hidden],
+                &lw.attn_norm,
+                c.rms_norm_eps,
+                &mut h[rr * hidden..(rr + 1) * hidden],
+            );
+        }
+        project(li, Proj::Q, &h, &mut q);
+        project(li, Proj::K, &h, &mut k);
+        project(li, Proj::V, &h, &mut v);
+        for rr in 0..rows {
+            rope.apply(&mut q[rr * qd..(rr + 1) * qd], c.n_heads, pos[rr]);
+            rope.apply(&mut k[rr * kvd..(rr + 1) * kvd], c.n_kv_heads, pos[rr]);
+        }
+        // Write this step's keys and values; a page that fills up is sealed (INT4 quantizes it).
+        for rr in 0..rows {
+            let kv = &seqs[owner[rr]].kv;
+            let p = pos[rr];
+            let page = kv.pages[p / page_size];
+            let slot = p % page_size;
+            pool.write(
+                li,
+                page,
+                slot,
+                &k[rr * kvd..(rr + 1) * kvd],
+                &v[rr * kvd..(rr + 1) * kvd],
+            );
+            if slot == page_size - 1 {
+                pool.seal(li, page);
+            }
+        }
+        for rr in 0..rows {
+            let kv = &seqs[owner[rr]].kv;
+            paged_attention(
+                pool,
+                li,
+                &kv.pages,
+                pos[rr] + 1,
+                &q[rr * qd..(rr + 1) * qd],
+                c.n_heads,
+                scale,
+                opts.sparse.as_ref(),
+                &mut att[rr * qd..(rr + 1) * qd],
+            );
+        }
+        project(li, Proj::O, &att, &mut o);
+        for (xv, ov) in x.iter_mut().zip(&o) {
+            *xv += ov;
+        }
+        for rr in 0..rows {
+            rms_norm(
+                &x[rr * hidden..(rr + 1) * hidden],
+                &lw.ffn_norm,
+                c.rms_norm_eps,
+                &mut h[rr * hidden..(rr + 1) * hidden],
+            );
+        }
+        project(li, Proj::Gate, &h, &mut gate);
+        project(li, Proj::Up, &h, &mut up);
+        swiglu(&mut gate, &up);
+        project(li, Proj::Down, &gate, &mut o);
+        for (xv, ov) in x.iter_mut().zip(&o) {
+            *xv += ov;
+        }
+    }
+
+    // Final norm and logits only for the rows asked for, all sequences in one product so the
+    // output matrix is read once per step.
+    let mut sel_rows = Vec::new();
+    let mut r0 = 0;
+    for s in seqs.iter() {
+        let n = s.tokens.len();
+        if s.all_logits {
+            sel_rows.extend(r0..r0 + n);
+        } else {
+            sel_rows.push(r0 + n - 1);
+        }
+        r0 += n;
+    }
+    let m = sel_rows.len();
+    let mut hn = vec![0f32; m * hidden];
+    for (i, &rr) in sel_rows.iter().enumerate() {
+        rms_norm(
+            &x[rr * hidden..(rr + 1) * hidden],
+            &w.norm,
+            c.rms_norm_eps,
+            &mut hn[i * hidden..(i + 1) * hidden],
+        );
+    }
+    let vocab = c.vocab_size;
+    let mut logits = vec![0f32; m * vocab];
+    w.output().matmul(&hn, m, &mut logits);
+    let mut out = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for s in seqs.iter_mut() {
+        let n = if s.all_logits { s.tokens.len() } else { 1 };
+        out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+        at += n;
+        s.kv.len += s.tokens.len();
+    }
+    Ok(out)
+}

@@ -1,0 +1,390 @@
+//! Paged decode attention: one query token against its sequence's KV pages.
+//!
+//! [`paged_attention`] is flash-style: it walks the visible pages in ascending order, scores one page
+//! at a time and folds it into a running (max, sum, weighted-V) state per query head — the online
+//! softmax — so memory is one page of scores, never the full score vector. Each (page, kv_head) tile
+//! is fetched (and, for F16/INT4, decoded) once and reused by every query head of the GQA group
+//! (query head `h` reads KV head `h / (n_heads / n_kv_heads)`).
+//!
+//! # Query-aware page sparsity
+//!
+//! Long contexts are dominated by a few pages per query (Quest, Tang et al., 2024). With a
+//! [`SparseConfig`], a head whose context exceeds the page budget attends only to the first page
+//! (attention sink), the newest `recent_pages` pages (local context) and the remaining pages with the
+//! largest upper bound on any score in the page, `sum_i max(q_i * min_i, q_i * max_i)` over the page's
+//! per-channel key min/max ([`KvPool::key_bounds`]). Selection is per query head, since heads of a
+//! group disagree about relevance. Under the budget every page is selected and the computation is the
+//! same code in the same order as dense, so the result is bit-identical.
+
+use crate::cpu::kv::{KvPool, PageId};
+
+/// Query-aware page sparsity settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparseConfig {
+    /// Tokens of context to attend to; rounded up to whole pages, and at least `1 + recent_pages` pages.
+    pub budget_tokens: usize,
+    /// Newest visible pages always attended (the page holding the query itself included).
+    pub recent_pages: usize,
+}
+
+impl SparseConfig {
+    /// A budget of `budget_tokens` with the default single recent page.
+    pub fn new(budget_tokens: usize) -> Self {
+        Self {
+            budget_tokens,
+            recent_pages: 1,
+        }
+    }
+
+    /// The budget in pages for `page_size`-token pages.
+    pub fn budget_pages(&self, page_size: usize) -> usize {
+        self.budget_tokens
+            .div_ceil(page_size.max(1))
+            .max(self.recent_pages.saturating_add(1))
+    }
+}
+
+impl Default for SparseConfig {
+    /// Unlimited budget: every context is attended densely.
+    fn default() -> Self {
+        Self::new(usize::MAX)
+    }
+}
+
+/// Upper bound of `q · k` over any key `k` with `kmin <= k <= kmax` channel-wise:
+/// `sum_i max(q_i * kmin_i, q_i * kmax_i)`. Eight independent partial sums so it vectorizes (it
+/// runs for every page of every head under sparsity).
+pub fn page_bound(q: &[f32], kmin: &[f32], kmax: &[f32]) -> f32 {
+    debug_assert!(q.len() == kmin.len() && q.len() == kmax.len());
+    let term = |(&q, (&lo, &hi)): (&f32, (&f32, &f32))| (q * lo).max(q * hi);
+    let (cq, clo, chi) = (
+        q.chunks_exact(8),
+        kmin.chunks_exact(8),
+        kmax.chunks_exact(8),
+    );
+    let tail: f32 = cq
+        .remainder()
+        .iter()
+        .zip(clo.remainder().iter().zip(chi.remainder()))
+        .map(term)
+        .sum();
+    let mut lanes = [0.0f32; 8];
+    for (q, (lo, hi)) in cq.zip(clo.zip(chi)) {
+        for (l, x) in lanes.iter_mut().zip(q.iter().zip(lo.iter().zip(hi))) {
+            *l += term(x);
+        }
+    }
+    reduce8(lanes) + tail
+}
+
+/// Sums eight lanes pairwise (the order every lane-split reduction here uses).
+#[inline]
+fn reduce8([l0, l1, l2, l3, l4, l5, l6, l7]: [f32; 8]) -> f32 {
+    ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))
+}
+
+/// Which pages (indices into `pages`, ascending) query head `q_head` (a `head_dim` slice) attends to
+/// when the visible context is tokens `0..n_tokens`: all visible pages when their count is within
+/// [`SparseConfig::budget_pages`]; otherwise the first page, the newest `recent_pages` visible pages
+/// and the top remaining pages by [`page_bound`] (ties: lower index).
+pub fn select_pages(
+    pool: &KvPool,
+    layer: usize,
+    pages: &[PageId],
+    n_tokens: usize,
+    q_head: &[f32],
+    kv_head: usize,
+    cfg: &SparseConfig,
+) -> Vec<usize> {
+    let npages = visible_pages(pool, pages, n_tokens);
+    let mut keep = vec![false; npages];
+    select_into(
+        pool,
+        layer,
+        &pages[..npages],
+        q_head,
+        kv_head,
+        cfg,
+        &mut Vec::new(),
+        &mut keep,
+    );
+    keep.iter()
+        .enumerate()
+        .filter(|&(_, &k)| k)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Pages holding tokens `0..n_tokens` (clamped to the page table, whose shortness is a caller bug).
+fn visible_pages(pool: &KvPool, pages: &[PageId], n_tokens: usize) -> usize {
+    let needed = n_tokens.div_ceil(pool.geometry().page_size);
+    debug_assert!(
+        needed <= pages.len(),
+        "page table of {} pages for {n_tokens} tokens",
+        pages.len()
+    );
+    needed.min(pages.len())
+}
+
+/// Fills `keep[i]` (one entry per visible page `pages[i]`) with the selection of [`select_pages`].
+/// `ranked` is reusable scratch.
+#[allow(clippy::too_many_arguments)]
+fn select_into(
+    pool: &KvPool,
+    layer: usize,
+    pages: &[PageId],
+    q_head: &[f32],
+    kv_head: usize,
+    cfg: &SparseConfig,
+    ranked: &mut Vec<(f32, usize)>,
+    keep: &mut [bool],
+) {
+    let npages = keep.len();
+    let budget = cfg.budget_pages(pool.geometry().page_size);
+    if npages <= budget {
+        keep.fill(true);
+        return;
+    }
+    // npages > budget >= 1 + recent_pages, so the candidates 1..recent_start are non-empty and
+    // outnumber the k pages still to pick.
+    let recent_start = npages - cfg.recent_pages;
+    keep.fill(false);
+    keep[0] = true;
+    keep[recent_start..].fill(true);
+    ranked.clear();
+    ranked.extend((1..recent_start).map(|i| {
+        let (lo, hi) = pool.key_bounds(layer, pages[i], kv_head);
+        (page_bound(q_head, lo, hi), i)
+    }));
+    let k = budget - 1 - cfg.recent_pages;
+    if k > 0 {
+        // Descending bound, ascending index on ties; total_cmp keeps NaN bounds from panicking.
+        ranked.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        for &(_, i) in &ranked[..k] {
+            keep[i] = true;
+        }
+    }
+}
+
+/// One query token at position `n_tokens - 1` attends to tokens `0..n_tokens` of its sequence (page
+/// table `pages`); causal by construction. `q` is `n_heads * head_dim` after RoPE, `out` the same
+/// shape. `sparse: None` is dense. An empty context writes zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention(
+    pool: &KvPool,
+    layer: usize,
+    pages: &[PageId],
+    n_tokens: usize,
+    q: &[f32],
+    n_heads: usize,
+    scale: f32,
+    sparse: Option<&SparseConfig>,
+    out: &mut [f32],
+) {
+    let g = *pool.geometry();
+    let (ps, d, n_kv) = (g.page_size, g.head_dim, g.n_kv_heads);
+    debug_assert!(
+        q.len() == n_heads * d && out.len() == n_heads * d,
+        "q/out must be n_heads*head_dim"
+    );
+    debug_assert!(
+        n_heads >= n_kv && n_heads % n_kv == 0,
+        "n_heads must be a multiple of n_kv_heads"
+    );
+    out.fill(0.0);
+    let npages = visible_pages(pool, pages, n_tokens);
+    if npages == 0 {
+        return;
+    }
+    let last_len = n_tokens.min(npages * ps) - (npages - 1) * ps;
+    let group = (n_heads / n_kv).max(1);
+
+    let mut scratch = vec![0.0f32; pool.tile_scratch_len()];
+    let mut scores = vec![0.0f32; ps];
+    let mut acc = vec![0.0f32; group * d];
+    let mut run_max = vec![f32::NEG_INFINITY; group];
+    let mut run_sum = vec![0.0f32; group];
+    let mut keep = vec![true; group * npages];
+    let mut ranked = Vec::new();
+
+    for kv_head in 0..n_kv {
+        let h0 = kv_head * group;
+        if h0 >= n_heads {
+            break;
+        }
+        let heads = group.min(n_heads - h0);
+        let q_group = &q[h0 * d..(h0 + heads) * d];
+        let keep = &mut keep[..heads * npages];
+        match sparse {
+            None => keep.fill(true),
+            Some(cfg) => {
+                for (qh, kh) in q_group.chunks_exact(d).zip(keep.chunks_exact_mut(npages)) {
+                    select_into(
+                        pool,
+                        layer,
+                        &pages[..npages],
+                        qh,
+                        kv_head,
+                        cfg,
+                        &mut ranked,
+                        kh,
+                    );
+                }
+            }
+        }
+        acc.fill(0.0);
+        run_max.fill(f32::NEG_INFINITY);
+        run_sum.fill(0.0);
+
+        for (p, &page) in pages[..npages].iter().enumerate() {
+            if !keep.iter().skip(p).step_by(npages).any(|&k| k) {
+                continue;
+            }
+            let n = if p + 1 == npages { last_len } else { ps };
+            let (kt, vt) = pool.tile_f32(layer, page, kv_head, n, &mut scratch);
+            let states = acc
+                .chunks_exact_mut(d)
+                .zip(run_max.iter_mut().zip(run_sum.iter_mut()));
+            for (gi, (qh, (a, (m, l)))) in q_group.chunks_exact(d).zip(states).enumerate() {
+                if keep[gi * npages + p] {
+                    online_update(qh, kt, vt, d, scale, &mut scores[..n], m, l, a);
+                }
+            }
+        }
+
+        let out_group = &mut out[h0 * d..(h0 + heads) * d];
+        for ((o, a), &l) in out_group
+            .chunks_exact_mut(d)
+            .zip(acc.chunks_exact(d))
+            .zip(&run_sum)
+        {
+            let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+            for (o, &a) in o.iter_mut().zip(a) {
+                *o = a * inv;
+            }
+        }
+    }
+}
+
+/// Folds one page (`k`, `v`: `scores.len()` rows of `d`) into a head's online-softmax state: running
+/// max `m`, running sum of `exp(s - m)` `l`, and the unnormalized output `acc`.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn online_update(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: usize,
+    scale: f32,
+    scores: &mut [f32],
+    m: &mut f32,
+    l: &mut f32,
+    acc: &mut [f32],
+) {
+    let mut page_max = f32::NEG_INFINITY;
+    for (s, kr) in scores.iter_mut().zip(k.chunks_exact(d)) {
+        *s = dot(q, kr) * scale;
+        page_max = page_max.max(*s);
+    }
+    let m_new = m.max(page_max);
+    if m_new == f32::NEG_INFINITY {
+        return; // every weight is exp(-inf) = 0
+    }
+    if m_new > *m {
+        // Rescale what was accumulated under the old max; nothing was when it was -inf.
+        let corr = if *m == f32::NEG_INFINITY {
+            0.0
+        } else {
+            (*m - m_new).exp()
+        };
+        *l *= corr;
+        acc.iter_mut().for_each(|a| *a *= corr);
+        *m = m_new;
+    }
+    for (&s, vr) in scores.iter().zip(v.chunks_exact(d)) {
+        let p = (s - m_new).exp();
+        *l += p;
+        for (a, &x) in acc.iter_mut().zip(vr) {
+            *a += p * x;
+        }
+    }
+}
+
+/// Dot product with eight independent accumulators so the compiler can vectorize it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut lanes = [0.0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += x * y;
+        }
+    }
+    reduce8(lanes) + tail
+}
+
+/// Plain reference for [`paged_attention`] (dense only): reads every visible token with
+/// [`KvPool::read_token`], builds the full score vector, max-subtracted softmax, weighted sum.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_reference(
+    pool: &KvPool,
+    layer: usize,
+    pages: &[PageId],
+    n_tokens: usize,
+    q: &[f32],
+    n_heads: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let g = *pool.geometry();
+    let (ps, d, n_kv) = (g.page_size, g.head_dim, g.n_kv_heads);
+    out.fill(0.0);
+    let n = n_tokens.min(visible_pages(pool, pages, n_tokens) * ps);
+    if n == 0 {
+        return;
+    }
+    let w = g.token_width();
+    let (mut ks, mut vs) = (vec![0.0f32; n * w], vec![0.0f32; n * w]);
+    for (t, (k, v)) in ks
+        .chunks_exact_mut(w)
+        .zip(vs.chunks_exact_mut(w))
+        .enumerate()
+    {
+        pool.read_token(layer, pages[t / ps], t % ps, k, v);
+    }
+    let group = (n_heads / n_kv).max(1);
+    let mut scores = vec![0.0f32; n];
+    for (h, (qh, oh)) in q.chunks_exact(d).zip(out.chunks_exact_mut(d)).enumerate() {
+        let kv = (h / group).min(n_kv - 1) * d;
+        for (s, k) in scores.iter_mut().zip(ks.chunks_exact(w)) {
+            *s = qh
+                .iter()
+                .zip(&k[kv..kv + d])
+                .map(|(a, b)| a * b)
+                .sum::<f32>()
+                * scale;
+        }
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        for (&p, v) in scores.iter().zip(vs.chunks_exact(w)) {
+            for (o, &x) in oh.iter_mut().zip(&v[kv..kv + d]) {
+                *o += p * x;
+            }
+        }
+        oh.iter_mut().for_each(|o| *o /= sum);
+    }
+}
+
+#[cfg(test)]
+#[path = "attention_tests.rs"]
+mod tests;

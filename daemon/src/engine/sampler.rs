@@ -100,9 +100,9 @@ pub struct Sampler {
     penalized: Vec<u32>,
 }
 
-/// Initial size of the sorted prefix when searching the nucleus without top-k; grown 4× at
-/// a time. Typical nuclei at top_p 0.9 hold tens to a few hundred tokens.
-const NUCLEUS_FIRST_CHUNK: usize = 64;
+/// Candidates that the nucleus search sorts outright (first the best ones, finally the
+/// range around the boundary); beyond that it partitions instead of sorting.
+const NUCLEUS_SMALL: usize = 64;
 
 impl Sampler {
     /// Validates `params` and seeds the random stream (`seed`, or OS entropy if `None`).
@@ -203,7 +203,12 @@ impl Sampler {
         }
         let inv_t = 1.0 / temperature;
         for c in cands.iter_mut() {
-            c.1 = ((c.1 - max) * inv_t).exp();
+            c.1 = if max == f32::INFINITY {
+                // inf - inf is NaN; the +inf logits share all the mass.
+                if c.1 == f32::INFINITY { 1.0 } else { 0.0 }
+            } else {
+                ((c.1 - max) * inv_t).exp()
+            };
         }
         let total: f64 = cands.iter().map(|c| f64::from(c.1)).sum();
 
@@ -239,35 +244,56 @@ impl Sampler {
     }
 }
 
-/// Orders the candidates by descending probability (ties to lower id) far enough to
-/// contain the nucleus and returns its length. `cands` hold unnormalised probabilities
-/// summing to `total`.
+/// Moves the nucleus to the front of `cands` and returns its length: the smallest `m` such
+/// that the `m` best candidates (descending probability, ties to the lower id) hold at least
+/// `top_p` of `total`, the unnormalised mass of all of them. The prefix is not sorted.
+///
+/// Peaked distributions (the usual case) have small nuclei, so the first step sorts only
+/// the best [`NUCLEUS_SMALL`] candidates. Flat ones (high temperature) can need most of the
+/// vocabulary; sorting 50k-150k entries per token would cost milliseconds, so the rest is a
+/// quickselect on cumulative mass: partition around a median, keep the half that contains
+/// the boundary, O(n) expected.
 fn nucleus_len(cands: &mut [(u32, f32)], total: f64, top_p: f64) -> usize {
     let target = top_p * total;
     let n = cands.len();
-    let mut sorted = 0usize; // cands[..sorted] is sorted and holds the best `sorted` tokens
-    let mut acc = 0.0f64;
-    let mut chunk = NUCLEUS_FIRST_CHUNK;
-    loop {
-        let end = (sorted + chunk).min(n);
-        let rest = &mut cands[sorted..];
-        if end < n {
-            rest.select_nth_unstable_by(end - sorted - 1, rank);
-        }
-        rest[..end - sorted].sort_unstable_by(rank);
-        for (i, c) in cands[sorted..end].iter().enumerate() {
-            acc += f64::from(c.1);
-            if acc >= target {
-                return sorted + i + 1;
-            }
-        }
-        if end == n {
-            // Rounding kept the sum just below target: everything is in the nucleus.
-            return n;
-        }
-        sorted = end;
-        chunk = chunk.saturating_mul(4);
+    // Invariant: cands[..lo] are the `lo` best candidates with mass `acc` < target, and
+    // cands[lo..hi] are exactly the next `hi - lo` best ones, with the boundary among them.
+    let first = NUCLEUS_SMALL.min(n);
+    if first < n {
+        cands.select_nth_unstable_by(first - 1, rank);
     }
+    cands[..first].sort_unstable_by(rank);
+    let mut acc = 0.0f64;
+    for (i, c) in cands[..first].iter().enumerate() {
+        acc += f64::from(c.1);
+        if acc >= target {
+            return i + 1;
+        }
+    }
+    let mut lo = first;
+    let mut hi = n;
+
+    while hi - lo > NUCLEUS_SMALL {
+        let mid = lo + (hi - lo) / 2;
+        cands[lo..hi].select_nth_unstable_by(mid - lo, rank);
+        let upper: f64 = cands[lo..=mid].iter().map(|c| f64::from(c.1)).sum();
+        if acc + upper >= target {
+            hi = mid + 1;
+        } else {
+            acc += upper;
+            lo = mid + 1;
+        }
+    }
+    cands[lo..hi].sort_unstable_by(rank);
+    for (i, c) in cands[lo..hi].iter().enumerate() {
+        acc += f64::from(c.1);
+        if acc >= target {
+            return lo + i + 1;
+        }
+    }
+    // Only reachable through rounding (the sums above are taken in different orders):
+    // everything up to `hi` is in the nucleus.
+    hi
 }
 
 fn nan_to_neg_inf(x: f32) -> f32 {
@@ -282,29 +308,32 @@ fn rank(a: &(u32, f32), b: &(u32, f32)) -> Ordering {
         .then(a.0.cmp(&b.0))
 }
 
+/// First candidate in [`rank`] order (highest value, ties to the lower id).
 fn argmax_pairs(cands: &[(u32, f32)]) -> u32 {
-    let mut best: Option<(u32, f32)> = None;
-    for &(id, v) in cands {
-        match best {
-            Some((_, b)) if !(v > b) => {}
-            _ if v.is_nan() => {}
-            _ => best = Some((id, v)),
-        }
-    }
-    best.or_else(|| cands.first().copied()).map_or(0, |c| c.0)
+    cands
+        .iter()
+        .copied()
+        .reduce(|best, c| {
+            if rank(&c, &best) == Ordering::Less {
+                c
+            } else {
+                best
+            }
+        })
+        .map_or(0, |c| c.0)
 }
 
 /// Index of the largest logit; ties go to the lowest id (what HF's `torch.argmax` and the
-/// golden fixtures use). NaNs are skipped; an empty row returns 0.
+/// golden fixtures use). NaN never wins; a row with nothing above `-inf` (or an empty row)
+/// returns 0. Called once per greedy token over the whole vocabulary, so it is a single
+/// branch-light pass without allocation.
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best_idx = 0usize;
     let mut best = f32::NEG_INFINITY;
-    let mut found = false;
     for (i, &v) in logits.iter().enumerate() {
-        if v > best || (!found && !v.is_nan()) {
+        if v > best {
             best = v;
             best_idx = i;
-            found = true;
         }
     }
     best_idx as u32
@@ -334,13 +363,9 @@ fn log_normalizer(logits: &[f32]) -> Option<(f32, f32)> {
 
 fn log_prob(logit: f32, norm: Option<(f32, f32)>) -> f32 {
     match norm {
-        Some((max, _)) if max == f32::INFINITY => {
-            if logit == f32::INFINITY {
-                -norm.map_or(0.0, |n| n.1)
-            } else {
-                f32::NEG_INFINITY
-            }
-        }
+        // Only the +inf entries carry probability (each 1/count).
+        Some((max, ln_count)) if max == f32::INFINITY && logit == f32::INFINITY => -ln_count,
+        Some((max, _)) if max == f32::INFINITY => f32::NEG_INFINITY,
         Some((max, ln_sum)) => (logit - max) - ln_sum,
         None if logit.is_nan() => f32::NAN,
         None => f32::NEG_INFINITY,
@@ -594,6 +619,52 @@ mod tests {
     }
 
     #[test]
+    fn nucleus_matches_a_full_sort() {
+        for (n, spread) in [
+            (10usize, 1.0f32),
+            (500, 0.01),
+            (5000, 0.001),
+            (5000, 3.0),
+            (49152, 0.0005),
+        ] {
+            let probs: Vec<f32> = fake_logits(n).iter().map(|l| (l * spread).exp()).collect();
+            let total: f64 = probs.iter().map(|&p| f64::from(p)).sum();
+            let mut sorted: Vec<(u32, f32)> = probs
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| (i as u32, p))
+                .collect();
+            sorted.sort_by(rank);
+            for top_p in [1e-6, 0.1, 0.5, 0.9, 0.999] {
+                let mut acc = 0.0f64;
+                let expected = sorted
+                    .iter()
+                    .position(|c| {
+                        acc += f64::from(c.1);
+                        acc >= top_p * total
+                    })
+                    .map_or(n, |i| i + 1);
+                let mut cands: Vec<(u32, f32)> = probs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &p)| (i as u32, p))
+                    .collect();
+                let m = nucleus_len(&mut cands, total, top_p);
+                // Allow one token of slack for summation-order rounding at the boundary.
+                assert!(
+                    m.abs_diff(expected) <= 1,
+                    "n={n} top_p={top_p}: {m} vs {expected}"
+                );
+                let mut got: Vec<u32> = cands[..m].iter().map(|c| c.0).collect();
+                got.sort_unstable();
+                let mut want: Vec<u32> = sorted[..m].iter().map(|c| c.0).collect();
+                want.sort_unstable();
+                assert_eq!(got, want, "n={n} top_p={top_p}");
+            }
+        }
+    }
+
+    #[test]
     fn extreme_temperatures_do_not_produce_nan() {
         let logits = fake_logits(4096);
         let mut cold = seeded(1e-6, 0, 1.0, 1);
@@ -603,6 +674,10 @@ mod tests {
         let mut impossible = seeded(1.0, 0, 0.9, 1);
         assert_eq!(impossible.sample(&[f32::NEG_INFINITY; 3], &[]), 0);
         assert_eq!(impossible.sample(&[f32::NAN, 1.0], &[]), 1);
+        assert_eq!(impossible.sample(&[0.0, f32::INFINITY, 1.0], &[]), 1);
+        let lp = log_softmax(&[0.0, f32::INFINITY, f32::INFINITY]);
+        assert_eq!(lp[0], f32::NEG_INFINITY);
+        assert!((lp[1] - 0.5f32.ln()).abs() < 1e-6);
     }
 
     #[test]

@@ -743,12 +743,9 @@ mod tests {
     /// repoint when the file moves; in the workspace it becomes
     /// `Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)`.
     fn fixture_path(rel: &str) -> PathBuf {
-        match rel.split_once('/') {
-            Some(("smollm2-derived", file)) => Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("fixtures")
-                .join(file),
-            _ => Path::new("/work/shared/fixtures").join(rel),
-        }
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(rel)
     }
 
     fn read_json(rel: &str) -> serde_json::Value {

@@ -6,7 +6,11 @@ pub mod chat;
 pub mod config;
 pub mod gguf;
 pub mod gguf_model;
+#[cfg(test)]
+mod gguf_tests;
 pub mod gguf_tokenizer;
+#[cfg(test)]
+mod gguf_tokenizer_tests;
 pub mod gptq;
 pub mod hf;
 pub mod st;

@@ -1,0 +1,176 @@
+//! The real SmolLM2-135M-Instruct Q4_1 GGUF against Hugging Face transformers' goldens
+//! (tests/fixtures/smollm2): tokenization, chat rendering, logits with f32 activations within 1e-3
+//! (top-20 logits and logsumexp at every position), all 120 greedy tokens, and a chat answer.
+//! Skips loudly when the test command could not fetch the model.
+
+use edgelora_daemon::engine::generate::{GenerateParams, all_logits, generate};
+use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
+use edgelora_daemon::model::chat::ChatMessage;
+use edgelora_daemon::model::{LoadOptions, Model};
+use edgelora_kernels::cpu::kv::KvGeometry;
+use edgelora_tests::*;
+use serde_json::Value;
+
+fn golden() -> Value {
+    let p = fixtures().join("smollm2").join("golden.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn messages(v: &Value) -> Vec<ChatMessage> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+fn pool(m: &Model, tokens: usize) -> KvPool {
+    let c = &m.config;
+    let g = KvGeometry {
+        page_size: 16,
+        n_layers: c.n_layers,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+    };
+    KvPool::new(g, KvDtype::F32, tokens.div_ceil(16) + 1).unwrap()
+}
+
+#[test]
+fn tokenization_and_chat_rendering_match_the_golden_prompts() {
+    let Some(path) = smollm2_path() else { return };
+    let m = Model::load(&path, &LoadOptions::default()).unwrap();
+    let tok = &m.tokenizer;
+    for p in golden()["prompts"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let want = ids(&p["prompt_ids"]);
+        let got = match p["kind"].as_str().unwrap() {
+            "raw" => tok.encode(p["text"].as_str().unwrap(), true).unwrap(),
+            _ => {
+                let msgs = messages(&p["messages"]);
+                assert_eq!(
+                    tok.render_chat(&msgs, true).unwrap(),
+                    p["rendered"].as_str().unwrap(),
+                    "{name}"
+                );
+                tok.encode_chat(&msgs).unwrap()
+            }
+        };
+        assert_eq!(got, want, "{name}");
+    }
+    // No BOS on raw prompts (add_bos_token = false, and id 1 is <|im_start|>).
+    assert_eq!(
+        tok.encode("Hello", true).unwrap().first(),
+        tok.encode("Hello", false).unwrap().first()
+    );
+    assert!(tok.eos_ids.contains(&2), "<|im_end|> ends generation");
+}
+
+#[test]
+fn teacher_forced_logits_match_transformers_within_1e_3_and_greedy_steps_agree() {
+    let Some(path) = smollm2_path() else { return };
+    let m = Model::load(&path, &LoadOptions::default()).unwrap();
+    let vocab = m.config.vocab_size;
+    let (mut worst_logit, mut worst_lse, mut steps) = (0f64, 0f64, 0);
+    for p in golden()["prompts"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let prompt = ids(&p["prompt_ids"]);
+        let gen_ids = ids(&p["generated_ids"]);
+        let all: Vec<u32> = prompt.iter().chain(&gen_ids).copied().collect();
+        let mut kv = pool(&m, all.len());
+        let logits = all_logits(&m, &mut kv, None, &all, &ForwardOptions::default()).unwrap();
+        let rows = &p["rows"];
+        for i in 0..all.len() {
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let g_lse = rows["lse"][i].as_f64().unwrap();
+            worst_lse = worst_lse.max((lse - g_lse).abs());
+            for (id, gl) in rows["top_ids"][i]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(rows["top_logits"][i].as_array().unwrap())
+            {
+                let d = (row[id.as_u64().unwrap() as usize] as f64 - gl.as_f64().unwrap()).abs();
+                worst_logit = worst_logit.max(d);
+            }
+            if i + 1 >= prompt.len() && i + 1 < all.len() {
+                let k = i + 1 - prompt.len();
+                let am = edgelora_daemon::engine::sampler::argmax(row);
+                assert_eq!(am, gen_ids[k], "{name}: greedy step {k}");
+                steps += 1;
+            }
+        }
+    }
+    eprintln!(
+        "SmolLM2 vs transformers: max |logit| diff {worst_logit:.2e}, max |lse| diff {worst_lse:.2e}, {steps} greedy steps"
+    );
+    assert_eq!(
+        steps, 120,
+        "all 24 greedy steps of the 5 prompts are checked"
+    );
+    assert!(worst_logit <= 1e-3, "top-20 logits differ by {worst_logit}");
+    assert!(worst_lse <= 1e-3, "logsumexp differs by {worst_lse}");
+}
+
+#[test]
+fn greedy_generation_with_the_kv_cache_reproduces_all_golden_continuations() {
+    let Some(path) = smollm2_path() else { return };
+    let m = Model::load(&path, &LoadOptions::default()).unwrap();
+    for p in golden()["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["prompt_ids"]);
+        let want = ids(&p["generated_ids"]);
+        let mut kv = pool(&m, prompt.len() + want.len());
+        let params = GenerateParams {
+            max_tokens: want.len(),
+            prefill_chunk: 64,
+            ..Default::default()
+        };
+        let g = generate(
+            &m,
+            &mut kv,
+            None,
+            &prompt,
+            &params,
+            &ForwardOptions::default(),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(g.tokens, want, "{}", p["name"]);
+        let text = m.tokenizer.decode(&g.tokens, true).unwrap();
+        assert_eq!(text, p["generated_text"].as_str().unwrap(), "{}", p["name"]);
+    }
+}
+
+#[test]
+fn greedy_chat_about_the_capital_of_france_mentions_paris() {
+    let Some(path) = smollm2_path() else { return };
+    let model = path.display().to_string();
+    let (ok, stdout, err) = run_edgelorad(&[
+        "generate",
+        "--model",
+        &model,
+        "--chat",
+        "What is the capital of France?",
+        "--max-tokens",
+        "40",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "answer: {text:?}");
+    assert_eq!(
+        v["finish_reason"], "stop",
+        "the model ends its answer with <|im_end|>"
+    );
+}

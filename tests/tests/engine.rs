@@ -286,3 +286,35 @@ fn gptq_folder_and_quantize_at_load_give_identical_int4_weights() {
         }
     }
 }
+
+#[test]
+fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
+    use edgelora_daemon::engine::perplexity::perplexity;
+    let m = model(WeightDtype::F32);
+    let text: Vec<u32> = prompt(3).into_iter().chain(prompt(2)).collect(); // 84 tokens
+    let ctx = 20;
+    let mut p = pool(&m, KvDtype::F32, 16, 16);
+    let bos = Some(0);
+    let report = perplexity(&m, &mut p, &text, ctx, None, bos, &ForwardOptions::default(), |_, _, _| {}).unwrap();
+    assert_eq!(report.chunks, 4, "84 tokens hold four whole windows of 20");
+    assert_eq!(report.tokens_scored, 4 * (ctx - ctx / 2 - 1));
+    // Independent computation: each window with its first token replaced by BOS, one forward,
+    // positions ctx/2 .. ctx-2 predicting the next token.
+    let vocab = m.config.vocab_size;
+    let (mut nll, mut n) = (0f64, 0);
+    for w in 0..4 {
+        let mut win = text[w * ctx..(w + 1) * ctx].to_vec();
+        win[0] = 0;
+        let l = all_logits(&m, &mut p, None, &win, &ForwardOptions::default()).unwrap();
+        for i in ctx / 2..ctx - 1 {
+            let row = &l[i * vocab..(i + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            nll += lse - row[win[i + 1] as usize] as f64;
+            n += 1;
+        }
+    }
+    let want = (nll / n as f64).exp();
+    assert!((report.ppl - want).abs() < 1e-6 * want, "{} vs {want}", report.ppl);
+    assert!(perplexity(&m, &mut p, &text[..10], ctx, None, bos, &ForwardOptions::default(), |_, _, _| {}).is_err());
+}

@@ -9,7 +9,7 @@ use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool};
 
 use crate::adapters::LoraAdapter;
 use crate::engine::generate::{GenerateParams, all_logits, generate};
-use crate::engine::perplexity::perplexity;
+use crate::engine::perplexity::{PerplexityParams, perplexity};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::{ForwardOptions, SparseConfig};
 use crate::model::chat::ChatMessage;
@@ -361,23 +361,19 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
     let tok = &l.model.tokenizer;
     let tokens = tok.encode(&text, true)?;
     // llama-perplexity puts BOS at the start of every window only when the model adds BOS.
-    let bos = if tokens.first().is_some()
-        && tok.bos_id.is_some()
-        && tok.encode("", true)?.first() == tok.bos_id.as_ref()
-    {
-        tok.bos_id
-    } else {
-        None
-    };
+    let bos = if tok.adds_bos() { tok.bos_id } else { None };
     let mut pool = a.m.pool(&l.model, a.ctx)?;
     let t0 = std::time::Instant::now();
+    let params = PerplexityParams {
+        ctx: a.ctx,
+        max_chunks: a.chunks,
+        bos,
+    };
     let report = perplexity(
         &l.model,
         &mut pool,
         &tokens,
-        a.ctx,
-        a.chunks,
-        bos,
+        params,
         &l.opts,
         |i, n, ppl| {
             eprintln!("[{i}/{n}] running perplexity {ppl:.4}");

@@ -246,8 +246,7 @@ fn quantizer_reproduces_the_golden_codes_zeros_and_scales() {
         assert_eq!(codes.shape, vec![rows, cols]);
         for n in 0..rows {
             let blocks = q.row_blocks(n);
-            for g in 0..groups {
-                let b = &blocks[g];
+            for (g, b) in blocks.iter().enumerate().take(groups) {
                 assert_eq!(
                     b.m as f32,
                     zeros.data[n * groups + g],
@@ -289,13 +288,26 @@ fn gptq_folder_and_quantize_at_load_give_identical_int4_weights() {
 
 #[test]
 fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
-    use edgelora_daemon::engine::perplexity::perplexity;
+    use edgelora_daemon::engine::perplexity::{PerplexityParams, perplexity};
     let m = model(WeightDtype::F32);
     let text: Vec<u32> = prompt(3).into_iter().chain(prompt(2)).collect(); // 84 tokens
     let ctx = 20;
     let mut p = pool(&m, KvDtype::F32, 16, 16);
     let bos = Some(0);
-    let report = perplexity(&m, &mut p, &text, ctx, None, bos, &ForwardOptions::default(), |_, _, _| {}).unwrap();
+    let params = PerplexityParams {
+        ctx,
+        max_chunks: None,
+        bos,
+    };
+    let report = perplexity(
+        &m,
+        &mut p,
+        &text,
+        params,
+        &ForwardOptions::default(),
+        |_, _, _| {},
+    )
+    .unwrap();
     assert_eq!(report.chunks, 4, "84 tokens hold four whole windows of 20");
     assert_eq!(report.tokens_scored, 4 * (ctx - ctx / 2 - 1));
     // Independent computation: each window with its first token replaced by BOS, one forward,
@@ -309,12 +321,31 @@ fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
         for i in ctx / 2..ctx - 1 {
             let row = &l[i * vocab..(i + 1) * vocab];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
             nll += lse - row[win[i + 1] as usize] as f64;
             n += 1;
         }
     }
     let want = (nll / n as f64).exp();
-    assert!((report.ppl - want).abs() < 1e-6 * want, "{} vs {want}", report.ppl);
-    assert!(perplexity(&m, &mut p, &text[..10], ctx, None, bos, &ForwardOptions::default(), |_, _, _| {}).is_err());
+    assert!(
+        (report.ppl - want).abs() < 1e-6 * want,
+        "{} vs {want}",
+        report.ppl
+    );
+    assert!(
+        perplexity(
+            &m,
+            &mut p,
+            &text[..10],
+            params,
+            &ForwardOptions::default(),
+            |_, _, _| {}
+        )
+        .is_err()
+    );
 }

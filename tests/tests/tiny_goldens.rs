@@ -189,25 +189,54 @@ fn generate_decodes_text_and_stops_at_eos() {
 fn tokenizer_and_chat_template_match_the_golden_cases() {
     use edgelora_daemon::model::chat::ChatMessage;
     use edgelora_daemon::model::{LoadOptions, Model, WeightDtype};
-    let m = Model::load(&tiny(), &LoadOptions { dtype: WeightDtype::F32, group_size: 32 }).unwrap();
+    let m = Model::load(
+        &tiny(),
+        &LoadOptions {
+            dtype: WeightDtype::F32,
+            group_size: 32,
+        },
+    )
+    .unwrap();
     let tok = &m.tokenizer;
     let g: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(tiny().join("golden.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("golden.json")).unwrap())
+            .unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
     };
     let cases = g["tokenizer"]["cases"].as_array().unwrap();
     assert!(cases.len() >= 6);
     for c in cases {
         let text = c["text"].as_str().unwrap();
-        assert_eq!(tok.encode(text, true).unwrap(), ids(&c["ids"]), "{text:?} with special tokens");
-        assert_eq!(tok.encode(text, false).unwrap(), ids(&c["ids_no_special"]), "{text:?} without");
-        assert_eq!(tok.decode(&ids(&c["ids"]), true).unwrap(), c["decoded_skip_special"].as_str().unwrap());
+        assert_eq!(
+            tok.encode(text, true).unwrap(),
+            ids(&c["ids"]),
+            "{text:?} with special tokens"
+        );
+        assert_eq!(
+            tok.encode(text, false).unwrap(),
+            ids(&c["ids_no_special"]),
+            "{text:?} without"
+        );
+        assert_eq!(
+            tok.decode(&ids(&c["ids"]), true).unwrap(),
+            c["decoded_skip_special"].as_str().unwrap()
+        );
     }
     let chat = &g["tokenizer"]["chat_case"];
     let msgs: Vec<ChatMessage> = serde_json::from_value(chat["messages"].clone()).unwrap();
-    assert_eq!(tok.render_chat(&msgs, true).unwrap(), chat["rendered"].as_str().unwrap());
+    assert_eq!(
+        tok.render_chat(&msgs, true).unwrap(),
+        chat["rendered"].as_str().unwrap()
+    );
     assert_eq!(tok.encode_chat(&msgs).unwrap(), ids(&chat["ids"]));
     // The p1 and p3 prompts come from the tokenizer and the chat template.
-    assert_eq!(tok.encode("You may copy the program", true).unwrap(), prompt(1));
+    assert_eq!(
+        tok.encode("You may copy the program", true).unwrap(),
+        prompt(1)
+    );
 }

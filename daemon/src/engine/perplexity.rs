@@ -22,16 +22,30 @@ pub struct PerplexityReport {
 /// Rows per forward inside a window (bounds the logits buffer to `batch * vocab` floats).
 const EVAL_BATCH: usize = 256;
 
+/// How to cut and score the text.
+#[derive(Clone, Copy, Debug)]
+pub struct PerplexityParams {
+    /// Tokens per window.
+    pub ctx: usize,
+    /// Score at most this many windows (`None`: every whole window).
+    pub max_chunks: Option<usize>,
+    /// Written over each window's first token when the model adds BOS (llama.cpp does the same).
+    pub bos: Option<u32>,
+}
+
 pub fn perplexity(
     model: &Model,
     pool: &mut KvPool,
     tokens: &[u32],
-    ctx: usize,
-    max_chunks: Option<usize>,
-    bos: Option<u32>,
+    params: PerplexityParams,
     opts: &ForwardOptions,
     mut progress: impl FnMut(usize, usize, f64),
 ) -> Result<PerplexityReport, EngineError> {
+    let PerplexityParams {
+        ctx,
+        max_chunks,
+        bos,
+    } = params;
     if ctx < 4 {
         return Err(EngineError::Invalid(format!(
             "ctx {ctx} is too small (at least 4)"

@@ -142,11 +142,8 @@ impl ModelConfig {
         let hidden_size = req_usize(v, "hidden_size")?;
         let n_heads = req_usize(v, "num_attention_heads")?;
         let n_kv_heads = opt_usize(v, "num_key_value_heads")?.unwrap_or(n_heads);
-        let head_dim = opt_usize(v, "head_dim")?.unwrap_or(if n_heads > 0 {
-            hidden_size / n_heads
-        } else {
-            0
-        });
+        let head_dim =
+            opt_usize(v, "head_dim")?.unwrap_or(hidden_size.checked_div(n_heads).unwrap_or(0));
         let act = v
             .get("hidden_act")
             .and_then(Value::as_str)
@@ -218,13 +215,16 @@ impl ModelConfig {
                     .into(),
             );
         }
-        if self.n_heads == 0 || self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_heads == 0
+            || self.n_kv_heads == 0
+            || !self.n_heads.is_multiple_of(self.n_kv_heads)
+        {
             return bad(format!(
                 "num_attention_heads ({}) must be a positive multiple of num_key_value_heads ({})",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim ({}) must be positive and even",
                 self.head_dim

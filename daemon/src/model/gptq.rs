@@ -91,7 +91,7 @@ pub fn load_q4(
             format!("shape {got:?}, expected {want:?} for a [{out}, {inp}] weight"),
         )
     };
-    if inp % 8 != 0 || out % 8 != 0 {
+    if !inp.is_multiple_of(8) || !out.is_multiple_of(8) {
         return Err(ModelError::tensor(
             prefix,
             format!("GPTQ needs in and out divisible by 8, got [{out}, {inp}]"),

@@ -118,7 +118,7 @@ pub struct Model {
 impl Model {
     /// Loads a Hugging Face folder, a GPTQ folder or a GGUF file, detected from the path.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model, ModelError> {
-        if opts.group_size == 0 || opts.group_size % 32 != 0 {
+        if opts.group_size == 0 || !opts.group_size.is_multiple_of(32) {
             return Err(ModelError::Config(format!(
                 "INT4 group size {} must be a positive multiple of 32",
                 opts.group_size

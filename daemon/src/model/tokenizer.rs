@@ -140,6 +140,12 @@ impl TextTokenizer {
         Ok(ids)
     }
 
+    /// Whether encoding a raw prompt with special tokens starts it with BOS.
+    pub fn adds_bos(&self) -> bool {
+        self.bos_id.is_some()
+            && self.encode("", true).ok().and_then(|v| v.first().copied()) == self.bos_id
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, ModelError> {
         self.inner
             .decode(ids, skip_special)

@@ -188,7 +188,7 @@ pub fn paged_attention(
         "q/out must be n_heads*head_dim"
     );
     debug_assert!(
-        n_heads >= n_kv && n_heads % n_kv == 0,
+        n_heads >= n_kv && n_heads.is_multiple_of(n_kv),
         "n_heads must be a multiple of n_kv_heads"
     );
     out.fill(0.0);

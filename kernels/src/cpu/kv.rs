@@ -337,10 +337,10 @@ impl KvPool {
             return;
         }
         self.sealed[pl] = true;
-        if let Store::Int4(s) = &mut self.store {
-            if let Some(st) = s.staging[pl].take() {
-                s.quantize(&self.geom, pl, self.filled[pl], &st);
-            }
+        if let Store::Int4(s) = &mut self.store
+            && let Some(st) = s.staging[pl].take()
+        {
+            s.quantize(&self.geom, pl, self.filled[pl], &st);
         }
     }
 

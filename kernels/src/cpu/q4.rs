@@ -146,7 +146,7 @@ impl Q4Matrix {
         cols: usize,
         group_size: usize,
     ) -> Result<Self, KernelError> {
-        if group_size == 0 || group_size % QK != 0 {
+        if group_size == 0 || !group_size.is_multiple_of(QK) {
             return Err(KernelError::Unsupported(format!(
                 "INT4 group size {group_size}: must be a positive multiple of {QK}"
             )));

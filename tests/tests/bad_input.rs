@@ -716,14 +716,20 @@ fn truncated_gguf_is_refused_naming_the_tensor_or_the_section() {
     gguf_err(&s, &cut(10), &["GGUF", "tensor count", "truncated"]);
 
     // Header counts only: the metadata is gone.
-    gguf_err(&s, &cut(24), &["GGUF", "tensor count"]);
+    gguf_err(&s, &cut(24), &["GGUF", "tensor count", "bytes left"]);
 
-    // Inside the metadata: the token list is cut.
+    // Inside the metadata: the token list, then the merges, are cut.
     let tokens = metadata_key_offset(&bytes, "tokenizer.ggml.tokens");
     gguf_err(
         &s,
-        &cut(tokens + 4000),
-        &["GGUF", "metadata key `tokenizer.ggml.tokens`"],
+        &cut(tokens + 100_000),
+        &["GGUF", "metadata key `tokenizer.ggml.tokens`", "bytes left"],
+    );
+    let merges = metadata_key_offset(&bytes, "tokenizer.ggml.merges");
+    gguf_err(
+        &s,
+        &cut(merges + 300_003),
+        &["GGUF", "metadata key `tokenizer.ggml.merges`"],
     );
 
     // Inside the tensor directory: in the middle of one tensor's dims.
@@ -734,7 +740,7 @@ fn truncated_gguf_is_refused_naming_the_tensor_or_the_section() {
 
     // Inside the tensor directory: in the middle of a tensor's name.
     let at = tensor_info_offset(&bytes, data, &mid.name) + 8 + 2;
-    gguf_err(&s, &cut(at), &["GGUF", "name of tensor #"]);
+    gguf_err(&s, &cut(at), &["GGUF", "name of tensor #", "bytes left"]);
 
     // The whole header, no data; then cuts inside the data; then one byte short.
     let mut by_end: Vec<_> = f.tensors().iter().collect();
@@ -772,10 +778,11 @@ fn tiny_or_empty_files_are_refused_as_not_gguf() {
         std::fs::write(&path, content).unwrap();
         gguf_err(&s, &path, &["not a GGUF file"]);
     }
-    // A safetensors file where a GGUF file is expected.
-    gguf_err(
-        &s,
-        &tiny().join("model.safetensors"),
+    // A safetensors file where a GGUF file (or a folder) is expected: the CLI names the file.
+    let st = tiny().join("model.safetensors");
+    assert_mentions(&load_err(&st), &["not a GGUF file"]);
+    assert_mentions(
+        &logits_err(&s, &st, &[]),
         &["model.safetensors", "not a GGUF file"],
     );
 }
@@ -1217,7 +1224,7 @@ fn unparsable_or_missing_prompt_tokens_are_refused() {
 #[test]
 fn bad_sampling_and_cache_values_are_refused_naming_them() {
     let tiny = tiny();
-    let e = generate_err(&tiny, &["--temperature", "-1"]);
+    let e = generate_err(&tiny, &["--temperature=-1"]);
     assert_mentions(&e, &["temperature"]);
     let e = generate_err(&tiny, &["--top-p", "0"]);
     assert_mentions(&e, &["top_p"]);
@@ -1235,4 +1242,30 @@ fn model_path_that_does_not_exist_is_refused_naming_it() {
     let missing = s.join("no-such-model");
     assert_mentions(&load_err(&missing), &["no-such-model"]);
     assert_mentions(&logits_err(&s, &missing, &[]), &["no-such-model"]);
+}
+
+/// Desired behaviour: a GGUF cut anywhere in its header says it is truncated. Today only cuts that
+/// land inside a fixed-size field do ("needs 8 bytes, only 2 left (truncated file?)"); a cut that
+/// leaves a count or length prefix whole reports "count N cannot fit in the M bytes left" without
+/// the word, which reads like a corrupt count rather than a short file.
+#[test]
+fn every_gguf_header_cut_says_the_file_is_truncated() {
+    let Some(real) = smollm2_path() else { return };
+    let bytes = std::fs::read(&real).expect("read SmolLM2 GGUF");
+    let f = GgufFile::open(&real).expect("the real GGUF parses");
+    let s = Scratch::new("gguf-cut-word");
+    let tokens = metadata_key_offset(&bytes, "tokenizer.ggml.tokens");
+    let merges = metadata_key_offset(&bytes, "tokenizer.ggml.merges");
+    let mid = &f.tensors()[f.tensors().len() / 2];
+    let name_at = tensor_info_offset(&bytes, f.data_offset(), &mid.name) + 8 + 2;
+    for n in [24, 100, tokens + 100_000, merges, merges + 100, name_at] {
+        let path = s.join(&format!("cut-{n}.gguf"));
+        std::fs::write(&path, &bytes[..n]).unwrap();
+        let e = load_err(&path);
+        assert!(
+            e.contains("truncated"),
+            "GGUF cut to {n} bytes: the error does not say the file is truncated:\n{e}"
+        );
+        std::fs::remove_file(&path).unwrap();
+    }
 }

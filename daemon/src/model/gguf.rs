@@ -890,7 +890,10 @@ impl<'a> Reader<'a> {
             return Err(GgufError::Malformed {
                 offset: at,
                 what: what.into(),
-                problem: format!("count {n} cannot fit in the {} bytes left", self.left()),
+                problem: format!(
+                    "count {n} cannot fit in the {} bytes left (truncated file?)",
+                    self.left()
+                ),
             });
         }
         Ok(n as usize)

@@ -119,8 +119,8 @@ impl Model {
     /// Loads a Hugging Face folder, a GPTQ folder or a GGUF file, detected from the path.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Model, ModelError> {
         if opts.group_size == 0 || !opts.group_size.is_multiple_of(32) {
-            return Err(ModelError::Config(format!(
-                "INT4 group size {} must be a positive multiple of 32",
+            return Err(ModelError::Unsupported(format!(
+                "INT4 group size {}: must be a positive multiple of 32",
                 opts.group_size
             )));
         }

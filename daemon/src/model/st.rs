@@ -87,7 +87,7 @@ impl TensorStore {
             let name = path.display().to_string();
             let st = SafeTensors::deserialize(&map).map_err(|e| ModelError::Format {
                 file: name.clone(),
-                msg: format!("not a valid safetensors file: {e}"),
+                msg: format!("not a valid safetensors file (truncated or damaged?): {e}"),
             })?;
             for n in st.names() {
                 index.insert(n.to_string(), i);

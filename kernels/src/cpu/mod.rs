@@ -7,4 +7,5 @@ pub mod lora;
 pub mod ops;
 pub mod q4;
 pub mod q8;
+pub mod threads;
 pub mod weight;

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool};
 
 use crate::adapters::LoraAdapter;
+use crate::engine::forward::ActMode;
 use crate::engine::generate::{GenerateParams, all_logits, generate};
 use crate::engine::perplexity::{PerplexityParams, perplexity};
 use crate::engine::sampler::SamplingParams;
@@ -76,6 +77,12 @@ pub struct ModelArgs {
     /// Attend only to the most relevant pages once the context exceeds this many tokens.
     #[arg(long)]
     pub sparse_budget: Option<usize>,
+    /// Activations against quantized weights: int8 (fast, as llama.cpp) or f32 (exact reference).
+    #[arg(long, default_value = "int8")]
+    pub act: ActMode,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -164,6 +171,9 @@ impl ModelArgs {
                 .map_err(anyhow::Error::msg)
                 .context("fetching the default model")?,
         };
+        if let Some(t) = self.threads {
+            edgelora_kernels::cpu::threads::set_threads(t);
+        }
         let t0 = std::time::Instant::now();
         let model = Model::load(
             &path,
@@ -195,7 +205,10 @@ impl ModelArgs {
         Ok(Loaded {
             model,
             adapter,
-            opts: ForwardOptions { sparse },
+            opts: ForwardOptions {
+                sparse,
+                act: self.act,
+            },
         })
     }
 

@@ -52,7 +52,7 @@ fn a_mixed_adapter_batch_equals_each_sequence_alone() {
     ];
     let prompts: Vec<Vec<u32>> = (0..4).map(prompt).collect(); // lengths 1, 7, 24, 60
     let mut p = pool(&m, KvDtype::F32, 16, 64);
-    let opts = ForwardOptions::default();
+    let opts = ForwardOptions::exact();
     let alone: Vec<Vec<f32>> = (0..4)
         .map(|i| all_logits(&m, &mut p, adapters[i].as_ref(), &prompts[i], &opts).unwrap())
         .collect();
@@ -126,7 +126,7 @@ fn chunked_prefill_equals_one_forward() {
     let a = adapter(&m, "gamma-all");
     let toks = prompt(3);
     let mut p = pool(&m, KvDtype::F32, 8, 32);
-    let opts = ForwardOptions::default();
+    let opts = ForwardOptions::exact();
     let whole = all_logits(&m, &mut p, Some(&a), &toks, &opts).unwrap();
     let vocab = m.config.vocab_size;
     let mut kv = SeqKv::new();
@@ -151,7 +151,7 @@ fn kv_error(m: &Model, dtype: KvDtype) -> (f32, f32) {
     let (mut worst, mut sum, mut n) = (0f32, 0f64, 0usize);
     for i in 0..4 {
         let mut p = pool(m, dtype, 4, 32);
-        let l = all_logits(m, &mut p, None, &prompt(i), &ForwardOptions::default()).unwrap();
+        let l = all_logits(m, &mut p, None, &prompt(i), &ForwardOptions::exact()).unwrap();
         let g = &golden_tensor(&format!("base_logits_p{i}")).data;
         worst = worst.max(max_abs_diff(&l, g));
         sum += l
@@ -196,12 +196,13 @@ fn sparse_attention_with_a_budget_covering_the_context_equals_dense() {
     let toks = prompt(3); // 60 tokens = 15 pages of 4
     for dtype in [KvDtype::F32, KvDtype::Int4] {
         let mut p = pool(&m, dtype, 4, 32);
-        let dense = all_logits(&m, &mut p, None, &toks, &ForwardOptions::default()).unwrap();
+        let dense = all_logits(&m, &mut p, None, &toks, &ForwardOptions::exact()).unwrap();
         let covering = ForwardOptions {
             sparse: Some(SparseConfig {
                 budget_tokens: 60,
                 recent_pages: 1,
             }),
+            ..ForwardOptions::exact()
         };
         let same = all_logits(&m, &mut p, None, &toks, &covering).unwrap();
         assert_eq!(
@@ -213,6 +214,7 @@ fn sparse_attention_with_a_budget_covering_the_context_equals_dense() {
                 budget_tokens: 16,
                 recent_pages: 1,
             }),
+            ..ForwardOptions::exact()
         };
         let sparse = all_logits(&m, &mut p, None, &toks, &small).unwrap();
         let d = max_abs_diff(&sparse, &dense);
@@ -304,7 +306,7 @@ fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
         &mut p,
         &text,
         params,
-        &ForwardOptions::default(),
+        &ForwardOptions::exact(),
         |_, _, _| {},
     )
     .unwrap();
@@ -317,7 +319,7 @@ fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
     for w in 0..4 {
         let mut win = text[w * ctx..(w + 1) * ctx].to_vec();
         win[0] = 0;
-        let l = all_logits(&m, &mut p, None, &win, &ForwardOptions::default()).unwrap();
+        let l = all_logits(&m, &mut p, None, &win, &ForwardOptions::exact()).unwrap();
         for i in ctx / 2..ctx - 1 {
             let row = &l[i * vocab..(i + 1) * vocab];
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -343,7 +345,7 @@ fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
             &mut p,
             &text[..10],
             params,
-            &ForwardOptions::default(),
+            &ForwardOptions::exact(),
             |_, _, _| {}
         )
         .is_err()

@@ -81,7 +81,7 @@ fn teacher_forced_logits_match_transformers_within_1e_3_and_greedy_steps_agree()
         let gen_ids = ids(&p["generated_ids"]);
         let all: Vec<u32> = prompt.iter().chain(&gen_ids).copied().collect();
         let mut kv = pool(&m, all.len());
-        let logits = all_logits(&m, &mut kv, None, &all, &ForwardOptions::default()).unwrap();
+        let logits = all_logits(&m, &mut kv, None, &all, &ForwardOptions::exact()).unwrap();
         let rows = &p["rows"];
         for i in 0..all.len() {
             let row = &logits[i * vocab..(i + 1) * vocab];
@@ -141,7 +141,7 @@ fn greedy_generation_with_the_kv_cache_reproduces_all_golden_continuations() {
             None,
             &prompt,
             &params,
-            &ForwardOptions::default(),
+            &ForwardOptions::exact(),
             |_| {},
         )
         .unwrap();
@@ -173,4 +173,57 @@ fn greedy_chat_about_the_capital_of_france_mentions_paris() {
         v["finish_reason"], "stop",
         "the model ends its answer with <|im_end|>"
     );
+}
+
+#[test]
+fn int8_activation_fast_path_stays_close_on_log_probabilities() {
+    use edgelora_daemon::engine::forward::ActMode;
+    let Some(path) = smollm2_path() else { return };
+    let m = Model::load(&path, &LoadOptions::default()).unwrap();
+    let vocab = m.config.vocab_size;
+    let opts = ForwardOptions {
+        act: ActMode::Int8,
+        ..ForwardOptions::exact()
+    };
+    let mut diffs = Vec::new();
+    let mut argmax_changes = 0;
+    for p in golden()["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["prompt_ids"]);
+        let gen_ids = ids(&p["generated_ids"]);
+        let all: Vec<u32> = prompt.iter().chain(&gen_ids).copied().collect();
+        let mut kv = pool(&m, all.len());
+        let logits = all_logits(&m, &mut kv, None, &all, &opts).unwrap();
+        let rows = &p["rows"];
+        for (k, &want) in gen_ids.iter().enumerate() {
+            let i = prompt.len() - 1 + k;
+            let row = &logits[i * vocab..(i + 1) * vocab];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max
+                + row
+                    .iter()
+                    .map(|&v| (v as f64 - max).exp())
+                    .sum::<f64>()
+                    .ln();
+            let g_lse = rows["lse"][i].as_f64().unwrap();
+            let top_ids = rows["top_ids"][i].as_array().unwrap();
+            let top_logits = rows["top_logits"][i].as_array().unwrap();
+            for (id, gl) in top_ids.iter().zip(top_logits).take(10) {
+                let ours = row[id.as_u64().unwrap() as usize] as f64 - lse;
+                diffs.push((ours - (gl.as_f64().unwrap() - g_lse)).abs());
+            }
+            if edgelora_daemon::engine::sampler::argmax(row) != want {
+                argmax_changes += 1;
+            }
+        }
+    }
+    diffs.sort_by(f64::total_cmp);
+    let (median, max) = (diffs[diffs.len() / 2], diffs[diffs.len() - 1]);
+    eprintln!(
+        "SmolLM2 int8 activations: top-10 |Δlogprob| at greedy steps median {median:.3} max {max:.3}, \
+         {argmax_changes}/120 argmax changes"
+    );
+    // llama.cpp itself lands at a per-prompt median of 0.13-0.22 and a max of 0.54 on this golden
+    // (fixtures README); an emulation of ggml's int8 activations changes 6 of 120 argmaxes.
+    assert!(median <= 0.15 && max <= 0.7, "median {median}, max {max}");
+    assert!(argmax_changes <= 6, "{argmax_changes} argmax changes");
 }

@@ -14,6 +14,9 @@ fn cases() -> Vec<(String, String, Vec<String>, &'static str)> {
         let mut args = vec![
             "--dtype".to_string(),
             if quant { "int4" } else { "f32" }.to_string(),
+            // Exact activations: the goldens are float32 arithmetic on the dequantized weights.
+            "--act".to_string(),
+            "f32".to_string(),
         ];
         if let Some(a) = adapter {
             args.push("--adapter".into());

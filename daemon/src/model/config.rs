@@ -154,12 +154,14 @@ impl ModelConfig {
             )));
         }
         let rope_params = v.get("rope_parameters").filter(|x| x.is_object());
-        let rope_theta = opt_f32(v, "rope_theta")?
-            .or(rope_params
-                .and_then(|p| p.get("rope_theta"))
-                .and_then(Value::as_f64)
-                .map(|x| x as f32))
-            .unwrap_or(10000.0);
+        // transformers 5 reads rope_parameters first.
+        let rope_theta = match rope_params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(Value::as_f64)
+        {
+            Some(t) => t as f32,
+            None => opt_f32(v, "rope_theta")?.unwrap_or(10000.0),
+        };
         let scaling_obj = v
             .get("rope_scaling")
             .filter(|x| x.is_object())
@@ -169,10 +171,12 @@ impl ModelConfig {
             Some(s) => parse_rope_scaling(s)?,
         };
         let attention_bias = opt_bool(v, "attention_bias")?.unwrap_or(false);
-        let sliding_window = if opt_bool(v, "use_sliding_window")? == Some(false) {
-            None
-        } else {
+        // Qwen2 applies its window only with use_sliding_window (default false); Mistral always.
+        let use_window = opt_bool(v, "use_sliding_window")?.unwrap_or(arch != Arch::Qwen2);
+        let sliding_window = if use_window {
             opt_usize(v, "sliding_window")?
+        } else {
+            None
         };
         let cfg = ModelConfig {
             arch,

@@ -1,6 +1,7 @@
 //! The weights of a decoder-only transformer, in kernel formats.
 
 use edgelora_kernels::Weight;
+use edgelora_kernels::cpu::matmul::Input;
 
 use super::{ModelConfig, ModelError};
 
@@ -84,9 +85,9 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `out [m, rows] = x [m, cols] W^T (+ b)`.
-    pub fn forward(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.weight.matmul(x, m, out);
+    /// `out [m, rows] = x [m, cols] W^T (+ b)`, on the fast path when the input carries int8 blocks.
+    pub fn forward(&self, input: &Input<'_>, out: &mut [f32]) {
+        self.weight.matmul_input(input, out);
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bv) in row.iter_mut().zip(b) {

@@ -51,6 +51,11 @@ impl Q8Matrix {
     pub fn blocks_per_row(&self) -> usize {
         self.cols.div_ceil(QK)
     }
+    /// The blocks of one output row.
+    pub fn row_blocks(&self, n: usize) -> &[BlockQ8] {
+        let bpr = self.blocks_per_row();
+        &self.blocks[n * bpr..(n + 1) * bpr]
+    }
     pub fn nbytes(&self) -> usize {
         self.blocks.len() * std::mem::size_of::<BlockQ8>()
     }

@@ -42,15 +42,6 @@ impl Weight {
         }
     }
 
-    /// `out[r, n] = sum_k W[n, k] * x[r, k]`; `x` is `[m, cols]`, `out` is `[m, rows]`.
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        match self {
-            Weight::F32(w) => w.matmul_reference(x, m, out),
-            Weight::Q4(w) => w.matmul_reference(x, m, out),
-            Weight::Q8(w) => w.matmul_reference(x, m, out),
-        }
-    }
-
     /// Row `n` as f32 (embedding lookup for any format).
     pub fn dequantize_row(&self, n: usize, out: &mut [f32]) {
         match self {

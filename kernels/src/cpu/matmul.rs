@@ -1,0 +1,248 @@
+//! Threaded products of a [`Weight`] with a batch of activation rows, in two modes:
+//! * exact: f32 activations against the dequantized weights (the reference arithmetic; goldens);
+//! * int8: activations quantized per block of 32 ([`ActQ8`]) against INT4 / Q8_0 weights with
+//!   integer SIMD dot products — the fast default, as llama.cpp does.
+//!
+//! Both loop over weight rows outermost, so each weight byte is read from memory once per call
+//! whatever the number of activation rows, and split the rows across the thread pool.
+
+use crate::Weight;
+use crate::cpu::act::{ActQ8, BlockQ8A};
+use crate::cpu::ops::dot;
+use crate::cpu::qdot::{Isa, best_isa, q4q8_rows, q8q8_rows};
+use crate::cpu::threads::parallel_ranges;
+
+/// Output rows per task are a multiple of this (cache-line-friendly writes for m = 1).
+const ROW_ALIGN: usize = 16;
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint indices (each owns a range of weight rows) and the region ends
+// before the caller's `&mut` borrow does.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` is in bounds of the output and written by one task only.
+    #[inline]
+    unsafe fn write(self, i: usize, v: f32) {
+        // SAFETY: the caller guarantees bounds and exclusivity.
+        unsafe { *self.0.add(i) = v };
+    }
+}
+
+/// How a projection's input is presented.
+pub struct Input<'a> {
+    /// `[m, cols]` f32 activations.
+    pub x: &'a [f32],
+    pub m: usize,
+    /// The same activations quantized, when the fast path is on.
+    pub q8: Option<&'a ActQ8>,
+}
+
+impl Weight {
+    /// `out [m, rows] = x [m, cols] W^T`, exact f32 activations, threaded.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (rows, cols) = (self.rows(), self.cols());
+        assert_eq!(x.len(), m * cols, "activation shape");
+        assert_eq!(out.len(), m * rows, "output shape");
+        let op = OutPtr(out.as_mut_ptr());
+        parallel_ranges(rows, ROW_ALIGN, &|range| {
+            let mut wrow = vec![0f32; cols];
+            for n in range {
+                let w: &[f32] = match self {
+                    Weight::F32(d) => d.row(n),
+                    _ => {
+                        self.dequantize_row(n, &mut wrow);
+                        &wrow
+                    }
+                };
+                for r in 0..m {
+                    let v = dot(w, &x[r * cols..(r + 1) * cols]);
+                    // SAFETY: index < m * rows; row n belongs to this task only.
+                    unsafe { op.write(r * rows + n, v) };
+                }
+            }
+        });
+    }
+
+    /// Fast path when `inp.q8` is given and the weight is quantized; exact otherwise.
+    pub fn matmul_input(&self, inp: &Input<'_>, out: &mut [f32]) {
+        match (self, inp.q8) {
+            (Weight::Q4(_) | Weight::Q8(_), Some(q)) => self.matmul_q8(q, best_isa(), out),
+            _ => self.matmul(inp.x, inp.m, out),
+        }
+    }
+
+    /// `out [m, rows] = x W^T` with int8 activations on the given instruction-set path.
+    /// Dense weights are not supported here (they take the exact path).
+    pub fn matmul_q8(&self, x: &ActQ8, isa: Isa, out: &mut [f32]) {
+        let (rows, cols, m) = (self.rows(), self.cols(), x.rows());
+        assert_eq!(x.cols(), cols, "activation width");
+        assert_eq!(out.len(), m * rows, "output shape");
+        let op = OutPtr(out.as_mut_ptr());
+        let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
+        parallel_ranges(rows, ROW_ALIGN, &|range| {
+            let mut tmp = [0f32; 4];
+            for n in range {
+                for r0 in (0..m).step_by(4) {
+                    let xs = &xrows[r0..(r0 + 4).min(m)];
+                    match self {
+                        Weight::Q4(w) => q4q8_rows(isa, w.kind(), w.row_blocks(n), xs, &mut tmp),
+                        Weight::Q8(w) => q8q8_rows(isa, w.row_blocks(n), xs, &mut tmp),
+                        Weight::F32(_) => unreachable!("dense weights take the exact path"),
+                    }
+                    for (i, &v) in tmp[..xs.len()].iter().enumerate() {
+                        // SAFETY: index < m * rows; row n belongs to this task only.
+                        unsafe { op.write((r0 + i) * rows + n, v) };
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::qdot::available_isas;
+    use crate::{BlockQ8, DenseMatrix, Q4Kind, Q4Matrix, Q8Matrix};
+    use half::f16;
+
+    struct Lcg(u64);
+    impl Lcg {
+        fn next(&mut self) -> f32 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.next()).collect()
+        }
+    }
+
+    /// An affine (Q4_1-like) matrix with random codes, scales and offsets.
+    fn affine(rows: usize, cols: usize, g: &mut Lcg) -> Q4Matrix {
+        let bpr = cols.div_ceil(32);
+        let blocks = (0..rows * bpr)
+            .map(|_| {
+                let mut b = crate::BlockQ4 {
+                    d: f16::from_f32(g.next().abs() * 0.1 + 0.01).to_bits(),
+                    m: f16::from_f32(g.next() * 0.5).to_bits(),
+                    qs: [0; 16],
+                };
+                for j in 0..32 {
+                    b.set_code(j, ((g.next() + 1.0) * 7.99) as u8);
+                }
+                b
+            })
+            .collect();
+        Q4Matrix::from_blocks(rows, cols, Q4Kind::Affine, blocks).unwrap()
+    }
+
+    fn q8(rows: usize, cols: usize, g: &mut Lcg) -> Q8Matrix {
+        let blocks = (0..rows * cols.div_ceil(32))
+            .map(|_| {
+                let mut qs = [0i8; 32];
+                for q in qs.iter_mut() {
+                    *q = (g.next() * 127.0) as i8;
+                }
+                qs[3] = -128; // the extreme a sign trick must survive
+                BlockQ8 {
+                    d: f16::from_f32(g.next().abs() * 0.02).to_bits(),
+                    qs,
+                }
+            })
+            .collect();
+        Q8Matrix::from_blocks(rows, cols, blocks).unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + y.abs()),
+                "{what}: [{i}] {x} vs {y}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_isa_matches_the_scalar_reference_on_random_shapes_with_partial_blocks() {
+        let mut g = Lcg(11);
+        for &(rows, cols, m) in &[
+            (1, 32, 1),
+            (7, 40, 1),
+            (33, 176, 3),
+            (64, 576, 5),
+            (17, 1536, 8),
+            (5, 16, 2),
+        ] {
+            let x = g.vec(m * cols);
+            let xq = ActQ8::quantize(&x, m, cols);
+            let wq = Weight::Q4(Q4Matrix::quantize(&g.vec(rows * cols), rows, cols, 32).unwrap());
+            let wa = Weight::Q4(affine(rows, cols, &mut g));
+            let w8 = Weight::Q8(q8(rows, cols, &mut g));
+            for w in [&wq, &wa, &w8] {
+                let mut want = vec![0f32; m * rows];
+                w.matmul_q8(&xq, Isa::Scalar, &mut want);
+                for isa in available_isas() {
+                    let mut got = vec![0f32; m * rows];
+                    w.matmul_q8(&xq, isa, &mut got);
+                    close(
+                        &got,
+                        &want,
+                        1e-5,
+                        &format!("{} {} [{rows},{cols}] m={m}", isa.name(), w.format_name()),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn int8_activations_stay_close_to_the_exact_product() {
+        let mut g = Lcg(5);
+        let (rows, cols, m) = (48, 256, 2);
+        let x = g.vec(m * cols);
+        let w = Weight::Q4(affine(rows, cols, &mut g));
+        let mut exact = vec![0f32; m * rows];
+        w.matmul(&x, m, &mut exact);
+        let mut fast = vec![0f32; m * rows];
+        w.matmul_q8(&ActQ8::quantize(&x, m, cols), best_isa(), &mut fast);
+        let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let err = exact
+            .iter()
+            .zip(&fast)
+            .fold(0f32, |a, (e, f)| a.max((e - f).abs()));
+        assert!(
+            err < 0.02 * scale,
+            "int8 activations off by {err} (scale {scale})"
+        );
+    }
+
+    #[test]
+    fn threaded_exact_product_equals_the_reference() {
+        let mut g = Lcg(9);
+        let (rows, cols, m) = (300, 70, 3);
+        let x = g.vec(m * cols);
+        for w in [
+            Weight::Q4(Q4Matrix::quantize(&g.vec(rows * cols), rows, cols, 32).unwrap()),
+            Weight::F32(DenseMatrix::new(rows, cols, g.vec(rows * cols)).unwrap()),
+        ] {
+            let mut want = vec![0f32; m * rows];
+            match &w {
+                Weight::Q4(q) => q.matmul_reference(&x, m, &mut want),
+                Weight::F32(d) => d.matmul_reference(&x, m, &mut want),
+                Weight::Q8(_) => unreachable!(),
+            }
+            let mut got = vec![0f32; m * rows];
+            w.matmul(&x, m, &mut got);
+            assert_eq!(got, want);
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! Quantized dot products: INT4 or Q8_0 weight rows against int8 activation blocks, with a scalar
+//! reference and SIMD paths (x86-64 AVX2, AVX-512 VNNI; aarch64 NEON) chosen at run time.
+//!
+//! Per block, with `w = dw * c + o` (`o = m` for affine blocks, `-z * dw` for zero-point ones) and
+//! `x ≈ dx * q`: `sum(w * x) ≈ dw * dx * sum(c * q) + o * dx * sum(q)`; the integer part is what the
+//! SIMD units compute, `dx * sum(q)` is stored with the activation block.
+
+use half::f16;
+
+use crate::cpu::act::BlockQ8A;
+use crate::cpu::q4::{BlockQ4, Q4Kind, QK};
+use crate::cpu::q8::BlockQ8;
+
+/// Instruction-set paths, best last.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    Scalar,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+    #[cfg(target_arch = "aarch64")]
+    Neon,
+    #[cfg(target_arch = "aarch64")]
+    NeonDot,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => "avx512vnni",
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => "neon",
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => "neon-dotprod",
+        }
+    }
+}
+
+/// Every path this CPU can run, scalar first.
+pub fn available_isas() -> Vec<Isa> {
+    #[allow(unused_mut)]
+    let mut v = vec![Isa::Scalar];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            v.push(Isa::Avx2);
+            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+                v.push(Isa::Avx512Vnni);
+            }
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            v.push(Isa::Neon);
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                v.push(Isa::NeonDot);
+            }
+        }
+    }
+    v
+}
+
+/// The path used by default: the best available, or `EDGELORA_ISA` (a name from [`Isa::name`]).
+pub fn best_isa() -> Isa {
+    static BEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *BEST.get_or_init(|| {
+        let avail = available_isas();
+        if let Ok(want) = std::env::var("EDGELORA_ISA")
+            && let Some(i) = avail.iter().find(|i| i.name() == want)
+        {
+            return *i;
+        }
+        *avail.last().expect("scalar is always available")
+    })
+}
+
+#[inline]
+pub fn f16_to_f32(bits: u16) -> f32 {
+    f16::from_bits(bits).to_f32()
+}
+
+/// The additive offset `o` of a block: `w = dw * c + o`.
+#[inline]
+pub fn block_offset(kind: Q4Kind, b: &BlockQ4, dw: f32) -> f32 {
+    match kind {
+        Q4Kind::ZeroPoint => -(b.m as f32) * dw,
+        Q4Kind::Affine => f16_to_f32(b.m),
+    }
+}
+
+/// Reference: one INT4 row against one activation row.
+pub fn q4q8_dot_reference(kind: Q4Kind, w: &[BlockQ4], x: &[BlockQ8A]) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.iter().zip(x) {
+        let sumi: i32 = (0..QK).map(|j| b.code(j) as i32 * xb.qs[j] as i32).sum();
+        let dw = f16_to_f32(b.d);
+        acc += dw * xb.d * sumi as f32 + block_offset(kind, b, dw) * xb.s;
+    }
+    acc
+}
+
+/// Reference: one Q8_0 row against one activation row.
+pub fn q8q8_dot_reference(w: &[BlockQ8], x: &[BlockQ8A]) -> f32 {
+    let mut acc = 0f32;
+    for (b, xb) in w.iter().zip(x) {
+        let sumi: i32 =
+            b.qs.iter()
+                .zip(&xb.qs)
+                .map(|(&a, &q)| a as i32 * q as i32)
+                .sum();
+        acc += f16_to_f32(b.d) * xb.d * sumi as f32;
+    }
+    acc
+}
+
+/// One INT4 weight row against up to four activation rows: `out[i] = dot(w, xs[i])`. The weight
+/// block is unpacked once and reused for every activation row (the blocked micro-kernel of the
+/// prefill GEMM; decode uses one row).
+pub fn q4q8_rows(isa: Isa, kind: Q4Kind, w: &[BlockQ4], xs: &[&[BlockQ8A]], out: &mut [f32]) {
+    debug_assert!(xs.len() <= 4 && out.len() >= xs.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => {
+            // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
+            unsafe { crate::cpu::x86::q4q8_rows(isa == Isa::Avx512Vnni, kind, w, xs, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot => {
+            // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
+            unsafe { crate::cpu::arm::q4q8_rows(isa == Isa::NeonDot, kind, w, xs, out) }
+        }
+        Isa::Scalar => {
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = q4q8_dot_reference(kind, w, x);
+            }
+        }
+    }
+}
+
+/// One Q8_0 weight row against up to four activation rows.
+pub fn q8q8_rows(isa: Isa, w: &[BlockQ8], xs: &[&[BlockQ8A]], out: &mut [f32]) {
+    debug_assert!(xs.len() <= 4 && out.len() >= xs.len());
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => {
+            // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
+            unsafe { crate::cpu::x86::q8q8_rows(isa == Isa::Avx512Vnni, w, xs, out) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot => {
+            // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
+            unsafe { crate::cpu::arm::q8q8_rows(isa == Isa::NeonDot, w, xs, out) }
+        }
+        Isa::Scalar => {
+            for (o, x) in out.iter_mut().zip(xs) {
+                *o = q8q8_dot_reference(w, x);
+            }
+        }
+    }
+}

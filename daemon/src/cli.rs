@@ -126,6 +126,9 @@ pub struct GenerateArgs {
     /// Print one JSON object: prompt ids, generated ids, text, and with --logits-out the logits file.
     #[arg(long)]
     pub json: bool,
+    /// Print prompt and generation speed to stderr.
+    #[arg(long)]
+    pub stats: bool,
     /// Also write the logits each token was chosen from ([n, vocab] f32 `logits`) to this file.
     #[arg(long)]
     pub logits_out: Option<PathBuf>,
@@ -320,6 +323,20 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         },
     )?;
     let text = tok.decode(&gen_out.tokens, true)?;
+    if a.stats {
+        let n = gen_out.tokens.len();
+        // The first generated token comes from the prefill's logits.
+        let decoded = n.saturating_sub(1).max(1);
+        eprintln!(
+            "prompt: {} tokens in {:.1} ms ({:.1} tokens/s); generated: {n} tokens, {:.1} tokens/s ({} threads, {})",
+            prompt.len(),
+            gen_out.prefill_secs * 1e3,
+            prompt.len() as f64 / gen_out.prefill_secs.max(1e-9),
+            decoded as f64 / gen_out.decode_secs.max(1e-9),
+            edgelora_kernels::cpu::threads::global().threads(),
+            edgelora_kernels::cpu::qdot::best_isa().name(),
+        );
+    }
     if let Some(p) = &a.logits_out {
         let vocab = l.model.config.vocab_size;
         let flat: Vec<f32> = gen_out.logits.iter().flatten().copied().collect();

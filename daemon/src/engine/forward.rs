@@ -6,7 +6,7 @@
 //! go into the sequences' KV pages; attention reads them back page by page.
 
 use edgelora_kernels::cpu::act::ActQ8;
-use edgelora_kernels::cpu::attention::{SparseConfig, paged_attention};
+use edgelora_kernels::cpu::attention::{Query, SparseConfig, paged_attention_rows};
 use edgelora_kernels::cpu::kv::KvPool;
 use edgelora_kernels::cpu::lora::{LoraSegment, sgmv_reference};
 use edgelora_kernels::cpu::matmul::Input;
@@ -240,20 +240,22 @@ pub fn forward(
                 pool.seal(li, page);
             }
         }
-        for rr in 0..rows {
-            let kv = &seqs[owner[rr]].kv;
-            paged_attention(
-                pool,
-                li,
-                &kv.pages,
-                pos[rr] + 1,
-                &q[rr * qd..(rr + 1) * qd],
-                c.n_heads,
-                scale,
-                opts.sparse.as_ref(),
-                &mut att[rr * qd..(rr + 1) * qd],
-            );
-        }
+        let queries: Vec<Query<'_>> = (0..rows)
+            .map(|rr| Query {
+                pages: &seqs[owner[rr]].kv.pages,
+                n_tokens: pos[rr] + 1,
+            })
+            .collect();
+        paged_attention_rows(
+            pool,
+            li,
+            &queries,
+            &q,
+            c.n_heads,
+            scale,
+            opts.sparse.as_ref(),
+            &mut att,
+        );
         quantize(&mut xq, &att, qd);
         project(&xq, li, Proj::O, &att, &mut o);
         for (xv, ov) in x.iter_mut().zip(&o) {

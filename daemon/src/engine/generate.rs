@@ -56,6 +56,9 @@ pub struct Generation {
     /// `logits[t]`: the distribution token t was drawn from (when kept).
     pub logits: Vec<Vec<f32>>,
     pub finish: FinishReason,
+    /// Seconds spent on the prompt (prefill) and on the generated tokens (decode).
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
 }
 
 /// Runs a prompt through the model, `chunk` tokens per forward; returns the last token's logits.
@@ -103,8 +106,12 @@ pub fn generate(
         tokens: Vec::new(),
         logits: Vec::new(),
         finish: FinishReason::Length,
+        prefill_secs: 0.0,
+        decode_secs: 0.0,
     };
     let mut kv = SeqKv::new();
+    let t0 = std::time::Instant::now();
+    let mut t_decode = None;
     let result = (|| {
         let mut logits = if params.use_cache {
             prefill(
@@ -119,6 +126,7 @@ pub fn generate(
         } else {
             full_recompute(model, pool, adapter, &history, params.prefill_chunk, opts)?
         };
+        t_decode = Some(std::time::Instant::now());
         for _ in 0..params.max_tokens {
             let tok = sampler.sample(&logits, &history);
             if params.keep_logits {
@@ -151,6 +159,10 @@ pub fn generate(
         Ok(())
     })();
     kv.release(pool);
+    if let Some(td) = t_decode {
+        out.prefill_secs = td.duration_since(t0).as_secs_f64();
+        out.decode_secs = td.elapsed().as_secs_f64();
+    }
     result.map(|()| out)
 }
 

@@ -669,22 +669,13 @@ pub fn unpermute_qk(w: Weight, n_head: usize) -> Result<Weight> {
     };
     match w {
         Weight::Q4(m) => {
-            let blocks = (0..rows)
-                .flat_map(|r| m.row_blocks(src_row(r)).iter().copied())
-                .collect();
+            let blocks = (0..rows).flat_map(|r| m.row_blocks(src_row(r))).collect();
             Q4Matrix::from_blocks(rows, cols, m.kind(), blocks)
                 .map(Weight::Q4)
                 .map_err(kernel)
         }
         Weight::Q8(m) => {
-            let bpr = m.blocks_per_row();
-            let blocks = (0..rows)
-                .flat_map(|r| {
-                    m.blocks()[src_row(r) * bpr..(src_row(r) + 1) * bpr]
-                        .iter()
-                        .copied()
-                })
-                .collect();
+            let blocks = (0..rows).flat_map(|r| m.row_blocks(src_row(r))).collect();
             Q8Matrix::from_blocks(rows, cols, blocks)
                 .map(Weight::Q8)
                 .map_err(kernel)

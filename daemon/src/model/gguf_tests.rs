@@ -369,14 +369,14 @@ fn small_block_types_convert_exactly_and_match_an_independent_dequantization() {
         panic!("q4_1 → Q4")
     };
     assert_eq!(m.kind(), Q4Kind::Affine);
-    let b1 = m.blocks()[5];
+    let b1 = m.to_blocks()[5];
     assert_eq!(b1.d.to_le_bytes(), [q4_1[100], q4_1[101]]);
     assert_eq!(b1.m.to_le_bytes(), [q4_1[102], q4_1[103]]);
     assert_eq!(b1.qs, q4_1[104..120]);
     let Weight::Q4(m) = f.load_weight("q4_0", rows, cols).unwrap() else {
         panic!("q4_0 → Q4")
     };
-    assert_eq!((m.kind(), m.blocks()[2].m), (Q4Kind::ZeroPoint, 8));
+    assert_eq!((m.kind(), m.to_blocks()[2].m), (Q4Kind::ZeroPoint, 8));
 }
 
 /// k-quant and BF16 blocks compared with gguf-py's own dequantization of the same bytes.
@@ -416,14 +416,14 @@ fn k_quants_and_bf16_match_gguf_py_bitwise() {
         panic!("q4_k → Q4")
     };
     assert_eq!(m.kind(), Q4Kind::Affine);
-    let d: Vec<u32> = m.blocks().iter().map(|b| b.d as u32).collect();
-    let mm: Vec<u32> = m.blocks().iter().map(|b| b.m as u32).collect();
+    let d: Vec<u32> = m.to_blocks().iter().map(|b| b.d as u32).collect();
+    let mm: Vec<u32> = m.to_blocks().iter().map(|b| b.m as u32).collect();
     assert_eq!(d, u32s(&fx["q4_k"]["affine_d_f16_bits"]));
     assert_eq!(mm, u32s(&fx["q4_k"]["affine_m_f16_bits"]));
     let exact = f.load_f32("q4_k").unwrap().0;
     let approx = weight_f32(&Weight::Q4(m.clone()));
     for (i, (a, e)) in approx.iter().zip(&exact).enumerate() {
-        let b = &m.blocks()[i / 32];
+        let b = &m.to_blocks()[i / 32];
         // Rounding d*sc and dmin*m to f16 costs at most half an f16 ulp (2^-11 relative) of each.
         let bound = (f16::from_bits(b.d).to_f32().abs() * 15.0
             + f16::from_bits(b.m).to_f32().abs())

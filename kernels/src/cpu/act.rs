@@ -3,6 +3,13 @@
 //! so that an affine weight block's offset term costs one multiply per block. Integer dot products
 //! (`maddubs`, `dpbusd`, `sdot`) then do the heavy lifting. This is the fast path; the exact path
 //! keeps f32 activations.
+//!
+//! Outliers: a few channels of some tokens carry values tens of times larger than the rest (the
+//! "massive activations" of the attention-sink token; SmolLM2's position 0 reaches an L2 norm of
+//! 2.3e4). Quantized in a block with them, the other 31 values of the block round to zero, and on
+//! SmolLM2 that alone turns "The capital of France is Paris." into nonsense. As in LLM.int8(), such
+//! values (beyond [`OUTLIER_FACTOR`] times the row's mean magnitude without them, at most [`MAX_OUTLIERS`] per row) are
+//! taken out of the int8 blocks and applied exactly, column by column, after the integer product.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -18,6 +25,12 @@ pub struct BlockQ8A {
     pub qs: [i8; QK],
 }
 
+/// A value is an outlier beyond this many times its row's mean magnitude (about 6.4 standard
+/// deviations for Gaussian values, whose largest of a thousand is about 3.3).
+pub const OUTLIER_FACTOR: f32 = 8.0;
+/// At most this many outliers per row are kept exact (the largest).
+pub const MAX_OUTLIERS: usize = 16;
+
 /// `rows` activation vectors of `cols` values, each as `ceil(cols / 32)` blocks (a partial last
 /// block is zero-padded, so it contributes nothing whatever the weights' padding holds).
 #[derive(Clone, Debug, Default)]
@@ -25,6 +38,9 @@ pub struct ActQ8 {
     rows: usize,
     cols: usize,
     blocks: Vec<BlockQ8A>,
+    /// (column, value) of the values kept exact, row by row; `outlier_start[r]..outlier_start[r+1]`.
+    outliers: Vec<(u32, f32)>,
+    outlier_start: Vec<usize>,
 }
 
 impl ActQ8 {
@@ -39,14 +55,40 @@ impl ActQ8 {
         self.rows = rows;
         self.cols = cols;
         self.blocks.resize(rows * bpr, BlockQ8A::default());
+        self.outliers.clear();
+        self.outlier_start.clear();
+        let mut scratch = Vec::new();
         for r in 0..rows {
-            let xr = &x[r * cols..(r + 1) * cols];
+            self.outlier_start.push(self.outliers.len());
+            let mut xr = &x[r * cols..(r + 1) * cols];
+            let limit = outlier_limit(xr);
+            if limit > 0.0 && xr.iter().any(|v| v.abs() > limit) {
+                let first = self.outliers.len();
+                self.outliers.extend(
+                    xr.iter()
+                        .enumerate()
+                        .filter(|(_, v)| v.abs() > limit)
+                        .map(|(k, &v)| (k as u32, v)),
+                );
+                let found = &mut self.outliers[first..];
+                if found.len() > MAX_OUTLIERS {
+                    found.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+                    self.outliers.truncate(first + MAX_OUTLIERS);
+                }
+                scratch.clear();
+                scratch.extend_from_slice(xr);
+                for &(k, _) in &self.outliers[first..] {
+                    scratch[k as usize] = 0.0;
+                }
+                xr = &scratch;
+            }
             for (b, blk) in self.blocks[r * bpr..(r + 1) * bpr].iter_mut().enumerate() {
                 let k0 = b * QK;
                 let k1 = (k0 + QK).min(cols);
                 quantize_block(&xr[k0..k1], blk);
             }
         }
+        self.outlier_start.push(self.outliers.len());
     }
 
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
@@ -64,10 +106,37 @@ impl ActQ8 {
     pub fn blocks_per_row(&self) -> usize {
         self.cols.div_ceil(QK)
     }
+    /// The (column, value) pairs of row `r` that are not in its int8 blocks.
+    pub fn outliers(&self, r: usize) -> &[(u32, f32)] {
+        &self.outliers[self.outlier_start[r]..self.outlier_start[r + 1]]
+    }
+    pub fn has_outliers(&self) -> bool {
+        !self.outliers.is_empty()
+    }
     pub fn row(&self, r: usize) -> &[BlockQ8A] {
         let bpr = self.blocks_per_row();
         &self.blocks[r * bpr..(r + 1) * bpr]
     }
+}
+
+/// The magnitude above which a value of `x` is an outlier: [`OUTLIER_FACTOR`] times the mean
+/// magnitude of the values that remain once those beyond that factor of the plain mean magnitude
+/// are set aside (a plain mean is pulled up by the outliers themselves). Two cheap passes where a
+/// median would need a selection.
+fn outlier_limit(x: &[f32]) -> f32 {
+    let sum: f32 = x.iter().map(|v| v.abs()).sum();
+    let first = OUTLIER_FACTOR * sum / x.len() as f32;
+    let (mut big, mut big_n) = (0f32, 0usize);
+    for v in x {
+        if v.abs() > first {
+            big += v.abs();
+            big_n += 1;
+        }
+    }
+    if big_n == 0 || big_n == x.len() {
+        return first;
+    }
+    OUTLIER_FACTOR * (sum - big).max(0.0) / (x.len() - big_n) as f32
 }
 
 /// Quantizes up to 32 values into one block (the rest zero).
@@ -108,5 +177,20 @@ mod tests {
         }
         // Zero padding of the partial block.
         assert!(a.row(0)[2].qs[6..].iter().all(|&q| q == 0));
+        assert!(!a.has_outliers());
+    }
+
+    #[test]
+    fn outliers_leave_the_blocks_and_keep_their_exact_value() {
+        let mut x: Vec<f32> = (0..128).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect();
+        x[40] = 500.0;
+        x[100] = -300.0;
+        let a = ActQ8::quantize(&x, 1, 128);
+        assert_eq!(a.outliers(0), &[(40, 500.0), (100, -300.0)]);
+        let blk = &a.row(0)[1];
+        assert_eq!(blk.qs[8], 0, "the outlier is not in its block");
+        // The block's other values keep their resolution.
+        assert!((blk.qs[9] as f32 * blk.d - x[41]).abs() <= blk.d * 0.5 + 1e-7);
+        assert!(blk.d < 0.001);
     }
 }

@@ -182,86 +182,180 @@ pub fn paged_attention(
     out: &mut [f32],
 ) {
     let g = *pool.geometry();
-    let (ps, d, n_kv) = (g.page_size, g.head_dim, g.n_kv_heads);
+    let (d, n_kv) = (g.head_dim, g.n_kv_heads);
     debug_assert!(
         q.len() == n_heads * d && out.len() == n_heads * d,
         "q/out must be n_heads*head_dim"
     );
-    debug_assert!(
-        n_heads >= n_kv && n_heads.is_multiple_of(n_kv),
-        "n_heads must be a multiple of n_kv_heads"
-    );
-    out.fill(0.0);
-    let npages = visible_pages(pool, pages, n_tokens);
-    if npages == 0 {
-        return;
-    }
-    let last_len = n_tokens.min(npages * ps) - (npages - 1) * ps;
     let group = (n_heads / n_kv).max(1);
-
-    let mut scratch = vec![0.0f32; pool.tile_scratch_len()];
-    let mut scores = vec![0.0f32; ps];
-    let mut acc = vec![0.0f32; group * d];
-    let mut run_max = vec![f32::NEG_INFINITY; group];
-    let mut run_sum = vec![0.0f32; group];
-    let mut keep = vec![true; group * npages];
-    let mut ranked = Vec::new();
-
     for kv_head in 0..n_kv {
         let h0 = kv_head * group;
         if h0 >= n_heads {
             break;
         }
         let heads = group.min(n_heads - h0);
-        let q_group = &q[h0 * d..(h0 + heads) * d];
-        let keep = &mut keep[..heads * npages];
-        match sparse {
-            None => keep.fill(true),
-            Some(cfg) => {
-                for (qh, kh) in q_group.chunks_exact(d).zip(keep.chunks_exact_mut(npages)) {
-                    select_into(
-                        pool,
-                        layer,
-                        &pages[..npages],
-                        qh,
-                        kv_head,
-                        cfg,
-                        &mut ranked,
-                        kh,
-                    );
-                }
-            }
-        }
-        acc.fill(0.0);
-        run_max.fill(f32::NEG_INFINITY);
-        run_sum.fill(0.0);
+        let query = Query { pages, n_tokens };
+        attend_group(
+            pool,
+            layer,
+            query,
+            q,
+            n_heads,
+            scale,
+            sparse,
+            kv_head,
+            &mut out[h0 * d..(h0 + heads) * d],
+        );
+    }
+}
 
-        for (p, &page) in pages[..npages].iter().enumerate() {
-            if !keep.iter().skip(p).step_by(npages).any(|&k| k) {
-                continue;
-            }
-            let n = if p + 1 == npages { last_len } else { ps };
-            let (kt, vt) = pool.tile_f32(layer, page, kv_head, n, &mut scratch);
-            let states = acc
-                .chunks_exact_mut(d)
-                .zip(run_max.iter_mut().zip(run_sum.iter_mut()));
-            for (gi, (qh, (a, (m, l)))) in q_group.chunks_exact(d).zip(states).enumerate() {
-                if keep[gi * npages + p] {
-                    online_update(qh, kt, vt, d, scale, &mut scores[..n], m, l, a);
-                }
-            }
-        }
+/// Where one query row reads its keys and values.
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a> {
+    /// The sequence's page table.
+    pub pages: &'a [PageId],
+    /// Tokens visible to this query (its position + 1).
+    pub n_tokens: usize,
+}
 
-        let out_group = &mut out[h0 * d..(h0 + heads) * d];
-        for ((o, a), &l) in out_group
+/// A raw output pointer shared by tasks writing disjoint head groups.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes its own (row, kv head) slice; the region ends before the `&mut` does.
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not a field access) so closures capture the whole `Sync` wrapper.
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Attention for a batch of query rows (`q`, `out`: `[rows, n_heads * head_dim]`), each with its
+/// own sequence, spread over the thread pool by (row, KV head) so a single decode row still uses
+/// every core. Results equal [`paged_attention`] row by row.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_rows(
+    pool: &KvPool,
+    layer: usize,
+    queries: &[Query<'_>],
+    q: &[f32],
+    n_heads: usize,
+    scale: f32,
+    sparse: Option<&SparseConfig>,
+    out: &mut [f32],
+) {
+    let g = *pool.geometry();
+    let (d, n_kv) = (g.head_dim, g.n_kv_heads);
+    let width = n_heads * d;
+    assert_eq!(q.len(), queries.len() * width, "q shape");
+    assert_eq!(out.len(), queries.len() * width, "out shape");
+    let group = (n_heads / n_kv).max(1);
+    let op = OutPtr(out.as_mut_ptr());
+    let tasks = queries.len() * n_kv;
+    crate::cpu::threads::global().run(tasks, &|t| {
+        let (row, kv_head) = (t / n_kv, t % n_kv);
+        let h0 = kv_head * group;
+        if h0 >= n_heads {
+            return;
+        }
+        let heads = group.min(n_heads - h0);
+        let start = row * width + h0 * d;
+        // SAFETY: tasks cover disjoint (row, head group) slices of `out`, in bounds by the asserts.
+        let out_group = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(start), heads * d) };
+        let qrow = &q[row * width..(row + 1) * width];
+        attend_group(
+            pool,
+            layer,
+            queries[row],
+            qrow,
+            n_heads,
+            scale,
+            sparse,
+            kv_head,
+            out_group,
+        );
+    });
+}
+
+/// The query heads of one KV head (`out_group`: `heads * head_dim`) attend to their pages.
+#[allow(clippy::too_many_arguments)]
+fn attend_group(
+    pool: &KvPool,
+    layer: usize,
+    query: Query<'_>,
+    q: &[f32],
+    n_heads: usize,
+    scale: f32,
+    sparse: Option<&SparseConfig>,
+    kv_head: usize,
+    out_group: &mut [f32],
+) {
+    let g = *pool.geometry();
+    let (ps, d, n_kv) = (g.page_size, g.head_dim, g.n_kv_heads);
+    debug_assert!(
+        n_heads >= n_kv && n_heads.is_multiple_of(n_kv),
+        "n_heads must be a multiple of n_kv_heads"
+    );
+    let Query { pages, n_tokens } = query;
+    out_group.fill(0.0);
+    let npages = visible_pages(pool, pages, n_tokens);
+    if npages == 0 {
+        return;
+    }
+    let last_len = n_tokens.min(npages * ps) - (npages - 1) * ps;
+    let group = (n_heads / n_kv).max(1);
+    let h0 = kv_head * group;
+    let heads = out_group.len() / d;
+    let q_group = &q[h0 * d..(h0 + heads) * d];
+
+    let mut scratch = vec![0.0f32; pool.tile_scratch_len()];
+    let mut scores = vec![0.0f32; ps];
+    let mut acc = vec![0.0f32; heads * d];
+    let mut run_max = vec![f32::NEG_INFINITY; heads];
+    let mut run_sum = vec![0.0f32; heads];
+    let mut keep = vec![true; heads * npages];
+    let mut ranked = Vec::new();
+
+    if let Some(cfg) = sparse {
+        for (qh, kh) in q_group.chunks_exact(d).zip(keep.chunks_exact_mut(npages)) {
+            select_into(
+                pool,
+                layer,
+                &pages[..npages],
+                qh,
+                kv_head,
+                cfg,
+                &mut ranked,
+                kh,
+            );
+        }
+    }
+    for (p, &page) in pages[..npages].iter().enumerate() {
+        if !keep.iter().skip(p).step_by(npages).any(|&k| k) {
+            continue;
+        }
+        let n = if p + 1 == npages { last_len } else { ps };
+        let (kt, vt) = pool.tile_f32(layer, page, kv_head, n, &mut scratch);
+        let states = acc
             .chunks_exact_mut(d)
-            .zip(acc.chunks_exact(d))
-            .zip(&run_sum)
-        {
-            let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
-            for (o, &a) in o.iter_mut().zip(a) {
-                *o = a * inv;
+            .zip(run_max.iter_mut().zip(run_sum.iter_mut()));
+        for (gi, (qh, (a, (m, l)))) in q_group.chunks_exact(d).zip(states).enumerate() {
+            if keep[gi * npages + p] {
+                online_update(qh, kt, vt, d, scale, &mut scores[..n], m, l, a);
             }
+        }
+    }
+    for ((o, a), &l) in out_group
+        .chunks_exact_mut(d)
+        .zip(acc.chunks_exact(d))
+        .zip(&run_sum)
+    {
+        let inv = if l > 0.0 { 1.0 / l } else { 0.0 };
+        for (o, &a) in o.iter_mut().zip(a) {
+            *o = a * inv;
         }
     }
 }

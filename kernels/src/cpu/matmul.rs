@@ -9,11 +9,14 @@
 use crate::Weight;
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
-use crate::cpu::qdot::{Isa, best_isa, q4q8_rows, q8q8_rows};
+use crate::cpu::q4::TILE_ROWS;
+use crate::cpu::qdot::{Isa, TileOut, best_isa, q4q8_tiles, q8q8_tiles};
 use crate::cpu::threads::parallel_ranges;
 
 /// Output rows per task are a multiple of this (cache-line-friendly writes for m = 1).
 const ROW_ALIGN: usize = 16;
+/// Row groups (of eight rows) per task are a multiple of this.
+const GROUP_ALIGN: usize = 2;
 
 /// A raw output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
@@ -69,6 +72,26 @@ impl Weight {
         });
     }
 
+    /// `W[n, k]` as f32 (the dequantized value).
+    pub fn element(&self, n: usize, k: usize) -> f32 {
+        match self {
+            Weight::F32(d) => d.row(n)[k],
+            Weight::Q4(w) => {
+                let b = w.block(n, k / crate::QK);
+                let dw = b.scale();
+                let c = b.code(k % crate::QK) as f32;
+                match w.kind() {
+                    crate::Q4Kind::ZeroPoint => (c - b.m as f32) * dw,
+                    crate::Q4Kind::Affine => dw * c + half::f16::from_bits(b.m).to_f32(),
+                }
+            }
+            Weight::Q8(w) => {
+                let b = w.block(n, k / crate::QK);
+                b.qs[k % crate::QK] as f32 * half::f16::from_bits(b.d).to_f32()
+            }
+        }
+    }
+
     /// Fast path when `inp.q8` is given and the weight is quantized; exact otherwise.
     pub fn matmul_input(&self, inp: &Input<'_>, out: &mut [f32]) {
         match (self, inp.q8) {
@@ -85,19 +108,33 @@ impl Weight {
         assert_eq!(out.len(), m * rows, "output shape");
         let op = OutPtr(out.as_mut_ptr());
         let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
-        parallel_ranges(rows, ROW_ALIGN, &|range| {
-            let mut tmp = [0f32; 4];
-            for n in range {
+        let groups = rows.div_ceil(TILE_ROWS);
+        parallel_ranges(groups, GROUP_ALIGN, &|range| {
+            let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
+            for g in range {
                 for r0 in (0..m).step_by(4) {
                     let xs = &xrows[r0..(r0 + 4).min(m)];
                     match self {
-                        Weight::Q4(w) => q4q8_rows(isa, w.kind(), w.row_blocks(n), xs, &mut tmp),
-                        Weight::Q8(w) => q8q8_rows(isa, w.row_blocks(n), xs, &mut tmp),
+                        Weight::Q4(w) => q4q8_tiles(isa, w.kind(), w.group_tiles(g), xs, &mut tmp),
+                        Weight::Q8(w) => q8q8_tiles(isa, w.group_tiles(g), xs, &mut tmp),
                         Weight::F32(_) => unreachable!("dense weights take the exact path"),
                     }
-                    for (i, &v) in tmp[..xs.len()].iter().enumerate() {
-                        // SAFETY: index < m * rows; row n belongs to this task only.
-                        unsafe { op.write((r0 + i) * rows + n, v) };
+                    let n0 = g * TILE_ROWS;
+                    let n1 = (n0 + TILE_ROWS).min(rows);
+                    if x.has_outliers() {
+                        for (i, vals) in tmp[..xs.len()].iter_mut().enumerate() {
+                            for &(k, v) in x.outliers(r0 + i) {
+                                for (n, o) in (n0..n1).zip(vals.iter_mut()) {
+                                    *o += v * self.element(n, k as usize);
+                                }
+                            }
+                        }
+                    }
+                    for (i, vals) in tmp[..xs.len()].iter().enumerate() {
+                        for (n, &v) in (n0..n1).zip(vals) {
+                            // SAFETY: index < m * rows; row group g belongs to this task only.
+                            unsafe { op.write((r0 + i) * rows + n, v) };
+                        }
                     }
                 }
             }
@@ -223,6 +260,30 @@ mod tests {
             err < 0.02 * scale,
             "int8 activations off by {err} (scale {scale})"
         );
+    }
+
+    #[test]
+    fn outlier_channels_are_applied_exactly() {
+        let mut g = Lcg(21);
+        let (rows, cols, m) = (24, 96, 2);
+        let mut x = g.vec(m * cols);
+        x[5] = 900.0;
+        x[cols + 70] = -700.0;
+        let w = Weight::Q4(affine(rows, cols, &mut g));
+        let mut exact = vec![0f32; m * rows];
+        w.matmul(&x, m, &mut exact);
+        let xq = ActQ8::quantize(&x, m, cols);
+        assert_eq!(xq.outliers(0).len() + xq.outliers(1).len(), 2);
+        for isa in available_isas() {
+            let mut fast = vec![0f32; m * rows];
+            w.matmul_q8(&xq, isa, &mut fast);
+            // Without the outlier split the error would be of the order of the small values' sum.
+            let err = exact
+                .iter()
+                .zip(&fast)
+                .fold(0f32, |a, (e, f)| a.max((e - f).abs()));
+            assert!(err < 0.05, "{}: {err}", isa.name());
+        }
     }
 
     #[test]

@@ -72,13 +72,40 @@ pub enum Q4Kind {
     Affine,
 }
 
-/// An INT4 matrix `[rows, cols]` in the internal block layout.
+/// Rows interleaved per tile: the SIMD kernels produce eight outputs per pass.
+pub const TILE_ROWS: usize = 8;
+
+/// One block column of eight consecutive rows, structure-of-arrays: the eight scales and the eight
+/// offsets load as one vector each, and the weight bytes of the eight rows follow. Same 20 bytes
+/// per 32 weights as [`BlockQ4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TileQ4 {
+    pub d: [u16; TILE_ROWS],
+    pub m: [u16; TILE_ROWS],
+    pub qs: [[u8; 16]; TILE_ROWS],
+}
+
+impl TileQ4 {
+    /// Row `i` of the tile as a block.
+    #[inline]
+    pub fn block(&self, i: usize) -> BlockQ4 {
+        BlockQ4 {
+            d: self.d[i],
+            m: self.m[i],
+            qs: self.qs[i],
+        }
+    }
+}
+
+/// An INT4 matrix `[rows, cols]`, stored as tiles of 8 rows × 32 columns
+/// (`tiles[row_group * blocks_per_row + block]`). Rows past `rows` in the last group are zero.
 #[derive(Clone, Debug)]
 pub struct Q4Matrix {
     rows: usize,
     cols: usize,
     kind: Q4Kind,
-    blocks: Vec<BlockQ4>,
+    tiles: Vec<TileQ4>,
 }
 
 impl Q4Matrix {
@@ -87,26 +114,37 @@ impl Q4Matrix {
         cols.div_ceil(QK)
     }
 
-    /// Wraps blocks produced by a converter (GPTQ, GGUF). `blocks.len()` must be
-    /// `rows * ceil(cols / 32)`.
+    /// Builds a matrix from row-major blocks produced by a converter (GPTQ, GGUF, the quantizer).
+    /// `blocks.len()` must be `rows * ceil(cols / 32)`.
     pub fn from_blocks(
         rows: usize,
         cols: usize,
         kind: Q4Kind,
         blocks: Vec<BlockQ4>,
     ) -> Result<Self, KernelError> {
-        let want = rows * Self::blocks_per_row_for(cols);
+        let bpr = Self::blocks_per_row_for(cols);
+        let want = rows * bpr;
         if blocks.len() != want || rows == 0 || cols == 0 {
             return Err(KernelError::Shape(format!(
                 "INT4 matrix [{rows}, {cols}] needs {want} blocks, got {}",
                 blocks.len()
             )));
         }
+        let groups = rows.div_ceil(TILE_ROWS);
+        let mut tiles = vec![TileQ4::default(); groups * bpr];
+        for (i, b) in blocks.iter().enumerate() {
+            let (n, k) = (i / bpr, i % bpr);
+            let t = &mut tiles[(n / TILE_ROWS) * bpr + k];
+            let r = n % TILE_ROWS;
+            t.d[r] = b.d;
+            t.m[r] = b.m;
+            t.qs[r] = b.qs;
+        }
         Ok(Self {
             rows,
             cols,
             kind,
-            blocks,
+            tiles,
         })
     }
 
@@ -119,20 +157,36 @@ impl Q4Matrix {
     pub fn kind(&self) -> Q4Kind {
         self.kind
     }
-    pub fn blocks(&self) -> &[BlockQ4] {
-        &self.blocks
-    }
     pub fn blocks_per_row(&self) -> usize {
         Self::blocks_per_row_for(self.cols)
     }
-    /// The blocks of one output row.
-    pub fn row_blocks(&self, n: usize) -> &[BlockQ4] {
+    /// Groups of [`TILE_ROWS`] rows.
+    pub fn row_groups(&self) -> usize {
+        self.rows.div_ceil(TILE_ROWS)
+    }
+    /// The tiles of row group `g` (`blocks_per_row` of them).
+    pub fn group_tiles(&self, g: usize) -> &[TileQ4] {
         let bpr = self.blocks_per_row();
-        &self.blocks[n * bpr..(n + 1) * bpr]
+        &self.tiles[g * bpr..(g + 1) * bpr]
+    }
+    /// Block `b` of row `n`.
+    #[inline]
+    pub fn block(&self, n: usize, b: usize) -> BlockQ4 {
+        self.tiles[(n / TILE_ROWS) * self.blocks_per_row() + b].block(n % TILE_ROWS)
+    }
+    /// The blocks of one output row (a copy).
+    pub fn row_blocks(&self, n: usize) -> Vec<BlockQ4> {
+        (0..self.blocks_per_row())
+            .map(|b| self.block(n, b))
+            .collect()
+    }
+    /// Every block, row-major (a copy).
+    pub fn to_blocks(&self) -> Vec<BlockQ4> {
+        (0..self.rows).flat_map(|n| self.row_blocks(n)).collect()
     }
     /// Bytes of weight data a product reads.
     pub fn nbytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<BlockQ4>()
+        self.tiles.len() * std::mem::size_of::<TileQ4>()
     }
 
     /// Quantizes a row-major f32 matrix by the reference definition (see the fixtures README):
@@ -180,12 +234,7 @@ impl Q4Matrix {
                 }
             }
         }
-        Ok(Self {
-            rows,
-            cols,
-            kind: Q4Kind::ZeroPoint,
-            blocks,
-        })
+        Self::from_blocks(rows, cols, Q4Kind::ZeroPoint, blocks)
     }
 
     /// Dequantizes one block into `out[..32]`.
@@ -211,8 +260,8 @@ impl Q4Matrix {
     /// Dequantizes output row `n` into `out[..cols]`.
     pub fn dequantize_row(&self, n: usize, out: &mut [f32]) {
         let mut tmp = [0f32; QK];
-        for (bi, b) in self.row_blocks(n).iter().enumerate() {
-            Self::dequantize_block(self.kind, b, &mut tmp);
+        for bi in 0..self.blocks_per_row() {
+            Self::dequantize_block(self.kind, &self.block(n, bi), &mut tmp);
             let k0 = bi * QK;
             let k1 = (k0 + QK).min(self.cols);
             out[k0..k1].copy_from_slice(&tmp[..k1 - k0]);

@@ -1,13 +1,14 @@
 //! 8-bit weights: GGUF's Q8_0 block (f16 scale + 32 signed bytes), kept as is.
 //!
 //! 8-bit tensors (Q8_0) are never requantized to INT4: they run through this path, which is exact
-//! with gguf-py's dequantization (`w = q * d` in f32).
+//! with gguf-py's dequantization (`w = q * d` in f32). Like [`crate::Q4Matrix`], the matrix is
+//! stored as tiles of eight rows × 32 columns so the SIMD kernels produce eight outputs per pass.
 
 use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use crate::KernelError;
-use crate::cpu::q4::QK;
+use crate::cpu::q4::{QK, TILE_ROWS};
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
@@ -17,27 +18,60 @@ pub struct BlockQ8 {
     pub qs: [i8; QK],
 }
 
+/// One block column of eight rows: their scales, then their bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct TileQ8 {
+    pub d: [u16; TILE_ROWS],
+    pub qs: [[i8; QK]; TILE_ROWS],
+}
+
+impl Default for TileQ8 {
+    fn default() -> Self {
+        Self::zeroed()
+    }
+}
+
+impl TileQ8 {
+    #[inline]
+    pub fn block(&self, i: usize) -> BlockQ8 {
+        BlockQ8 {
+            d: self.d[i],
+            qs: self.qs[i],
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
-    blocks: Vec<BlockQ8>,
+    tiles: Vec<TileQ8>,
 }
 
 impl Q8Matrix {
+    /// Builds a matrix from row-major blocks (`rows * ceil(cols / 32)` of them).
     pub fn from_blocks(
         rows: usize,
         cols: usize,
         blocks: Vec<BlockQ8>,
     ) -> Result<Self, KernelError> {
-        let want = rows * cols.div_ceil(QK);
+        let bpr = cols.div_ceil(QK);
+        let want = rows * bpr;
         if blocks.len() != want || rows == 0 || cols == 0 {
             return Err(KernelError::Shape(format!(
                 "Q8 matrix [{rows}, {cols}] needs {want} blocks, got {}",
                 blocks.len()
             )));
         }
-        Ok(Self { rows, cols, blocks })
+        let mut tiles = vec![TileQ8::default(); rows.div_ceil(TILE_ROWS) * bpr];
+        for (i, b) in blocks.iter().enumerate() {
+            let (n, k) = (i / bpr, i % bpr);
+            let t = &mut tiles[(n / TILE_ROWS) * bpr + k];
+            t.d[n % TILE_ROWS] = b.d;
+            t.qs[n % TILE_ROWS] = b.qs;
+        }
+        Ok(Self { rows, cols, tiles })
     }
     pub fn rows(&self) -> usize {
         self.rows
@@ -45,24 +79,38 @@ impl Q8Matrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
-    pub fn blocks(&self) -> &[BlockQ8] {
-        &self.blocks
-    }
     pub fn blocks_per_row(&self) -> usize {
         self.cols.div_ceil(QK)
     }
-    /// The blocks of one output row.
-    pub fn row_blocks(&self, n: usize) -> &[BlockQ8] {
+    pub fn row_groups(&self) -> usize {
+        self.rows.div_ceil(TILE_ROWS)
+    }
+    /// The tiles of row group `g`.
+    pub fn group_tiles(&self, g: usize) -> &[TileQ8] {
         let bpr = self.blocks_per_row();
-        &self.blocks[n * bpr..(n + 1) * bpr]
+        &self.tiles[g * bpr..(g + 1) * bpr]
+    }
+    #[inline]
+    pub fn block(&self, n: usize, b: usize) -> BlockQ8 {
+        self.tiles[(n / TILE_ROWS) * self.blocks_per_row() + b].block(n % TILE_ROWS)
+    }
+    /// The blocks of one output row (a copy).
+    pub fn row_blocks(&self, n: usize) -> Vec<BlockQ8> {
+        (0..self.blocks_per_row())
+            .map(|b| self.block(n, b))
+            .collect()
+    }
+    /// Every block, row-major (a copy).
+    pub fn to_blocks(&self) -> Vec<BlockQ8> {
+        (0..self.rows).flat_map(|n| self.row_blocks(n)).collect()
     }
     pub fn nbytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<BlockQ8>()
+        self.tiles.len() * std::mem::size_of::<TileQ8>()
     }
 
     pub fn dequantize_row(&self, n: usize, out: &mut [f32]) {
-        let bpr = self.blocks_per_row();
-        for (bi, b) in self.blocks[n * bpr..(n + 1) * bpr].iter().enumerate() {
+        for bi in 0..self.blocks_per_row() {
+            let b = self.block(n, bi);
             let d = f16::from_bits(b.d).to_f32();
             let k0 = bi * QK;
             let k1 = (k0 + QK).min(self.cols);

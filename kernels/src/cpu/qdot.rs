@@ -8,8 +8,8 @@
 use half::f16;
 
 use crate::cpu::act::BlockQ8A;
-use crate::cpu::q4::{BlockQ4, Q4Kind, QK};
-use crate::cpu::q8::BlockQ8;
+use crate::cpu::q4::{BlockQ4, Q4Kind, QK, TILE_ROWS, TileQ4};
+use crate::cpu::q8::{BlockQ8, TileQ8};
 
 /// Instruction-set paths, best last.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -122,47 +122,57 @@ pub fn q8q8_dot_reference(w: &[BlockQ8], x: &[BlockQ8A]) -> f32 {
     acc
 }
 
-/// One INT4 weight row against up to four activation rows: `out[i] = dot(w, xs[i])`. The weight
-/// block is unpacked once and reused for every activation row (the blocked micro-kernel of the
-/// prefill GEMM; decode uses one row).
-pub fn q4q8_rows(isa: Isa, kind: Q4Kind, w: &[BlockQ4], xs: &[&[BlockQ8A]], out: &mut [f32]) {
-    debug_assert!(xs.len() <= 4 && out.len() >= xs.len());
+/// Eight outputs (one row group) for each of up to four activation rows.
+pub type TileOut = [[f32; TILE_ROWS]; 4];
+
+/// One row group of an INT4 matrix (its tiles, one per block column) against up to four
+/// activation rows: `out[r][i] = dot(row i of the group, xs[r])`. The weight bytes are unpacked
+/// once per tile and reused for every activation row (the prefill GEMM's micro-kernel; decode
+/// passes one row).
+pub fn q4q8_tiles(isa: Isa, kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+    debug_assert!(!xs.is_empty() && xs.len() <= 4);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::x86::q4q8_rows(isa == Isa::Avx512Vnni, kind, w, xs, out) }
+            unsafe { crate::cpu::x86::q4q8_tiles(isa == Isa::Avx512Vnni, kind, tiles, xs, out) }
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::arm::q4q8_rows(isa == Isa::NeonDot, kind, w, xs, out) }
+            unsafe { crate::cpu::arm::q4q8_tiles(isa == Isa::NeonDot, kind, tiles, xs, out) }
         }
         Isa::Scalar => {
-            for (o, x) in out.iter_mut().zip(xs) {
-                *o = q4q8_dot_reference(kind, w, x);
+            for (r, x) in xs.iter().enumerate() {
+                for (i, o) in out[r].iter_mut().enumerate() {
+                    let row: Vec<BlockQ4> = tiles.iter().map(|t| t.block(i)).collect();
+                    *o = q4q8_dot_reference(kind, &row, x);
+                }
             }
         }
     }
 }
 
-/// One Q8_0 weight row against up to four activation rows.
-pub fn q8q8_rows(isa: Isa, w: &[BlockQ8], xs: &[&[BlockQ8A]], out: &mut [f32]) {
-    debug_assert!(xs.len() <= 4 && out.len() >= xs.len());
+/// As [`q4q8_tiles`] for a Q8_0 matrix.
+pub fn q8q8_tiles(isa: Isa, tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+    debug_assert!(!xs.is_empty() && xs.len() <= 4);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::x86::q8q8_rows(isa == Isa::Avx512Vnni, w, xs, out) }
+            unsafe { crate::cpu::x86::q8q8_tiles(isa == Isa::Avx512Vnni, tiles, xs, out) }
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::arm::q8q8_rows(isa == Isa::NeonDot, w, xs, out) }
+            unsafe { crate::cpu::arm::q8q8_tiles(isa == Isa::NeonDot, tiles, xs, out) }
         }
         Isa::Scalar => {
-            for (o, x) in out.iter_mut().zip(xs) {
-                *o = q8q8_dot_reference(w, x);
+            for (r, x) in xs.iter().enumerate() {
+                for (i, o) in out[r].iter_mut().enumerate() {
+                    let row: Vec<BlockQ8> = tiles.iter().map(|t| t.block(i)).collect();
+                    *o = q8q8_dot_reference(&row, x);
+                }
             }
         }
     }

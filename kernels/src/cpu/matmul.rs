@@ -9,8 +9,8 @@
 use crate::Weight;
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
-use crate::cpu::q4::TILE_ROWS;
-use crate::cpu::qdot::{Isa, TileOut, best_isa, q4q8_tiles, q8q8_tiles};
+use crate::cpu::q4::{Q4Kind, QK, TILE_ROWS};
+use crate::cpu::qdot::{Isa, TileOut, best_isa, f16_to_f32, q4q8_tiles, q8q8_tiles};
 use crate::cpu::threads::parallel_ranges;
 
 /// Output rows per task are a multiple of this (cache-line-friendly writes for m = 1).
@@ -72,24 +72,40 @@ impl Weight {
         });
     }
 
-    /// `W[n, k]` as f32 (the dequantized value).
-    pub fn element(&self, n: usize, k: usize) -> f32 {
+    /// Column `k` of the eight rows of row group `g`, dequantized (rows past the end are zero).
+    /// Reads one tile: what the outlier correction needs per outlier and row group.
+    pub fn group_column(&self, g: usize, k: usize) -> [f32; TILE_ROWS] {
+        let mut col = [0f32; TILE_ROWS];
         match self {
-            Weight::F32(d) => d.row(n)[k],
+            Weight::F32(d) => {
+                for (i, c) in col.iter_mut().enumerate() {
+                    let n = g * TILE_ROWS + i;
+                    if n < d.rows() {
+                        *c = d.row(n)[k];
+                    }
+                }
+            }
             Weight::Q4(w) => {
-                let b = w.block(n, k / crate::QK);
-                let dw = b.scale();
-                let c = b.code(k % crate::QK) as f32;
-                match w.kind() {
-                    crate::Q4Kind::ZeroPoint => (c - b.m as f32) * dw,
-                    crate::Q4Kind::Affine => dw * c + half::f16::from_bits(b.m).to_f32(),
+                let t = &w.group_tiles(g)[k / QK];
+                let j = k % QK;
+                for (i, c) in col.iter_mut().enumerate() {
+                    let b = t.block(i);
+                    let dw = f16_to_f32(b.d);
+                    let code = b.code(j) as f32;
+                    *c = match w.kind() {
+                        Q4Kind::ZeroPoint => (code - b.m as f32) * dw,
+                        Q4Kind::Affine => dw * code + f16_to_f32(b.m),
+                    };
                 }
             }
             Weight::Q8(w) => {
-                let b = w.block(n, k / crate::QK);
-                b.qs[k % crate::QK] as f32 * half::f16::from_bits(b.d).to_f32()
+                let t = &w.group_tiles(g)[k / QK];
+                for (i, c) in col.iter_mut().enumerate() {
+                    *c = t.qs[i][k % QK] as f32 * f16_to_f32(t.d[i]);
+                }
             }
         }
+        col
     }
 
     /// Fast path when `inp.q8` is given and the weight is quantized; exact otherwise.
@@ -124,8 +140,9 @@ impl Weight {
                     if x.has_outliers() {
                         for (i, vals) in tmp[..xs.len()].iter_mut().enumerate() {
                             for &(k, v) in x.outliers(r0 + i) {
-                                for (n, o) in (n0..n1).zip(vals.iter_mut()) {
-                                    *o += v * self.element(n, k as usize);
+                                let col = self.group_column(g, k as usize);
+                                for (o, c) in vals.iter_mut().zip(col) {
+                                    *o += v * c;
                                 }
                             }
                         }
@@ -239,6 +256,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_simd_paths_of_this_cpu_are_among_those_tested() {
+        let isas = available_isas();
+        eprintln!(
+            "paths under test: {:?}",
+            isas.iter().map(|i| i.name()).collect::<Vec<_>>()
+        );
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            assert!(isas.contains(&Isa::Avx2));
+        }
+        #[cfg(target_arch = "aarch64")]
+        assert!(
+            isas.contains(&Isa::Neon),
+            "NEON is architectural on aarch64"
+        );
+        assert_eq!(best_isa(), *isas.last().unwrap());
     }
 
     #[test]

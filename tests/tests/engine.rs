@@ -351,3 +351,50 @@ fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
         .is_err()
     );
 }
+
+#[test]
+fn int8_fast_path_mixed_batch_equals_alone_and_stays_near_the_int4_goldens() {
+    use edgelora_daemon::engine::forward::ActMode;
+    let m = model(WeightDtype::Int4);
+    let adapters = [
+        None,
+        Some(adapter(&m, "alpha-qv")),
+        Some(adapter(&m, "beta-attn")),
+        Some(adapter(&m, "gamma-all")),
+    ];
+    let prompts: Vec<Vec<u32>> = (0..4).map(prompt).collect();
+    let opts = ForwardOptions {
+        act: ActMode::Int8,
+        ..ForwardOptions::exact()
+    };
+    let mut p = pool(&m, KvDtype::F32, 16, 64);
+    let alone: Vec<Vec<f32>> = (0..4)
+        .map(|i| all_logits(&m, &mut p, adapters[i].as_ref(), &prompts[i], &opts).unwrap())
+        .collect();
+    let mut kvs: Vec<SeqKv> = (0..4).map(|_| SeqKv::new()).collect();
+    let together = {
+        let mut steps: Vec<SeqStep<'_>> = kvs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, kv)| SeqStep {
+                tokens: &prompts[i],
+                kv,
+                adapter: adapters[i].as_ref(),
+                all_logits: true,
+            })
+            .collect();
+        forward(&m, &mut p, &mut steps, &opts).unwrap()
+    };
+    for i in 0..4 {
+        let d = max_abs_diff(&together[i], &alone[i]);
+        assert!(d <= 1e-5, "sequence {i}: batched int8 logits differ by {d}");
+    }
+    // quant_gamma_all is the INT4 base + gamma-all in float32: int8 activations stay within 0.3
+    // (logits span ±11; INT4 weights alone move them by 1.64).
+    let g = golden_tensor("quant_gamma_all_logits_p3");
+    let mut kv = pool(&m, KvDtype::F32, 16, 64);
+    let l = all_logits(&m, &mut kv, adapters[3].as_ref(), &prompts[3], &opts).unwrap();
+    let d = max_abs_diff(&l, &g.data);
+    assert!(d <= 0.3, "int8 + gamma-all vs golden: {d}");
+    assert!(d > 0.0);
+}

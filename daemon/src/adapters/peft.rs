@@ -8,6 +8,7 @@
 
 use std::path::Path;
 
+use edgelora_kernels::Q8Matrix;
 use serde_json::Value;
 
 use crate::model::st::TensorStore;
@@ -19,12 +20,37 @@ pub enum AdapterError {
     Invalid { adapter: String, msg: String },
 }
 
-/// One adapted projection: `A [r, in]`, `B [out, r]`.
+/// One adapted projection: `A [r, in]`, `B [out, r]`, in f32 (exact path) and as Q8_0 (int8
+/// fast path).
 #[derive(Clone, Debug)]
 pub struct LoraPair {
     pub rank: usize,
     pub a: Vec<f32>,
     pub b: Vec<f32>,
+    pub a_q8: Q8Matrix,
+    pub b_q8: Q8Matrix,
+}
+
+impl LoraPair {
+    /// Builds both forms from `A [rank, in]` and `B [out, rank]`.
+    pub fn new(rank: usize, a: Vec<f32>, b: Vec<f32>) -> Result<Self, String> {
+        let inp = a.len() / rank.max(1);
+        let out = b.len() / rank.max(1);
+        let a_q8 = Q8Matrix::quantize(&a, rank, inp).map_err(|e| e.to_string())?;
+        let b_q8 = Q8Matrix::quantize(&b, out, rank).map_err(|e| e.to_string())?;
+        Ok(Self {
+            rank,
+            a,
+            b,
+            a_q8,
+            b_q8,
+        })
+    }
+
+    /// Bytes the int8 path reads per use.
+    pub fn nbytes_q8(&self) -> usize {
+        self.a_q8.nbytes() + self.b_q8.nbytes()
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -171,7 +197,7 @@ impl LoraAdapter {
                     proj.hf_name()
                 ))
             })?;
-            layers[layer][proj.index()] = Some(LoraPair { rank, a, b });
+            layers[layer][proj.index()] = Some(LoraPair::new(rank, a, b).map_err(err)?);
             if !targets.contains(&proj) {
                 targets.push(proj);
             }

@@ -8,9 +8,10 @@
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::attention::{Query, SparseConfig, paged_attention_rows};
 use edgelora_kernels::cpu::kv::KvPool;
-use edgelora_kernels::cpu::lora::{LoraSegment, sgmv_reference};
+use edgelora_kernels::cpu::lora::{LoraSegment, LoraSegmentQ8, sgmv_q8, sgmv_reference};
 use edgelora_kernels::cpu::matmul::Input;
 use edgelora_kernels::cpu::ops::{Rope, rms_norm, swiglu};
+use edgelora_kernels::cpu::qdot::best_isa;
 
 use super::{EngineError, SeqKv};
 use crate::adapters::LoraAdapter;
@@ -189,20 +190,38 @@ pub fn forward(
             },
             out,
         );
-        let segs: Vec<LoraSegment<'_>> = segments
-            .iter()
-            .filter_map(|(range, a)| {
-                a.get(layer, p).map(|pair| LoraSegment {
-                    rows: range.clone(),
-                    a: &pair.a,
-                    b: &pair.b,
-                    rank: pair.rank,
-                    scaling: a.scaling,
+        let (cols, out_dim) = (lin.weight.cols(), lin.weight.rows());
+        if int8 {
+            let segs: Vec<LoraSegmentQ8<'_>> = segments
+                .iter()
+                .filter_map(|(range, a)| {
+                    a.get(layer, p).map(|pair| LoraSegmentQ8 {
+                        rows: range.clone(),
+                        a: &pair.a_q8,
+                        b: &pair.b_q8,
+                        scaling: a.scaling,
+                    })
                 })
-            })
-            .collect();
-        if !segs.is_empty() {
-            sgmv_reference(input, lin.weight.cols(), out, lin.weight.rows(), &segs);
+                .collect();
+            if !segs.is_empty() {
+                sgmv_q8(xq, out, out_dim, &segs, best_isa());
+            }
+        } else {
+            let segs: Vec<LoraSegment<'_>> = segments
+                .iter()
+                .filter_map(|(range, a)| {
+                    a.get(layer, p).map(|pair| LoraSegment {
+                        rows: range.clone(),
+                        a: &pair.a,
+                        b: &pair.b,
+                        rank: pair.rank,
+                        scaling: a.scaling,
+                    })
+                })
+                .collect();
+            if !segs.is_empty() {
+                sgmv_reference(input, cols, out, out_dim, &segs);
+            }
         }
     };
 

@@ -9,8 +9,8 @@
 use crate::Weight;
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
-use crate::cpu::q4::{Q4Kind, QK, TILE_ROWS};
-use crate::cpu::qdot::{Isa, TileOut, best_isa, f16_to_f32, q4q8_tiles, q8q8_tiles};
+use crate::cpu::q4::TILE_ROWS;
+use crate::cpu::qdot::{Isa, TileOut, best_isa, q4q8_tiles, q8q8_tiles};
 use crate::cpu::threads::parallel_ranges;
 
 /// Output rows per task are a multiple of this (cache-line-friendly writes for m = 1).
@@ -75,37 +75,14 @@ impl Weight {
     /// Column `k` of the eight rows of row group `g`, dequantized (rows past the end are zero).
     /// Reads one tile: what the outlier correction needs per outlier and row group.
     pub fn group_column(&self, g: usize, k: usize) -> [f32; TILE_ROWS] {
-        let mut col = [0f32; TILE_ROWS];
         match self {
-            Weight::F32(d) => {
-                for (i, c) in col.iter_mut().enumerate() {
-                    let n = g * TILE_ROWS + i;
-                    if n < d.rows() {
-                        *c = d.row(n)[k];
-                    }
-                }
-            }
-            Weight::Q4(w) => {
-                let t = &w.group_tiles(g)[k / QK];
-                let j = k % QK;
-                for (i, c) in col.iter_mut().enumerate() {
-                    let b = t.block(i);
-                    let dw = f16_to_f32(b.d);
-                    let code = b.code(j) as f32;
-                    *c = match w.kind() {
-                        Q4Kind::ZeroPoint => (code - b.m as f32) * dw,
-                        Q4Kind::Affine => dw * code + f16_to_f32(b.m),
-                    };
-                }
-            }
-            Weight::Q8(w) => {
-                let t = &w.group_tiles(g)[k / QK];
-                for (i, c) in col.iter_mut().enumerate() {
-                    *c = t.qs[i][k % QK] as f32 * f16_to_f32(t.d[i]);
-                }
-            }
+            Weight::F32(d) => std::array::from_fn(|i| {
+                let n = g * TILE_ROWS + i;
+                if n < d.rows() { d.row(n)[k] } else { 0.0 }
+            }),
+            Weight::Q4(w) => w.group_column(g, k),
+            Weight::Q8(w) => w.group_column(g, k),
         }
-        col
     }
 
     /// Fast path when `inp.q8` is given and the weight is quantized; exact otherwise.

@@ -180,6 +180,20 @@ impl Q4Matrix {
             .map(|b| self.block(n, b))
             .collect()
     }
+    /// Column `k` of the eight rows of row group `g`, dequantized (one tile read).
+    pub fn group_column(&self, g: usize, k: usize) -> [f32; TILE_ROWS] {
+        let t = &self.group_tiles(g)[k / QK];
+        let j = k % QK;
+        std::array::from_fn(|i| {
+            let b = t.block(i);
+            let dw = b.scale();
+            let code = b.code(j) as f32;
+            match self.kind {
+                Q4Kind::ZeroPoint => (code - b.m as f32) * dw,
+                Q4Kind::Affine => dw * code + f16::from_bits(b.m).to_f32(),
+            }
+        })
+    }
     /// Every block, row-major (a copy).
     pub fn to_blocks(&self) -> Vec<BlockQ4> {
         (0..self.rows).flat_map(|n| self.row_blocks(n)).collect()

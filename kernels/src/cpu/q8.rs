@@ -73,6 +73,36 @@ impl Q8Matrix {
         }
         Ok(Self { rows, cols, tiles })
     }
+    /// Quantizes a row-major f32 matrix to Q8_0 blocks as llama.cpp does (`d = max|w| / 127`
+    /// stored as f16, `q = round(w / d)`), e.g. LoRA factors for the int8 fast path.
+    pub fn quantize(w: &[f32], rows: usize, cols: usize) -> Result<Self, KernelError> {
+        if w.len() != rows * cols {
+            return Err(KernelError::Shape(format!(
+                "quantize: {} values for [{rows}, {cols}]",
+                w.len()
+            )));
+        }
+        let bpr = cols.div_ceil(QK);
+        let mut blocks = Vec::with_capacity(rows * bpr);
+        for row in w.chunks_exact(cols.max(1)) {
+            for chunk in row.chunks(QK) {
+                let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = f16::from_f32(amax / 127.0);
+                let inv = if d.to_f32() != 0.0 {
+                    1.0 / d.to_f32()
+                } else {
+                    0.0
+                };
+                let mut qs = [0i8; QK];
+                for (q, &v) in qs.iter_mut().zip(chunk) {
+                    *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                }
+                blocks.push(BlockQ8 { d: d.to_bits(), qs });
+            }
+        }
+        Self::from_blocks(rows, cols, blocks)
+    }
+
     pub fn rows(&self) -> usize {
         self.rows
     }
@@ -99,6 +129,11 @@ impl Q8Matrix {
         (0..self.blocks_per_row())
             .map(|b| self.block(n, b))
             .collect()
+    }
+    /// Column `k` of the eight rows of row group `g`, dequantized (one tile read).
+    pub fn group_column(&self, g: usize, k: usize) -> [f32; TILE_ROWS] {
+        let t = &self.group_tiles(g)[k / QK];
+        std::array::from_fn(|i| t.qs[i][k % QK] as f32 * f16::from_bits(t.d[i]).to_f32())
     }
     /// Every block, row-major (a copy).
     pub fn to_blocks(&self) -> Vec<BlockQ8> {

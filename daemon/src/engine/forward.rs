@@ -5,6 +5,7 @@
 //! added per segment of rows sharing an adapter (SGMV), never by merging weights. Keys and values
 //! go into the sequences' KV pages; attention reads them back page by page.
 
+use edgelora_kernels::Weight;
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::attention::{Query, SparseConfig, paged_attention_rows};
 use edgelora_kernels::cpu::kv::KvPool;
@@ -180,16 +181,9 @@ pub fn forward(
             xq.quantize_from(input, rows, cols);
         }
     };
-    let project = |xq: &ActQ8, layer: usize, p: Proj, input: &[f32], out: &mut [f32]| {
+    // The LoRA deltas of one projection, added per segment of rows sharing an adapter.
+    let lora = |xq: &ActQ8, layer: usize, p: Proj, input: &[f32], out: &mut [f32]| {
         let lin = w.layers[layer].get(p);
-        lin.forward(
-            &Input {
-                x: input,
-                m: rows,
-                q8: int8.then_some(xq),
-            },
-            out,
-        );
         let (cols, out_dim) = (lin.weight.cols(), lin.weight.rows());
         if int8 {
             let segs: Vec<LoraSegmentQ8<'_>> = segments
@@ -225,6 +219,38 @@ pub fn forward(
         }
     };
 
+    // Projections that read the same input (q, k, v; gate, up) run in one parallel region.
+    let project = |xq: &ActQ8, layer: usize, input: &[f32], outs: &mut [(Proj, &mut [f32])]| {
+        let lw = &w.layers[layer];
+        let quantized = outs
+            .iter()
+            .all(|(p, _)| !matches!(lw.get(*p).weight, Weight::F32(_)));
+        if int8 && quantized {
+            let mut jobs: Vec<(&Weight, &mut [f32])> = outs
+                .iter_mut()
+                .map(|(p, o)| (&lw.get(*p).weight, &mut **o))
+                .collect();
+            Weight::matmul_q8_many(&mut jobs, xq, best_isa());
+            for (p, o) in outs.iter_mut() {
+                lw.get(*p).add_bias(o);
+            }
+        } else {
+            for (p, o) in outs.iter_mut() {
+                lw.get(*p).forward(
+                    &Input {
+                        x: input,
+                        m: rows,
+                        q8: int8.then_some(xq),
+                    },
+                    o,
+                );
+            }
+        }
+        for (p, o) in outs.iter_mut() {
+            lora(xq, layer, *p, input, o);
+        }
+    };
+
     for (li, lw) in w.layers.iter().enumerate() {
         for rr in 0..rows {
             rms_norm(
@@ -235,9 +261,12 @@ pub fn forward(
             );
         }
         quantize(&mut xq, &h, hidden);
-        project(&xq, li, Proj::Q, &h, &mut q);
-        project(&xq, li, Proj::K, &h, &mut k);
-        project(&xq, li, Proj::V, &h, &mut v);
+        project(
+            &xq,
+            li,
+            &h,
+            &mut [(Proj::Q, &mut q), (Proj::K, &mut k), (Proj::V, &mut v)],
+        );
         for rr in 0..rows {
             rope.apply(&mut q[rr * qd..(rr + 1) * qd], c.n_heads, pos[rr]);
             rope.apply(&mut k[rr * kvd..(rr + 1) * kvd], c.n_kv_heads, pos[rr]);
@@ -276,7 +305,7 @@ pub fn forward(
             &mut att,
         );
         quantize(&mut xq, &att, qd);
-        project(&xq, li, Proj::O, &att, &mut o);
+        project(&xq, li, &att, &mut [(Proj::O, &mut o)]);
         for (xv, ov) in x.iter_mut().zip(&o) {
             *xv += ov;
         }
@@ -289,11 +318,15 @@ pub fn forward(
             );
         }
         quantize(&mut xq, &h, hidden);
-        project(&xq, li, Proj::Gate, &h, &mut gate);
-        project(&xq, li, Proj::Up, &h, &mut up);
+        project(
+            &xq,
+            li,
+            &h,
+            &mut [(Proj::Gate, &mut gate), (Proj::Up, &mut up)],
+        );
         swiglu(&mut gate, &up);
         quantize(&mut xq, &gate, c.intermediate_size);
-        project(&xq, li, Proj::Down, &gate, &mut o);
+        project(&xq, li, &gate, &mut [(Proj::Down, &mut o)]);
         for (xv, ov) in x.iter_mut().zip(&o) {
             *xv += ov;
         }

@@ -88,6 +88,11 @@ impl Linear {
     /// `out [m, rows] = x [m, cols] W^T (+ b)`, on the fast path when the input carries int8 blocks.
     pub fn forward(&self, input: &Input<'_>, out: &mut [f32]) {
         self.weight.matmul_input(input, out);
+        self.add_bias(out);
+    }
+
+    /// Adds the bias (if any) to every row of `out`.
+    pub fn add_bias(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in out.chunks_exact_mut(b.len()) {
                 for (o, &bv) in row.iter_mut().zip(b) {

@@ -96,43 +96,70 @@ impl Weight {
     /// `out [m, rows] = x W^T` with int8 activations on the given instruction-set path.
     /// Dense weights are not supported here (they take the exact path).
     pub fn matmul_q8(&self, x: &ActQ8, isa: Isa, out: &mut [f32]) {
-        let (rows, cols, m) = (self.rows(), self.cols(), x.rows());
-        assert_eq!(x.cols(), cols, "activation width");
-        assert_eq!(out.len(), m * rows, "output shape");
-        let op = OutPtr(out.as_mut_ptr());
+        Self::matmul_q8_many(&mut [(self, out)], x, isa);
+    }
+
+    /// Several products of the same int8 input (q, k and v; gate and up) in one parallel region:
+    /// fewer barriers per token and one balanced split of all their rows.
+    pub fn matmul_q8_many(jobs: &mut [(&Weight, &mut [f32])], x: &ActQ8, isa: Isa) {
+        let m = x.rows();
+        let mut starts = Vec::with_capacity(jobs.len() + 1);
+        let mut total = 0;
+        for (w, out) in jobs.iter() {
+            assert!(
+                !matches!(w, Weight::F32(_)),
+                "dense weights take the exact path"
+            );
+            assert_eq!(x.cols(), w.cols(), "activation width");
+            assert_eq!(out.len(), m * w.rows(), "output shape");
+            starts.push(total);
+            total += w.rows().div_ceil(TILE_ROWS);
+        }
+        starts.push(total);
+        let outs: Vec<(&Weight, OutPtr)> = jobs
+            .iter_mut()
+            .map(|(w, o)| (*w, OutPtr(o.as_mut_ptr())))
+            .collect();
         let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
-        let groups = rows.div_ceil(TILE_ROWS);
-        parallel_ranges(groups, GROUP_ALIGN, &|range| {
-            let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
-            for g in range {
-                for r0 in (0..m).step_by(4) {
-                    let xs = &xrows[r0..(r0 + 4).min(m)];
-                    match self {
-                        Weight::Q4(w) => q4q8_tiles(isa, w.kind(), w.group_tiles(g), xs, &mut tmp),
-                        Weight::Q8(w) => q8q8_tiles(isa, w.group_tiles(g), xs, &mut tmp),
-                        Weight::F32(_) => unreachable!("dense weights take the exact path"),
-                    }
-                    let n0 = g * TILE_ROWS;
-                    let n1 = (n0 + TILE_ROWS).min(rows);
-                    if x.has_outliers() {
-                        for (i, vals) in tmp[..xs.len()].iter_mut().enumerate() {
-                            for &(k, v) in x.outliers(r0 + i) {
-                                let col = self.group_column(g, k as usize);
-                                for (o, c) in vals.iter_mut().zip(col) {
-                                    *o += v * c;
-                                }
-                            }
-                        }
-                    }
-                    for (i, vals) in tmp[..xs.len()].iter().enumerate() {
-                        for (n, &v) in (n0..n1).zip(vals) {
-                            // SAFETY: index < m * rows; row group g belongs to this task only.
-                            unsafe { op.write((r0 + i) * rows + n, v) };
+        parallel_ranges(total, GROUP_ALIGN, &|range| {
+            for gg in range {
+                let j = starts.partition_point(|&s| s <= gg) - 1;
+                let (w, op) = outs[j];
+                w.q8_group(gg - starts[j], x, &xrows, isa, op);
+            }
+        });
+    }
+
+    /// Row group `g` of `x W^T` into `op` (`[m, rows]`).
+    fn q8_group(&self, g: usize, x: &ActQ8, xrows: &[&[BlockQ8A]], isa: Isa, op: OutPtr) {
+        let (rows, m) = (self.rows(), xrows.len());
+        let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
+        for r0 in (0..m).step_by(4) {
+            let xs = &xrows[r0..(r0 + 4).min(m)];
+            match self {
+                Weight::Q4(w) => q4q8_tiles(isa, w.kind(), w.group_tiles(g), xs, &mut tmp),
+                Weight::Q8(w) => q8q8_tiles(isa, w.group_tiles(g), xs, &mut tmp),
+                Weight::F32(_) => unreachable!("dense weights take the exact path"),
+            }
+            let n0 = g * TILE_ROWS;
+            let n1 = (n0 + TILE_ROWS).min(rows);
+            if x.has_outliers() {
+                for (i, vals) in tmp[..xs.len()].iter_mut().enumerate() {
+                    for &(k, v) in x.outliers(r0 + i) {
+                        let col = self.group_column(g, k as usize);
+                        for (o, c) in vals.iter_mut().zip(col) {
+                            *o += v * c;
                         }
                     }
                 }
             }
-        });
+            for (i, vals) in tmp[..xs.len()].iter().enumerate() {
+                for (n, &v) in (n0..n1).zip(vals) {
+                    // SAFETY: index < m * rows; row group g belongs to this task only.
+                    unsafe { op.write((r0 + i) * rows + n, v) };
+                }
+            }
+        }
     }
 }
 

@@ -182,17 +182,21 @@ impl Q4Matrix {
     }
     /// Column `k` of the eight rows of row group `g`, dequantized (one tile read).
     pub fn group_column(&self, g: usize, k: usize) -> [f32; TILE_ROWS] {
+        use half::slice::HalfFloatSliceExt;
         let t = &self.group_tiles(g)[k / QK];
-        let j = k % QK;
-        std::array::from_fn(|i| {
-            let b = t.block(i);
-            let dw = b.scale();
-            let code = b.code(j) as f32;
-            match self.kind {
-                Q4Kind::ZeroPoint => (code - b.m as f32) * dw,
-                Q4Kind::Affine => dw * code + f16::from_bits(b.m).to_f32(),
+        let (j, shift) = (k % 16, if k % QK < 16 { 0 } else { 4 });
+        let mut d = [0f32; TILE_ROWS];
+        bytemuck::cast_slice::<u16, f16>(&t.d).convert_to_f32_slice(&mut d);
+        let codes: [f32; TILE_ROWS] =
+            std::array::from_fn(|i| ((t.qs[i][j] >> shift) & 0x0F) as f32);
+        match self.kind {
+            Q4Kind::ZeroPoint => std::array::from_fn(|i| (codes[i] - t.m[i] as f32) * d[i]),
+            Q4Kind::Affine => {
+                let mut m = [0f32; TILE_ROWS];
+                bytemuck::cast_slice::<u16, f16>(&t.m).convert_to_f32_slice(&mut m);
+                std::array::from_fn(|i| d[i] * codes[i] + m[i])
             }
-        })
+        }
     }
     /// Every block, row-major (a copy).
     pub fn to_blocks(&self) -> Vec<BlockQ4> {
@@ -368,6 +372,25 @@ mod tests {
                     err <= step * 0.5 + 1e-6 || err <= step,
                     "({n},{k}) err {err} step {step}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn group_column_equals_the_dequantized_rows() {
+        let (rows, cols) = (13, 70);
+        let mut s = 5;
+        let w: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s)).collect();
+        let q = Q4Matrix::quantize(&w, rows, cols, 32).unwrap();
+        let dq = q.dequantize();
+        for g in 0..q.row_groups() {
+            for k in [0, 15, 16, 31, 32, 69] {
+                let col = q.group_column(g, k);
+                for (i, &c) in col.iter().enumerate() {
+                    let n = g * TILE_ROWS + i;
+                    let want = if n < rows { dq[n * cols + k] } else { 0.0 };
+                    assert_eq!(c, want, "row {n} col {k}");
+                }
             }
         }
     }

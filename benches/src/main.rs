@@ -1,1 +1,91 @@
-fn main() {}
+//! `edgelora-bench`: figures printed beside a yardstick measured in the same run (memory
+//! bandwidth, our own GEMM peak, llama.cpp), never timing assertions. See benches/README.md.
+
+mod common;
+mod decode;
+mod llamacpp;
+mod membw;
+mod prefill;
+mod report;
+mod rng;
+mod synth;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+use crate::report::{Context, Report, Row};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "edgelora-bench",
+    about = "edgelora benchmarks: figures beside a yardstick measured in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Memory read bandwidth, one thread and all threads (the decode yardstick).
+    Membw(MembwArgs),
+    /// Decode tokens/s against the bandwidth bound (and llama.cpp, and adapter mixes).
+    Decode(decode::DecodeArgs),
+    /// Prefill tokens/s and GFLOP/s against our INT4 GEMM peak (and llama.cpp).
+    Prefill(prefill::PrefillArgs),
+    /// The compute ceiling of our INT4 x int8 kernel on an L2-resident weight.
+    GemmPeak(prefill::GemmPeakArgs),
+    /// Write a Hugging Face folder with random weights of a real model's shape.
+    Synth(synth::SynthArgs),
+}
+
+#[derive(Args, Debug)]
+struct MembwArgs {
+    /// Buffer size in MiB (much larger than the last-level cache).
+    #[arg(long, default_value_t = 1024)]
+    mib: usize,
+    /// Threads of the all-thread measurement (default: every core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Measurements (best kept).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_membw(a: MembwArgs) -> Result<()> {
+    let threads = common::resolve_threads(a.threads);
+    let bw = membw::measure(a.mib << 20, threads, a.reps);
+    let mut report = Report::new(
+        a.json,
+        Context {
+            threads,
+            batch: None,
+            model: None,
+        },
+    );
+    let note = format!("best of {} reads of {} MiB", a.reps, bw.bytes >> 20);
+    report.push(Row::new("membw", "read bandwidth (1 thread)", bw.single_gbs, "GB/s").note(note));
+    report.push(
+        Row::new(
+            "membw",
+            format!("read bandwidth ({threads} threads)"),
+            bw.all_gbs,
+            "GB/s",
+        )
+        .vs("1 thread", bw.single_gbs),
+    );
+    report.print();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Membw(a) => run_membw(a),
+        Cmd::Decode(a) => decode::run(a),
+        Cmd::Prefill(a) => prefill::run(a),
+        Cmd::GemmPeak(a) => prefill::run_gemm_peak(a),
+        Cmd::Synth(a) => synth::run(a),
+    }
+}

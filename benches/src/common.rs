@@ -72,6 +72,8 @@ impl ModelArgs {
             &LoadOptions {
                 dtype: self.dtype,
                 group_size: self.group_size,
+                // The fast path's head is 8-bit, as llama.cpp's converters make it.
+                q8_embeddings: self.act == ActMode::Int8,
             },
         )
         .with_context(|| format!("loading {}", path.display()))?;

@@ -183,6 +183,8 @@ impl ModelArgs {
             &LoadOptions {
                 dtype: self.dtype,
                 group_size: self.group_size,
+                // Exact activations check against float32 references: keep the head f32 too.
+                q8_embeddings: self.act == ActMode::Int8,
             },
         )
         .with_context(|| format!("loading {}", path.display()))?;

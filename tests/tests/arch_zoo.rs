@@ -72,6 +72,7 @@ fn load(dir: &Path) -> Model {
         &LoadOptions {
             dtype: WeightDtype::F32,
             group_size: 32,
+            q8_embeddings: false,
         },
     )
     .unwrap_or_else(|e| panic!("{} loads: {e}", dir.display()))

@@ -162,6 +162,7 @@ fn f32_opts() -> LoadOptions {
     LoadOptions {
         dtype: WeightDtype::F32,
         group_size: 32,
+        q8_embeddings: false,
     }
 }
 
@@ -1165,6 +1166,7 @@ fn group_size_not_a_multiple_of_32_is_refused_naming_it() {
         &LoadOptions {
             dtype: WeightDtype::Int4,
             group_size: 48,
+            q8_embeddings: false,
         },
     );
     assert_mentions(&e, &["group size 48", "multiple of 32"]);

@@ -12,14 +12,7 @@ use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_tests::*;
 
 fn model(dtype: WeightDtype) -> Model {
-    Model::load(
-        &tiny(),
-        &LoadOptions {
-            dtype,
-            group_size: 32,
-        },
-    )
-    .expect("tiny model loads")
+    Model::load(&tiny(), &LoadOptions::reference(dtype)).expect("tiny model loads")
 }
 
 fn adapter(m: &Model, name: &str) -> LoraAdapter {

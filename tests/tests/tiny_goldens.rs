@@ -197,6 +197,7 @@ fn tokenizer_and_chat_template_match_the_golden_cases() {
         &LoadOptions {
             dtype: WeightDtype::F32,
             group_size: 32,
+            q8_embeddings: false,
         },
     )
     .unwrap();

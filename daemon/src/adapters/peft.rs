@@ -20,15 +20,15 @@ pub enum AdapterError {
     Invalid { adapter: String, msg: String },
 }
 
-/// One adapted projection: `A [r, in]`, `B [out, r]`, in f32 (exact path) and as Q8_0 (int8
-/// fast path).
+/// One adapted projection: `A [r, in]`, `B [out, r]`, in f32 (exact path), and A and `B^T`
+/// `[r, out]` as Q8_0 (int8 fast path; transposed so the expand is rank-many row updates).
 #[derive(Clone, Debug)]
 pub struct LoraPair {
     pub rank: usize,
     pub a: Vec<f32>,
     pub b: Vec<f32>,
     pub a_q8: Q8Matrix,
-    pub b_q8: Q8Matrix,
+    pub bt_q8: Q8Matrix,
 }
 
 impl LoraPair {
@@ -37,19 +37,22 @@ impl LoraPair {
         let inp = a.len() / rank.max(1);
         let out = b.len() / rank.max(1);
         let a_q8 = Q8Matrix::quantize(&a, rank, inp).map_err(|e| e.to_string())?;
-        let b_q8 = Q8Matrix::quantize(&b, out, rank).map_err(|e| e.to_string())?;
+        let bt: Vec<f32> = (0..rank * out)
+            .map(|i| b[(i % out) * rank + i / out])
+            .collect();
+        let bt_q8 = Q8Matrix::quantize(&bt, rank, out).map_err(|e| e.to_string())?;
         Ok(Self {
             rank,
             a,
             b,
             a_q8,
-            b_q8,
+            bt_q8,
         })
     }
 
     /// Bytes the int8 path reads per use.
     pub fn nbytes_q8(&self) -> usize {
-        self.a_q8.nbytes() + self.b_q8.nbytes()
+        self.a_q8.nbytes() + self.bt_q8.nbytes()
     }
 }
 

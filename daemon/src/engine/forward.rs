@@ -192,7 +192,7 @@ pub fn forward(
                     a.get(layer, p).map(|pair| LoraSegmentQ8 {
                         rows: range.clone(),
                         a: &pair.a_q8,
-                        b: &pair.b_q8,
+                        bt: &pair.bt_q8,
                         scaling: a.scaling,
                     })
                 })

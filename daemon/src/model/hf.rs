@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use edgelora_kernels::{DenseMatrix, Q4Matrix, Weight};
+use edgelora_kernels::{DenseMatrix, Q4Matrix, Q8Matrix, Weight};
 use serde_json::Value;
 
 use super::config::token_id_list;
@@ -50,6 +50,24 @@ pub fn make_weight(
     })
 }
 
+/// An embedding or output head: f32, or Q8_0 when the options ask for it.
+pub fn embedding_weight(
+    name: &str,
+    w: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    opts: &LoadOptions,
+) -> Result<Weight, ModelError> {
+    if opts.q8_embeddings && opts.dtype == WeightDtype::Int4 {
+        Ok(Weight::Q8(
+            Q8Matrix::quantize(&w, rows, cols)
+                .map_err(|e| ModelError::tensor(name, e.to_string()))?,
+        ))
+    } else {
+        dense(name, w, rows, cols)
+    }
+}
+
 pub fn dense(name: &str, w: Vec<f32>, rows: usize, cols: usize) -> Result<Weight, ModelError> {
     Ok(Weight::F32(
         DenseMatrix::new(rows, cols, w).map_err(|e| ModelError::tensor(name, e.to_string()))?,
@@ -86,11 +104,12 @@ pub fn load_folder(
     let store = TensorStore::open_folder(dir)?;
     let c = &config;
     let embed_name = "model.embed_tokens.weight";
-    let embed = dense(
+    let embed = embedding_weight(
         embed_name,
         store.f32(embed_name, Some(&[c.vocab_size, c.hidden_size]))?,
         c.vocab_size,
         c.hidden_size,
+        opts,
     )?;
     let mut layers = Vec::with_capacity(c.n_layers);
     for i in 0..c.n_layers {
@@ -141,7 +160,13 @@ pub fn load_folder(
         None
     } else {
         let w = store.f32("lm_head.weight", Some(&[c.vocab_size, c.hidden_size]))?;
-        Some(dense("lm_head.weight", w, c.vocab_size, c.hidden_size)?)
+        Some(embedding_weight(
+            "lm_head.weight",
+            w,
+            c.vocab_size,
+            c.hidden_size,
+            opts,
+        )?)
     };
     let weights = ModelWeights {
         embed,

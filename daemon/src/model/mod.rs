@@ -86,6 +86,10 @@ pub struct LoadOptions {
     pub dtype: WeightDtype,
     /// INT4 group size for quantize-at-load; a multiple of 32.
     pub group_size: usize,
+    /// Full-precision embedding and output head stored as Q8_0 (8-bit, as llama.cpp's converters
+    /// do): a quarter of the memory, and the head joins the int8 fast path. Off for checking
+    /// against float32 references; ignored under `WeightDtype::F32`.
+    pub q8_embeddings: bool,
 }
 
 impl Default for LoadOptions {
@@ -93,6 +97,19 @@ impl Default for LoadOptions {
         Self {
             dtype: WeightDtype::Int4,
             group_size: 32,
+            q8_embeddings: true,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Options whose arithmetic follows the float32 references: INT4 projections (for `Int4`)
+    /// but full-precision embedding and head.
+    pub fn reference(dtype: WeightDtype) -> Self {
+        Self {
+            dtype,
+            group_size: 32,
+            q8_embeddings: false,
         }
     }
 }

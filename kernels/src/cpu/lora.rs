@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use crate::Q8Matrix;
-use crate::cpu::act::ActQ8;
+use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::qdot::{Isa, TileOut, q8q8_tiles};
@@ -47,19 +47,20 @@ pub fn sgmv_reference(
     }
 }
 
-/// A segment for the int8 path: A `[rank, in]` and B `[out, rank]` as Q8_0 matrices.
+/// A segment for the int8 path: A `[rank, in]` and B transposed, `B^T [rank, out]`, as Q8_0.
 #[derive(Clone, Debug)]
 pub struct LoraSegmentQ8<'a> {
     pub rows: Range<usize>,
     pub a: &'a Q8Matrix,
-    pub b: &'a Q8Matrix,
+    pub bt: &'a Q8Matrix,
     pub scaling: f32,
 }
 
 /// A raw output pointer shared by tasks that own disjoint row ranges.
 #[derive(Clone, Copy)]
 struct OutPtr(*mut f32);
-// SAFETY: each task writes only the rows of its own segment; segments are disjoint.
+// SAFETY: each task writes only its own rows; segments (and the pieces they are cut into) are
+// disjoint.
 unsafe impl Send for OutPtr {}
 // SAFETY: as above.
 unsafe impl Sync for OutPtr {}
@@ -69,9 +70,14 @@ impl OutPtr {
     }
 }
 
-/// SGMV on the int8 path: every segment is one task on the thread pool (one parallel region per
-/// projection whatever the number of adapters). Shrink `t = A x` with the quantized input (its
-/// outliers applied exactly), then expand `out += scaling * B t` with `t` in f32. `out` is `[rows, out_dim]`.
+/// Rows per task: the shrink reuses each A tile for up to four rows.
+const ROWS_PER_TASK: usize = 4;
+
+/// SGMV on the int8 path in one parallel region whatever the number of adapters: segments are cut
+/// into pieces of at most four rows (so one adapter shared by a whole batch still uses every
+/// core). Shrink `t = A x` with the quantized input (its outliers applied exactly), then expand
+/// `out += scaling * B t` with `t` in f32 as rank-many row updates from `B^T`, which vectorize.
+/// `out` is `[rows, out_dim]`.
 pub fn sgmv_q8(
     x: &ActQ8,
     out: &mut [f32],
@@ -80,28 +86,40 @@ pub fn sgmv_q8(
     isa: Isa,
 ) {
     assert_eq!(out.len(), x.rows() * out_dim, "output shape");
-    for s in segments {
+    let mut pieces = Vec::new();
+    for (si, s) in segments.iter().enumerate() {
         assert!(
-            s.rows.end <= x.rows()
-                && s.a.cols() == x.cols()
-                && s.b.rows() == out_dim
-                && s.b.cols() == s.a.rows()
+            s.rows.end <= x.rows() && s.a.cols() == x.cols(),
+            "segment rows or input width"
         );
+        assert!(
+            s.bt.cols() == out_dim && s.bt.rows() == s.a.rows(),
+            "B^T shape"
+        );
+        let mut r = s.rows.start;
+        while r < s.rows.end {
+            let e = (r + ROWS_PER_TASK).min(s.rows.end);
+            pieces.push((si, r..e));
+            r = e;
+        }
     }
     let op = OutPtr(out.as_mut_ptr());
-    crate::cpu::threads::global().run(segments.len(), &|si| {
-        let seg = &segments[si];
+    crate::cpu::threads::global().run(pieces.len(), &|pi| {
+        let (si, rows) = &pieces[pi];
+        let seg = &segments[*si];
         let rank = seg.a.rows();
+        let groups = seg.a.row_groups();
+        let n = rows.len();
+        let xs: Vec<&[BlockQ8A]> = rows.clone().map(|r| x.row(r)).collect();
+        // t[i][j]: rank values per row, padded to whole tiles.
+        let mut t = vec![[0f32; TILE_ROWS]; n * groups];
         let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
-        let mut t = vec![0f32; rank.div_ceil(TILE_ROWS) * TILE_ROWS];
-        let mut brow = vec![0f32; rank];
-        for r in seg.rows.clone() {
-            let xr = [x.row(r)];
-            for g in 0..seg.a.row_groups() {
-                q8q8_tiles(isa, seg.a.group_tiles(g), &xr, &mut tmp);
-                t[g * TILE_ROWS..(g + 1) * TILE_ROWS].copy_from_slice(&tmp[0]);
-                for &(k, v) in x.outliers(r) {
-                    for (ti, c) in t[g * TILE_ROWS..]
+        for g in 0..groups {
+            q8q8_tiles(isa, seg.a.group_tiles(g), &xs, &mut tmp);
+            for i in 0..n {
+                t[i * groups + g] = tmp[i];
+                for &(k, v) in x.outliers(rows.start + i) {
+                    for (ti, c) in t[i * groups + g]
                         .iter_mut()
                         .zip(seg.a.group_column(g, k as usize))
                     {
@@ -109,13 +127,19 @@ pub fn sgmv_q8(
                     }
                 }
             }
-            // Expand with t in f32: it is rank-sized, so keeping it exact costs little.
-            // SAFETY: row r belongs to this segment only; the slice is in bounds by the asserts.
-            let orow =
-                unsafe { std::slice::from_raw_parts_mut(op.ptr().add(r * out_dim), out_dim) };
-            for (n, o) in orow.iter_mut().enumerate() {
-                seg.b.dequantize_row(n, &mut brow);
-                *o += seg.scaling * dot(&brow, &t[..rank]);
+        }
+        let mut bt_row = vec![0f32; out_dim];
+        for j in 0..rank {
+            seg.bt.dequantize_row(j, &mut bt_row);
+            for i in 0..n {
+                let c = seg.scaling * t[i * groups + j / TILE_ROWS][j % TILE_ROWS];
+                let r = rows.start + i;
+                // SAFETY: row r belongs to this piece only; in bounds by the asserts.
+                let orow =
+                    unsafe { std::slice::from_raw_parts_mut(op.ptr().add(r * out_dim), out_dim) };
+                for (o, &b) in orow.iter_mut().zip(&bt_row) {
+                    *o += c * b;
+                }
             }
         }
     });
@@ -155,21 +179,25 @@ mod tests {
         ];
         let mut want = vec![0.25f32; rows * out_dim];
         sgmv_reference(&x, in_dim, &mut want, out_dim, &segs);
+        // B transposed, [rank, out], as the int8 path stores it.
+        let bt: Vec<f32> = (0..rank * out_dim)
+            .map(|i| b[(i % out_dim) * rank + i / out_dim])
+            .collect();
         let (aq, bq) = (
             Q8Matrix::quantize(&a, rank, in_dim).unwrap(),
-            Q8Matrix::quantize(&b, out_dim, rank).unwrap(),
+            Q8Matrix::quantize(&bt, rank, out_dim).unwrap(),
         );
         let segs_q8 = [
             LoraSegmentQ8 {
                 rows: 0..2,
                 a: &aq,
-                b: &bq,
+                bt: &bq,
                 scaling: 2.0,
             },
             LoraSegmentQ8 {
                 rows: 3..5,
                 a: &aq,
-                b: &bq,
+                bt: &bq,
                 scaling: 0.5,
             },
         ];

@@ -7,7 +7,8 @@
 pub mod cpu;
 
 pub use cpu::dense::DenseMatrix;
-pub use cpu::q4::{BlockQ4, Q4Kind, Q4Matrix, QK};
+pub use cpu::q4::{BlockQ4, Q4Kind, Q4Matrix, QK, TILE_ROWS, TileQ4};
+pub use cpu::q8::TileQ8;
 pub use cpu::q8::{BlockQ8, Q8Matrix};
 pub use cpu::weight::Weight;
 

@@ -18,6 +18,14 @@ use super::{EngineError, SeqKv};
 use crate::adapters::LoraAdapter;
 use crate::model::{Model, Proj};
 
+/// Pages at the start of a sequence whose keys and values stay in full precision under an INT4
+/// KV cache: the first tokens are attention sinks that draw a large share of every query's
+/// attention, so their rounding error is felt everywhere (as IntactKV and KVQuant observe).
+pub const SINK_PAGES: usize = 1;
+/// Full pages that stay in full precision behind the page being written (KIVI's residual window):
+/// recent tokens draw most of the remaining attention.
+pub const RECENT_PAGES: usize = 1;
+
 /// One sequence's part of a step: new tokens appended after what its KV already holds.
 pub struct SeqStep<'a> {
     pub tokens: &'a [u32],
@@ -284,8 +292,10 @@ pub fn forward(
                 &k[rr * kvd..(rr + 1) * kvd],
                 &v[rr * kvd..(rr + 1) * kvd],
             );
-            if slot == page_size - 1 {
-                pool.seal(li, page);
+            // A page is sealed (INT4 quantizes it) once RECENT_PAGES newer pages have begun;
+            // the attention-sink page 0 never is.
+            if slot == page_size - 1 && p / page_size >= RECENT_PAGES + SINK_PAGES {
+                pool.seal(li, kv.pages[p / page_size - RECENT_PAGES]);
             }
         }
         let queries: Vec<Query<'_>> = (0..rows)

@@ -1,6 +1,7 @@
 //! aarch64 NEON paths for the quantized dot products (`sdot` where the dotprod extension exists,
 //! widening multiplies otherwise). Same contracts as the x86 paths: one row group (eight rows,
-//! stored as tiles) against up to four activation rows.
+//! stored as tiles) against up to four activation rows. The tiles' four-column interleave is what
+//! `sdot` wants: each 32-bit lane sums four products of one row.
 
 use std::arch::aarch64::*;
 
@@ -36,14 +37,23 @@ fn dot_i8_sdot(a: int8x16_t, b: int8x16_t) -> int32x4_t {
     acc
 }
 
-/// Eight vectors of four lanes → two vectors holding the eight lane sums (rows 0-3, 4-7).
+/// Activation bytes `4j .. 4j + 4` of a block, repeated in every 32-bit lane.
 #[inline]
 #[target_feature(enable = "neon")]
-fn reduce8(s: &[int32x4_t; TILE_ROWS]) -> (int32x4_t, int32x4_t) {
-    (
-        vpaddq_s32(vpaddq_s32(s[0], s[1]), vpaddq_s32(s[2], s[3])),
-        vpaddq_s32(vpaddq_s32(s[4], s[5]), vpaddq_s32(s[6], s[7])),
-    )
+fn xbcast(xb: &BlockQ8A, j: usize) -> int8x16_t {
+    let b = &xb.qs[4 * j..4 * j + 4];
+    vreinterpretq_s8_s32(vdupq_n_s32(i32::from_le_bytes([
+        b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8,
+    ])))
+}
+
+/// Per-tile scales `d * xd` and offsets `o * xs` of the eight rows, as two vectors each.
+#[inline]
+#[target_feature(enable = "neon")]
+fn scales(d: &[u16; TILE_ROWS], xd: f32) -> (float32x4_t, float32x4_t) {
+    let v: [f32; TILE_ROWS] = std::array::from_fn(|i| f16_to_f32(d[i]) * xd);
+    // SAFETY: `v` holds 8 f32.
+    unsafe { (vld1q_f32(v.as_ptr()), vld1q_f32(v.as_ptr().add(4))) }
 }
 
 macro_rules! arm_impl {
@@ -54,37 +64,38 @@ macro_rules! arm_impl {
             for (r, x) in xs.iter().enumerate() {
                 let (mut acc_lo, mut acc_hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
                 for (t, xb) in tiles.iter().zip(x.iter()) {
-                    // SAFETY: `xb.qs` is 32 bytes.
-                    let (x0, x1) =
-                        unsafe { (vld1q_s8(xb.qs.as_ptr()), vld1q_s8(xb.qs.as_ptr().add(16))) };
-                    let mut s = [vdupq_n_s32(0); TILE_ROWS];
-                    for (si, q) in s.iter_mut().zip(&t.qs) {
-                        // SAFETY: each row's `qs` is 16 bytes.
-                        let qs = unsafe { vld1q_u8(q.as_ptr()) };
+                    let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
+                    for g in 0..4 {
+                        // SAFETY: `qs` is 128 bytes: rows 0-3 at 32g, rows 4-7 at 32g + 16.
+                        let (v_lo, v_hi) = unsafe {
+                            (
+                                vld1q_u8(t.qs.as_ptr().add(32 * g)),
+                                vld1q_u8(t.qs.as_ptr().add(32 * g + 16)),
+                            )
+                        };
+                        let (xa, xb4) = (xbcast(xb, g), xbcast(xb, g + 4));
                         // Codes are 0..15, valid signed bytes.
-                        let lo = vreinterpretq_s8_u8(vandq_u8(qs, m4));
-                        let hi = vreinterpretq_s8_u8(vshrq_n_u8::<4>(qs));
-                        *si = vaddq_s32($dot(lo, x0), $dot(hi, x1));
+                        let low = |v: uint8x16_t| vreinterpretq_s8_u8(vandq_u8(v, m4));
+                        let high = |v: uint8x16_t| vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
+                        s_lo =
+                            vaddq_s32(s_lo, vaddq_s32($dot(low(v_lo), xa), $dot(high(v_lo), xb4)));
+                        s_hi =
+                            vaddq_s32(s_hi, vaddq_s32($dot(low(v_hi), xa), $dot(high(v_hi), xb4)));
                     }
-                    let (s_lo, s_hi) = reduce8(&s);
-                    let mut d = [0f32; TILE_ROWS];
-                    let mut o = [0f32; TILE_ROWS];
-                    for i in 0..TILE_ROWS {
-                        d[i] = f16_to_f32(t.d[i]) * xb.d;
+                    let (d_lo, d_hi) = scales(&t.d, xb.d);
+                    let o: [f32; TILE_ROWS] = std::array::from_fn(|i| {
                         let dw = f16_to_f32(t.d[i]);
-                        o[i] = match kind {
+                        let o = match kind {
                             Q4Kind::ZeroPoint => -(t.m[i] as f32) * dw,
                             Q4Kind::Affine => f16_to_f32(t.m[i]),
-                        } * xb.s;
-                    }
-                    // SAFETY: `d` and `o` hold 8 f32.
-                    unsafe {
-                        acc_lo = vfmaq_f32(acc_lo, vcvtq_f32_s32(s_lo), vld1q_f32(d.as_ptr()));
-                        acc_hi =
-                            vfmaq_f32(acc_hi, vcvtq_f32_s32(s_hi), vld1q_f32(d.as_ptr().add(4)));
-                        acc_lo = vaddq_f32(acc_lo, vld1q_f32(o.as_ptr()));
-                        acc_hi = vaddq_f32(acc_hi, vld1q_f32(o.as_ptr().add(4)));
-                    }
+                        };
+                        o * xb.s
+                    });
+                    // SAFETY: `o` holds 8 f32.
+                    let (o_lo, o_hi) =
+                        unsafe { (vld1q_f32(o.as_ptr()), vld1q_f32(o.as_ptr().add(4))) };
+                    acc_lo = vaddq_f32(vfmaq_f32(acc_lo, vcvtq_f32_s32(s_lo), d_lo), o_lo);
+                    acc_hi = vaddq_f32(vfmaq_f32(acc_hi, vcvtq_f32_s32(s_hi), d_hi), o_hi);
                 }
                 // SAFETY: `out[r]` holds 8 f32.
                 unsafe {
@@ -99,27 +110,22 @@ macro_rules! arm_impl {
             for (r, x) in xs.iter().enumerate() {
                 let (mut acc_lo, mut acc_hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
                 for (t, xb) in tiles.iter().zip(x.iter()) {
-                    // SAFETY: `xb.qs` is 32 bytes.
-                    let (x0, x1) =
-                        unsafe { (vld1q_s8(xb.qs.as_ptr()), vld1q_s8(xb.qs.as_ptr().add(16))) };
-                    let mut s = [vdupq_n_s32(0); TILE_ROWS];
-                    for (si, q) in s.iter_mut().zip(&t.qs) {
-                        // SAFETY: each row's `qs` is 32 bytes.
-                        let (w0, w1) =
-                            unsafe { (vld1q_s8(q.as_ptr()), vld1q_s8(q.as_ptr().add(16))) };
-                        *si = vaddq_s32($dot(w0, x0), $dot(w1, x1));
+                    let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
+                    for j in 0..8 {
+                        // SAFETY: `qs` is 256 bytes: rows 0-3 at 32j, rows 4-7 at 32j + 16.
+                        let (w_lo, w_hi) = unsafe {
+                            (
+                                vld1q_s8(t.qs.as_ptr().add(32 * j)),
+                                vld1q_s8(t.qs.as_ptr().add(32 * j + 16)),
+                            )
+                        };
+                        let xj = xbcast(xb, j);
+                        s_lo = vaddq_s32(s_lo, $dot(w_lo, xj));
+                        s_hi = vaddq_s32(s_hi, $dot(w_hi, xj));
                     }
-                    let (s_lo, s_hi) = reduce8(&s);
-                    let mut d = [0f32; TILE_ROWS];
-                    for i in 0..TILE_ROWS {
-                        d[i] = f16_to_f32(t.d[i]) * xb.d;
-                    }
-                    // SAFETY: `d` holds 8 f32.
-                    unsafe {
-                        acc_lo = vfmaq_f32(acc_lo, vcvtq_f32_s32(s_lo), vld1q_f32(d.as_ptr()));
-                        acc_hi =
-                            vfmaq_f32(acc_hi, vcvtq_f32_s32(s_hi), vld1q_f32(d.as_ptr().add(4)));
-                    }
+                    let (d_lo, d_hi) = scales(&t.d, xb.d);
+                    acc_lo = vfmaq_f32(acc_lo, vcvtq_f32_s32(s_lo), d_lo);
+                    acc_hi = vfmaq_f32(acc_hi, vcvtq_f32_s32(s_hi), d_hi);
                 }
                 // SAFETY: `out[r]` holds 8 f32.
                 unsafe {

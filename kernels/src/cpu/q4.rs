@@ -75,26 +75,59 @@ pub enum Q4Kind {
 /// Rows interleaved per tile: the SIMD kernels produce eight outputs per pass.
 pub const TILE_ROWS: usize = 8;
 
-/// One block column of eight consecutive rows, structure-of-arrays: the eight scales and the eight
-/// offsets load as one vector each, and the weight bytes of the eight rows follow. Same 20 bytes
-/// per 32 weights as [`BlockQ4`].
+/// One block column of eight consecutive rows: the eight scales and the eight offsets (one vector
+/// load each), then the 256 codes interleaved four columns at a time, so that a 32-bit lane holds
+/// four consecutive columns of one row. A `dpbusd` / `sdot` of a 32-byte run against the four
+/// matching activation bytes broadcast to every lane then yields the eight rows' partial sums in
+/// eight lanes, with no horizontal reduction (llama.cpp's repacked layouts use the same idea).
+///
+/// Byte `(k % 16) / 4 * 32 + row * 4 + k % 4` holds column `k` of `row`: in its low nibble for
+/// `k < 16`, in its high nibble for `k >= 16`. Same 20 bytes per 32 weights as [`BlockQ4`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct TileQ4 {
     pub d: [u16; TILE_ROWS],
     pub m: [u16; TILE_ROWS],
-    pub qs: [[u8; 16]; TILE_ROWS],
+    pub qs: [u8; TILE_ROWS * 16],
+}
+
+impl Default for TileQ4 {
+    fn default() -> Self {
+        Self::zeroed()
+    }
 }
 
 impl TileQ4 {
-    /// Row `i` of the tile as a block.
     #[inline]
+    fn index(row: usize, k: usize) -> (usize, u32) {
+        let q = k % 16;
+        ((q / 4) * 32 + row * 4 + q % 4, if k < 16 { 0 } else { 4 })
+    }
+
+    /// The code of column `k` (0..32) of row `row`.
+    #[inline]
+    pub fn code(&self, row: usize, k: usize) -> u8 {
+        let (i, shift) = Self::index(row, k);
+        (self.qs[i] >> shift) & 0x0F
+    }
+
+    #[inline]
+    pub fn set_code(&mut self, row: usize, k: usize, c: u8) {
+        let (i, shift) = Self::index(row, k);
+        self.qs[i] = (self.qs[i] & !(0x0F << shift)) | ((c & 0x0F) << shift);
+    }
+
+    /// Row `i` of the tile as a block.
     pub fn block(&self, i: usize) -> BlockQ4 {
-        BlockQ4 {
+        let mut b = BlockQ4 {
             d: self.d[i],
             m: self.m[i],
-            qs: self.qs[i],
+            qs: [0; 16],
+        };
+        for k in 0..QK {
+            b.set_code(k, self.code(i, k));
         }
+        b
     }
 }
 
@@ -138,7 +171,9 @@ impl Q4Matrix {
             let r = n % TILE_ROWS;
             t.d[r] = b.d;
             t.m[r] = b.m;
-            t.qs[r] = b.qs;
+            for k in 0..QK {
+                t.set_code(r, k, b.code(k));
+            }
         }
         Ok(Self {
             rows,
@@ -184,11 +219,9 @@ impl Q4Matrix {
     pub fn group_column(&self, g: usize, k: usize) -> [f32; TILE_ROWS] {
         use half::slice::HalfFloatSliceExt;
         let t = &self.group_tiles(g)[k / QK];
-        let (j, shift) = (k % 16, if k % QK < 16 { 0 } else { 4 });
         let mut d = [0f32; TILE_ROWS];
         bytemuck::cast_slice::<u16, f16>(&t.d).convert_to_f32_slice(&mut d);
-        let codes: [f32; TILE_ROWS] =
-            std::array::from_fn(|i| ((t.qs[i][j] >> shift) & 0x0F) as f32);
+        let codes: [f32; TILE_ROWS] = std::array::from_fn(|i| t.code(i, k % QK) as f32);
         match self.kind {
             Q4Kind::ZeroPoint => std::array::from_fn(|i| (codes[i] - t.m[i] as f32) * d[i]),
             Q4Kind::Affine => {

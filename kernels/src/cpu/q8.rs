@@ -18,12 +18,13 @@ pub struct BlockQ8 {
     pub qs: [i8; QK],
 }
 
-/// One block column of eight rows: their scales, then their bytes.
+/// One block column of eight rows: their scales, then their bytes interleaved four columns at a
+/// time (byte `k / 4 * 32 + row * 4 + k % 4` is column `k` of `row`), as in [`crate::TileQ4`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
 pub struct TileQ8 {
     pub d: [u16; TILE_ROWS],
-    pub qs: [[i8; QK]; TILE_ROWS],
+    pub qs: [i8; TILE_ROWS * QK],
 }
 
 impl Default for TileQ8 {
@@ -34,10 +35,20 @@ impl Default for TileQ8 {
 
 impl TileQ8 {
     #[inline]
+    fn index(row: usize, k: usize) -> usize {
+        (k / 4) * 32 + row * 4 + k % 4
+    }
+
+    /// Column `k` (0..32) of row `row`.
+    #[inline]
+    pub fn q(&self, row: usize, k: usize) -> i8 {
+        self.qs[Self::index(row, k)]
+    }
+
     pub fn block(&self, i: usize) -> BlockQ8 {
         BlockQ8 {
             d: self.d[i],
-            qs: self.qs[i],
+            qs: std::array::from_fn(|k| self.q(i, k)),
         }
     }
 }
@@ -69,7 +80,9 @@ impl Q8Matrix {
             let (n, k) = (i / bpr, i % bpr);
             let t = &mut tiles[(n / TILE_ROWS) * bpr + k];
             t.d[n % TILE_ROWS] = b.d;
-            t.qs[n % TILE_ROWS] = b.qs;
+            for (k, &q) in b.qs.iter().enumerate() {
+                t.qs[TileQ8::index(n % TILE_ROWS, k)] = q;
+            }
         }
         Ok(Self { rows, cols, tiles })
     }
@@ -133,7 +146,7 @@ impl Q8Matrix {
     /// Column `k` of the eight rows of row group `g`, dequantized (one tile read).
     pub fn group_column(&self, g: usize, k: usize) -> [f32; TILE_ROWS] {
         let t = &self.group_tiles(g)[k / QK];
-        std::array::from_fn(|i| t.qs[i][k % QK] as f32 * f16::from_bits(t.d[i]).to_f32())
+        std::array::from_fn(|i| t.q(i, k % QK) as f32 * f16::from_bits(t.d[i]).to_f32())
     }
     /// Every block, row-major (a copy).
     pub fn to_blocks(&self) -> Vec<BlockQ8> {

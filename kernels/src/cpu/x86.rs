@@ -3,47 +3,46 @@
 //! tiles) and up to four activation rows, and computes what the scalar reference in `qdot.rs`
 //! computes, up to float summation order; tests compare them.
 //!
-//! Per tile: the eight scales and offsets convert with one instruction each, the eight rows'
-//! integer dot products are reduced to one vector of eight sums with a `hadd` tree, and the
-//! float work (scale, offset) is one vector operation for all eight rows.
+//! Per tile: the eight scales and offsets convert with one instruction each; the codes are laid
+//! out so that each 32-bit lane holds four columns of one row, so eight `dpbusd`s against
+//! broadcast activation bytes leave the eight rows' integer sums in eight lanes, and the float
+//! work (scale, offset) is one vector operation for all eight rows.
 
 use std::arch::x86_64::*;
 
 use crate::cpu::act::BlockQ8A;
-use crate::cpu::q4::{Q4Kind, TILE_ROWS, TileQ4};
+use crate::cpu::q4::{Q4Kind, TileQ4};
 use crate::cpu::q8::TileQ8;
 use crate::cpu::qdot::TileOut;
 
-/// Sum of unsigned-by-signed byte products in 8 i32 lanes.
+/// `acc + ` the sum of each lane's four unsigned-by-signed byte products.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn dot_u8i8_avx2(u: __m256i, s: __m256i) -> __m256i {
-    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+fn dpbusd_avx2(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_add_epi32(
+        acc,
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)),
+    )
 }
 
 #[inline]
 #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
-fn dot_u8i8_vnni(u: __m256i, s: __m256i) -> __m256i {
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+fn dpbusd_vnni(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+    _mm256_dpbusd_epi32(acc, u, s)
 }
 
-/// Eight vectors of eight i32 lanes → one vector of their eight lane sums.
+/// Activation bytes `4j .. 4j + 4` of a block, broadcast to every 32-bit lane.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn reduce8(p: &[__m256i; TILE_ROWS]) -> __m256i {
-    let t0 = _mm256_hadd_epi32(p[0], p[1]);
-    let t1 = _mm256_hadd_epi32(p[2], p[3]);
-    let t2 = _mm256_hadd_epi32(p[4], p[5]);
-    let t3 = _mm256_hadd_epi32(p[6], p[7]);
-    let u0 = _mm256_hadd_epi32(t0, t1);
-    let u1 = _mm256_hadd_epi32(t2, t3);
-    let lo = _mm256_permute2x128_si256::<0x20>(u0, u1);
-    let hi = _mm256_permute2x128_si256::<0x31>(u0, u1);
-    _mm256_add_epi32(lo, hi)
+fn xbcast(xb: &BlockQ8A, j: usize) -> __m256i {
+    let b = &xb.qs[4 * j..4 * j + 4];
+    _mm256_set1_epi32(i32::from_le_bytes([
+        b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8,
+    ]))
 }
 
 macro_rules! q4_tiles_impl {
-    ($name:ident, $feat:literal, $dot:ident) => {
+    ($name:ident, $feat:literal, $dp:ident) => {
         #[target_feature(enable = $feat)]
         fn $name<const R: usize>(
             kind: Q4Kind,
@@ -51,7 +50,7 @@ macro_rules! q4_tiles_impl {
             xs: &[&[BlockQ8A]],
             out: &mut TileOut,
         ) {
-            let m4 = _mm_set1_epi8(0x0F);
+            let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); R];
             let mut offs = [_mm256_setzero_ps(); R];
             for (b, t) in tiles.iter().enumerate() {
@@ -70,29 +69,24 @@ macro_rules! q4_tiles_impl {
                         _mm256_sub_ps(_mm256_setzero_ps(), dvec),
                     ),
                 };
-                let mut w = [_mm256_setzero_si256(); TILE_ROWS];
-                for (wi, q) in w.iter_mut().zip(&t.qs) {
-                    // SAFETY: each row's `qs` is 16 bytes; unaligned load.
-                    let qs = unsafe { _mm_loadu_si128(q.as_ptr() as *const __m128i) };
-                    let lo = _mm_and_si128(qs, m4);
-                    let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), m4);
-                    *wi = _mm256_set_m128i(hi, lo);
+                // w[j]: columns 4j..4j+4 of the eight rows, one row per 32-bit lane.
+                let mut w = [_mm256_setzero_si256(); 8];
+                for g in 0..4 {
+                    // SAFETY: `qs` is 128 bytes; bytes 32g..32g+32.
+                    let v =
+                        unsafe { _mm256_loadu_si256(t.qs.as_ptr().add(32 * g) as *const __m256i) };
+                    w[g] = _mm256_and_si256(v, m4);
+                    w[g + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
                 }
                 for r in 0..R {
                     let xb = &xs[r][b];
-                    // SAFETY: `qs` is 32 bytes; unaligned load.
-                    let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-                    let p = [
-                        $dot(w[0], xv),
-                        $dot(w[1], xv),
-                        $dot(w[2], xv),
-                        $dot(w[3], xv),
-                        $dot(w[4], xv),
-                        $dot(w[5], xv),
-                        $dot(w[6], xv),
-                        $dot(w[7], xv),
-                    ];
-                    let s = _mm256_cvtepi32_ps(reduce8(&p));
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for j in (0..8).step_by(2) {
+                        s0 = $dp(s0, w[j], xbcast(xb, j));
+                        s1 = $dp(s1, w[j + 1], xbcast(xb, j + 1));
+                    }
+                    let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
                     acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(dvec, _mm256_set1_ps(xb.d)), acc[r]);
                     offs[r] = _mm256_fmadd_ps(ovec, _mm256_set1_ps(xb.s), offs[r]);
                 }
@@ -106,7 +100,7 @@ macro_rules! q4_tiles_impl {
 }
 
 macro_rules! q8_tiles_impl {
-    ($name:ident, $feat:literal, $dot:ident) => {
+    ($name:ident, $feat:literal, $dp:ident) => {
         #[target_feature(enable = $feat)]
         fn $name<const R: usize>(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut) {
             let mut acc = [_mm256_setzero_ps(); R];
@@ -114,29 +108,24 @@ macro_rules! q8_tiles_impl {
                 // SAFETY: `d` is 16 bytes; unaligned load.
                 let dvec =
                     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(t.d.as_ptr() as *const __m128i) });
-                let mut w = [_mm256_setzero_si256(); TILE_ROWS];
-                let mut aw = [_mm256_setzero_si256(); TILE_ROWS];
-                for i in 0..TILE_ROWS {
-                    // SAFETY: each row's `qs` is 32 bytes; unaligned load.
-                    w[i] = unsafe { _mm256_loadu_si256(t.qs[i].as_ptr() as *const __m256i) };
+                let mut w = [_mm256_setzero_si256(); 8];
+                let mut aw = [_mm256_setzero_si256(); 8];
+                for j in 0..8 {
+                    // SAFETY: `qs` is 256 bytes; bytes 32j..32j+32.
+                    w[j] =
+                        unsafe { _mm256_loadu_si256(t.qs.as_ptr().add(32 * j) as *const __m256i) };
                     // |w| as unsigned; x takes w's sign, so every product keeps its sign.
-                    aw[i] = _mm256_sign_epi8(w[i], w[i]);
+                    aw[j] = _mm256_sign_epi8(w[j], w[j]);
                 }
                 for r in 0..R {
                     let xb = &xs[r][b];
-                    // SAFETY: `qs` is 32 bytes; unaligned load.
-                    let xv = unsafe { _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i) };
-                    let p = [
-                        $dot(aw[0], _mm256_sign_epi8(xv, w[0])),
-                        $dot(aw[1], _mm256_sign_epi8(xv, w[1])),
-                        $dot(aw[2], _mm256_sign_epi8(xv, w[2])),
-                        $dot(aw[3], _mm256_sign_epi8(xv, w[3])),
-                        $dot(aw[4], _mm256_sign_epi8(xv, w[4])),
-                        $dot(aw[5], _mm256_sign_epi8(xv, w[5])),
-                        $dot(aw[6], _mm256_sign_epi8(xv, w[6])),
-                        $dot(aw[7], _mm256_sign_epi8(xv, w[7])),
-                    ];
-                    let s = _mm256_cvtepi32_ps(reduce8(&p));
+                    let mut s0 = _mm256_setzero_si256();
+                    let mut s1 = _mm256_setzero_si256();
+                    for j in (0..8).step_by(2) {
+                        s0 = $dp(s0, aw[j], _mm256_sign_epi8(xbcast(xb, j), w[j]));
+                        s1 = $dp(s1, aw[j + 1], _mm256_sign_epi8(xbcast(xb, j + 1), w[j + 1]));
+                    }
+                    let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
                     acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(dvec, _mm256_set1_ps(xb.d)), acc[r]);
                 }
             }
@@ -148,10 +137,10 @@ macro_rules! q8_tiles_impl {
     };
 }
 
-q4_tiles_impl!(q4_avx2, "avx2,fma,f16c", dot_u8i8_avx2);
-q4_tiles_impl!(q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8i8_vnni);
-q8_tiles_impl!(q8_avx2, "avx2,fma,f16c", dot_u8i8_avx2);
-q8_tiles_impl!(q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_u8i8_vnni);
+q4_tiles_impl!(q4_avx2, "avx2,fma,f16c", dpbusd_avx2);
+q4_tiles_impl!(q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dpbusd_vnni);
+q8_tiles_impl!(q8_avx2, "avx2,fma,f16c", dpbusd_avx2);
+q8_tiles_impl!(q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dpbusd_vnni);
 
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI + VL when `vnni`.

@@ -40,9 +40,79 @@ pub struct ActQ8 {
     rows: usize,
     cols: usize,
     blocks: Vec<BlockQ8A>,
-    /// (column, value) of the values kept exact, row by row; `outlier_start[r]..outlier_start[r+1]`.
+    /// (column, value) of the values kept exact: `MAX_OUTLIERS` slots per row, `counts[r]` used.
     outliers: Vec<(u32, f32)>,
-    outlier_start: Vec<usize>,
+    counts: Vec<u8>,
+}
+
+/// Rows from which quantization is spread over the thread pool (prefill).
+const PARALLEL_ROWS: usize = 16;
+
+/// Raw pointers to the per-row parts of an [`ActQ8`], for tasks that own disjoint rows.
+#[derive(Clone, Copy)]
+struct Parts {
+    blocks: *mut BlockQ8A,
+    outliers: *mut (u32, f32),
+    counts: *mut u8,
+}
+// SAFETY: tasks only touch the rows they own (see `Parts::row`).
+unsafe impl Send for Parts {}
+// SAFETY: as above.
+unsafe impl Sync for Parts {}
+
+impl Parts {
+    /// # Safety
+    /// `r` is in bounds and no other live reference covers row `r`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, r: usize, bpr: usize) -> (&mut [BlockQ8A], &mut [(u32, f32)], &mut u8) {
+        // SAFETY: the caller guarantees bounds and exclusivity.
+        unsafe {
+            (
+                std::slice::from_raw_parts_mut(self.blocks.add(r * bpr), bpr),
+                std::slice::from_raw_parts_mut(self.outliers.add(r * MAX_OUTLIERS), MAX_OUTLIERS),
+                &mut *self.counts.add(r),
+            )
+        }
+    }
+}
+
+/// Quantizes one row into `blocks`, setting its outliers aside into `slots`; returns how many.
+fn quantize_row(xr: &[f32], blocks: &mut [BlockQ8A], slots: &mut [(u32, f32)]) -> usize {
+    let limit = outlier_limit(xr);
+    let mut n = 0;
+    if limit > 0.0 && xr.iter().any(|v| v.abs() > limit) {
+        let mut found: Vec<(u32, f32)> = xr
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.abs() > limit)
+            .map(|(k, &v)| (k as u32, v))
+            .collect();
+        if found.len() > MAX_OUTLIERS {
+            found.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
+            found.truncate(MAX_OUTLIERS);
+        }
+        found.sort_by_key(|o| o.0);
+        n = found.len();
+        slots[..n].copy_from_slice(&found);
+        let mut tmp = [0f32; QK];
+        let mut next = 0;
+        for (b, blk) in blocks.iter_mut().enumerate() {
+            let k0 = b * QK;
+            let k1 = (k0 + QK).min(xr.len());
+            tmp[..k1 - k0].copy_from_slice(&xr[k0..k1]);
+            while next < n && (found[next].0 as usize) < k1 {
+                tmp[found[next].0 as usize - k0] = 0.0;
+                next += 1;
+            }
+            quantize_block(&tmp[..k1 - k0], blk);
+        }
+        return n;
+    }
+    for (b, blk) in blocks.iter_mut().enumerate() {
+        let k0 = b * QK;
+        quantize_block(&xr[k0..(k0 + QK).min(xr.len())], blk);
+    }
+    n
 }
 
 impl ActQ8 {
@@ -57,40 +127,31 @@ impl ActQ8 {
         self.rows = rows;
         self.cols = cols;
         self.blocks.resize(rows * bpr, BlockQ8A::default());
-        self.outliers.clear();
-        self.outlier_start.clear();
-        let mut scratch = Vec::new();
-        for r in 0..rows {
-            self.outlier_start.push(self.outliers.len());
-            let mut xr = &x[r * cols..(r + 1) * cols];
-            let limit = outlier_limit(xr);
-            if limit > 0.0 && xr.iter().any(|v| v.abs() > limit) {
-                let first = self.outliers.len();
-                self.outliers.extend(
-                    xr.iter()
-                        .enumerate()
-                        .filter(|(_, v)| v.abs() > limit)
-                        .map(|(k, &v)| (k as u32, v)),
-                );
-                let found = &mut self.outliers[first..];
-                if found.len() > MAX_OUTLIERS {
-                    found.sort_by(|a, b| b.1.abs().total_cmp(&a.1.abs()));
-                    self.outliers.truncate(first + MAX_OUTLIERS);
-                }
-                scratch.clear();
-                scratch.extend_from_slice(xr);
-                for &(k, _) in &self.outliers[first..] {
-                    scratch[k as usize] = 0.0;
-                }
-                xr = &scratch;
+        self.outliers.resize(rows * MAX_OUTLIERS, (0, 0.0));
+        self.counts.resize(rows, 0);
+        if rows < PARALLEL_ROWS {
+            for r in 0..rows {
+                self.counts[r] = quantize_row(
+                    &x[r * cols..(r + 1) * cols],
+                    &mut self.blocks[r * bpr..(r + 1) * bpr],
+                    &mut self.outliers[r * MAX_OUTLIERS..(r + 1) * MAX_OUTLIERS],
+                ) as u8;
             }
-            for (b, blk) in self.blocks[r * bpr..(r + 1) * bpr].iter_mut().enumerate() {
-                let k0 = b * QK;
-                let k1 = (k0 + QK).min(cols);
-                quantize_block(&xr[k0..k1], blk);
-            }
+            return;
         }
-        self.outlier_start.push(self.outliers.len());
+        let parts = Parts {
+            blocks: self.blocks.as_mut_ptr(),
+            outliers: self.outliers.as_mut_ptr(),
+            counts: self.counts.as_mut_ptr(),
+        };
+        crate::cpu::threads::parallel_ranges(rows, 1, &|range| {
+            for r in range {
+                // SAFETY: each task owns its rows' disjoint slices of the three buffers, which
+                // were sized above and outlive the region.
+                let (blocks, outliers, count) = unsafe { parts.row(r, bpr) };
+                *count = quantize_row(&x[r * cols..(r + 1) * cols], blocks, outliers) as u8;
+            }
+        });
     }
 
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> Self {
@@ -110,10 +171,10 @@ impl ActQ8 {
     }
     /// The (column, value) pairs of row `r` that are not in its int8 blocks.
     pub fn outliers(&self, r: usize) -> &[(u32, f32)] {
-        &self.outliers[self.outlier_start[r]..self.outlier_start[r + 1]]
+        &self.outliers[r * MAX_OUTLIERS..r * MAX_OUTLIERS + self.counts[r] as usize]
     }
     pub fn has_outliers(&self) -> bool {
-        !self.outliers.is_empty()
+        self.counts.iter().any(|&c| c > 0)
     }
     pub fn row(&self, r: usize) -> &[BlockQ8A] {
         let bpr = self.blocks_per_row();
@@ -146,10 +207,13 @@ pub fn quantize_block(x: &[f32], blk: &mut BlockQ8A) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut vals = [0f32; QK];
+    vals[..x.len()].copy_from_slice(x);
     let mut sum = 0i32;
-    for (j, q) in blk.qs.iter_mut().enumerate() {
-        let v = x.get(j).copied().unwrap_or(0.0);
-        let qi = (v * id).round() as i32;
+    for (q, &v) in blk.qs.iter_mut().zip(&vals) {
+        // Round half away from zero (as `roundf`), in a form the compiler vectorizes.
+        let t = v * id;
+        let qi = (t + 0.5f32.copysign(t)) as i32;
         *q = qi as i8;
         sum += qi;
     }
@@ -180,6 +244,23 @@ mod tests {
         // Zero padding of the partial block.
         assert!(a.row(0)[2].qs[6..].iter().all(|&q| q == 0));
         assert!(!a.has_outliers());
+    }
+
+    #[test]
+    fn many_rows_quantized_in_parallel_equal_each_row_alone() {
+        let (rows, cols) = (40, 100);
+        let mut x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 251) as f32 - 125.0) * 0.01)
+            .collect();
+        x[3 * cols + 7] = 90.0;
+        x[33 * cols + 99] = -70.0;
+        let all = ActQ8::quantize(&x, rows, cols);
+        for r in 0..rows {
+            let one = ActQ8::quantize(&x[r * cols..(r + 1) * cols], 1, cols);
+            assert_eq!(all.row(r), one.row(0), "row {r}");
+            assert_eq!(all.outliers(r), one.outliers(0), "row {r}");
+        }
+        assert_eq!(all.outliers(33), &[(99, -70.0)]);
     }
 
     #[test]

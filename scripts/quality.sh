@@ -31,4 +31,7 @@ for ctx in 512 2048; do
     run "ctx $ctx f16 KV sparse 256" --ctx "$ctx" --kv f16 --sparse-budget 256
     run "ctx $ctx f16 KV sparse 128" --ctx "$ctx" --kv f16 --sparse-budget 128
     run "ctx $ctx int4 KV sparse 256" --ctx "$ctx" --kv int4 --sparse-budget 256
+    # Finer pages rank relevance more precisely (more pages to score, same token budget).
+    run "ctx $ctx f16 KV sparse 256 4-token pages" --ctx "$ctx" --kv f16 --sparse-budget 256 --page-size 4
+    run "ctx $ctx f16 KV sparse 128 4-token pages" --ctx "$ctx" --kv f16 --sparse-budget 128 --page-size 4
 done

@@ -77,6 +77,9 @@ pub struct ModelArgs {
     /// Attend only to the most relevant pages once the context exceeds this many tokens.
     #[arg(long)]
     pub sparse_budget: Option<usize>,
+    /// Under --sparse-budget, the newest pages always attended (a local window), within the budget.
+    #[arg(long, default_value_t = 4)]
+    pub sparse_recent: usize,
     /// Activations against quantized weights: int8 (fast, as llama.cpp) or f32 (exact reference).
     #[arg(long, default_value = "int8")]
     pub act: ActMode,
@@ -205,7 +208,7 @@ impl ModelArgs {
         }
         let sparse = self.sparse_budget.map(|b| SparseConfig {
             budget_tokens: b,
-            recent_pages: 1,
+            recent_pages: self.sparse_recent,
         });
         Ok(Loaded {
             model,

@@ -23,8 +23,9 @@ use crate::model::{Model, Proj};
 /// attention, so their rounding error is felt everywhere (as IntactKV and KVQuant observe).
 pub const SINK_PAGES: usize = 1;
 /// Full pages that stay in full precision behind the page being written (KIVI's residual window):
-/// recent tokens draw most of the remaining attention.
-pub const RECENT_PAGES: usize = 1;
+/// recent tokens draw most of the remaining attention. On SmolLM2 / KJV Genesis at ctx 512, INT4
+/// KV costs +2.7% perplexity with none kept, +0.65% with the sink page and two recent ones.
+pub const RECENT_PAGES: usize = 2;
 
 /// One sequence's part of a step: new tokens appended after what its KV already holds.
 pub struct SeqStep<'a> {

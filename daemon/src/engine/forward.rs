@@ -11,7 +11,7 @@ use edgelora_kernels::cpu::attention::{Query, SparseConfig, paged_attention_rows
 use edgelora_kernels::cpu::kv::KvPool;
 use edgelora_kernels::cpu::lora::{LoraSegment, LoraSegmentQ8, sgmv_q8, sgmv_reference};
 use edgelora_kernels::cpu::matmul::Input;
-use edgelora_kernels::cpu::ops::{Rope, rms_norm, swiglu};
+use edgelora_kernels::cpu::ops::{Rope, rms_norm, rms_norm_rows, swiglu};
 use edgelora_kernels::cpu::qdot::best_isa;
 
 use super::{EngineError, SeqKv};
@@ -261,14 +261,7 @@ pub fn forward(
     };
 
     for (li, lw) in w.layers.iter().enumerate() {
-        for rr in 0..rows {
-            rms_norm(
-                &x[rr * hidden..(rr + 1) * hidden],
-                &lw.attn_norm,
-                c.rms_norm_eps,
-                &mut h[rr * hidden..(rr + 1) * hidden],
-            );
-        }
+        rms_norm_rows(&x, &lw.attn_norm, c.rms_norm_eps, &mut h);
         quantize(&mut xq, &h, hidden);
         project(
             &xq,
@@ -280,7 +273,7 @@ pub fn forward(
             rope.apply(&mut q[rr * qd..(rr + 1) * qd], c.n_heads, pos[rr]);
             rope.apply(&mut k[rr * kvd..(rr + 1) * kvd], c.n_kv_heads, pos[rr]);
         }
-        // Write this step's keys and values; a page that fills up is sealed (INT4 quantizes it).
+        // Write this step's keys and values.
         for rr in 0..rows {
             let kv = &seqs[owner[rr]].kv;
             let p = pos[rr];
@@ -320,14 +313,7 @@ pub fn forward(
         for (xv, ov) in x.iter_mut().zip(&o) {
             *xv += ov;
         }
-        for rr in 0..rows {
-            rms_norm(
-                &x[rr * hidden..(rr + 1) * hidden],
-                &lw.ffn_norm,
-                c.rms_norm_eps,
-                &mut h[rr * hidden..(rr + 1) * hidden],
-            );
-        }
+        rms_norm_rows(&x, &lw.ffn_norm, c.rms_norm_eps, &mut h);
         quantize(&mut xq, &h, hidden);
         project(
             &xq,

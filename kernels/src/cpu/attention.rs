@@ -16,7 +16,7 @@
 //! group disagree about relevance. Under the budget every page is selected and the computation is the
 //! same code in the same order as dense, so the result is bit-identical.
 
-use crate::cpu::kv::{KvPool, PageId};
+use crate::cpu::kv::{KvDtype, KvPool, PageId};
 
 /// Query-aware page sparsity settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -188,8 +188,7 @@ pub fn paged_attention(
         "q/out must be n_heads*head_dim"
     );
     let group = (n_heads / n_kv).max(1);
-    for kv_head in 0..n_kv {
-        let h0 = kv_head * group;
+    for h0 in (0..n_kv).map(|kv_head| kv_head * group) {
         if h0 >= n_heads {
             break;
         }
@@ -203,7 +202,7 @@ pub fn paged_attention(
             n_heads,
             scale,
             sparse,
-            kv_head,
+            h0,
             &mut out[h0 * d..(h0 + heads) * d],
         );
     }
@@ -254,17 +253,22 @@ pub fn paged_attention_rows(
     assert_eq!(out.len(), queries.len() * width, "out shape");
     let group = (n_heads / n_kv).max(1);
     let op = OutPtr(out.as_mut_ptr());
-    let tasks = queries.len() * n_kv;
-    crate::cpu::threads::global().run(tasks, &|t| {
-        let (row, kv_head) = (t / n_kv, t % n_kv);
-        let h0 = kv_head * group;
-        if h0 >= n_heads {
-            return;
-        }
-        let heads = group.min(n_heads - h0);
+    // Query heads per task: a whole GQA group shares each page's keys and values (one INT4 / f16
+    // decode per page), but when a few groups would leave cores idle and f32 pages are read in
+    // place, each query head is its own task.
+    let threads = crate::cpu::threads::global().threads();
+    let per_task = if pool.dtype() == KvDtype::F32 && queries.len() * n_kv < 2 * threads {
+        1
+    } else {
+        group
+    };
+    let per_row = n_heads.div_ceil(per_task);
+    crate::cpu::threads::global().run(queries.len() * per_row, &|t| {
+        let (row, h0) = (t / per_row, (t % per_row) * per_task);
+        let heads = per_task.min(n_heads - h0);
         let start = row * width + h0 * d;
-        // SAFETY: tasks cover disjoint (row, head group) slices of `out`, in bounds by the asserts.
-        let out_group = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(start), heads * d) };
+        // SAFETY: tasks cover disjoint (row, heads) slices of `out`, in bounds by the asserts.
+        let out_heads = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(start), heads * d) };
         let qrow = &q[row * width..(row + 1) * width];
         attend_group(
             pool,
@@ -274,13 +278,14 @@ pub fn paged_attention_rows(
             n_heads,
             scale,
             sparse,
-            kv_head,
-            out_group,
+            h0,
+            out_heads,
         );
     });
 }
 
-/// The query heads of one KV head (`out_group`: `heads * head_dim`) attend to their pages.
+/// Query heads `h0 .. h0 + out_group.len() / head_dim`, all of one KV head's group, attend to
+/// their pages.
 #[allow(clippy::too_many_arguments)]
 fn attend_group(
     pool: &KvPool,
@@ -290,7 +295,7 @@ fn attend_group(
     n_heads: usize,
     scale: f32,
     sparse: Option<&SparseConfig>,
-    kv_head: usize,
+    h0: usize,
     out_group: &mut [f32],
 ) {
     let g = *pool.geometry();
@@ -307,8 +312,9 @@ fn attend_group(
     }
     let last_len = n_tokens.min(npages * ps) - (npages - 1) * ps;
     let group = (n_heads / n_kv).max(1);
-    let h0 = kv_head * group;
+    let kv_head = h0 / group;
     let heads = out_group.len() / d;
+    debug_assert_eq!((h0 + heads - 1) / group, kv_head, "heads of one group");
     let q_group = &q[h0 * d..(h0 + heads) * d];
 
     let mut scratch = vec![0.0f32; pool.tile_scratch_len()];

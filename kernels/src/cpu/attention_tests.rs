@@ -343,3 +343,39 @@ fn int4_attention_close_to_f32() {
     );
     assert!(worst > 0.0, "INT4 pages were not quantized");
 }
+
+#[test]
+fn batched_rows_equal_one_row_at_a_time_per_head_and_per_group() {
+    // One row with 3 KV heads (fewer tasks than 2 × threads on an f32 pool: one task per query
+    // head) and five rows (one task per KV-head group), f32 and INT4 pools.
+    for dtype in [KvDtype::F32, KvDtype::Int4] {
+        let c = case(dtype, 4, 3, 9, 16, 37, 7);
+        let d = 16;
+        let mut rng = Rng::new(3);
+        for rows in [1usize, 5] {
+            let q = rng.vec(rows * c.n_heads * d);
+            let lens: Vec<usize> = (0..rows).map(|r| 37 - 3 * r).collect();
+            let queries: Vec<Query<'_>> = lens
+                .iter()
+                .map(|&n| Query {
+                    pages: &c.pages,
+                    n_tokens: n,
+                })
+                .collect();
+            let mut out = vec![f32::NAN; rows * c.n_heads * d];
+            let scale = 1.0 / (d as f32).sqrt();
+            paged_attention_rows(
+                &c.pool, c.layer, &queries, &q, c.n_heads, scale, None, &mut out,
+            );
+            for r in 0..rows {
+                let w = c.n_heads * d;
+                let one = run(&c, lens[r], &q[r * w..(r + 1) * w], None);
+                assert_eq!(
+                    &out[r * w..(r + 1) * w],
+                    &one[..],
+                    "{dtype:?} rows {rows} row {r}"
+                );
+            }
+        }
+    }
+}

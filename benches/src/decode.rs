@@ -12,7 +12,7 @@ use edgelora_daemon::adapters::LoraAdapter;
 use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::sampler::argmax;
 use edgelora_daemon::engine::{ForwardOptions, KvPool, SeqKv, SeqStep, forward};
-use edgelora_daemon::model::{Model, ModelFormat};
+use edgelora_daemon::model::Model;
 use edgelora_kernels::cpu::qdot::best_isa;
 
 use crate::common::{
@@ -132,14 +132,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     init_threads(threads);
     let l = a.m.load()?;
     let model = &l.model;
-    let llama = if a.vs_llamacpp {
-        if model.format != ModelFormat::Gguf {
-            bail!("--vs-llamacpp needs a GGUF model (llama.cpp reads only GGUF)");
-        }
-        Some(LlamaCpp::ensure()?)
-    } else {
-        None
-    };
+    let llama = LlamaCpp::for_model(a.vs_llamacpp, model)?;
     let mut report = Report::new(
         a.json,
         Context {

@@ -124,6 +124,17 @@ impl Drop for LockGuard {
 }
 
 impl LlamaCpp {
+    /// llama.cpp for a `--vs-llamacpp` comparison on `model`, when asked for.
+    pub fn for_model(asked: bool, model: &edgelora_daemon::model::Model) -> Result<Option<Self>> {
+        if !asked {
+            return Ok(None);
+        }
+        if model.format != edgelora_daemon::model::ModelFormat::Gguf {
+            bail!("--vs-llamacpp needs a GGUF model (llama.cpp reads only GGUF)");
+        }
+        Self::ensure().map(Some)
+    }
+
     /// The cached environment, building it first when `import llama_cpp` fails there (about eight
     /// minutes on two cores). A build another process holds the lock for is waited for.
     pub fn ensure() -> Result<Self> {

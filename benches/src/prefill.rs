@@ -6,7 +6,7 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Args;
 use edgelora_daemon::engine::{SeqKv, SeqStep, forward};
-use edgelora_daemon::model::{Model, ModelFormat};
+use edgelora_daemon::model::Model;
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::qdot::{Isa, available_isas, best_isa};
 use edgelora_kernels::{BlockQ4, Q4Kind, Q4Matrix, Weight};
@@ -208,14 +208,7 @@ pub fn run(a: PrefillArgs) -> Result<()> {
     let l = a.m.load()?;
     let model = &l.model;
     let c = &model.config;
-    let llama = if a.vs_llamacpp {
-        if model.format != ModelFormat::Gguf {
-            bail!("--vs-llamacpp needs a GGUF model (llama.cpp reads only GGUF)");
-        }
-        Some(LlamaCpp::ensure()?)
-    } else {
-        None
-    };
+    let llama = LlamaCpp::for_model(a.vs_llamacpp, model)?;
     let mut report = Report::new(
         a.json,
         Context {

@@ -88,6 +88,16 @@ pub const MODEL_KEYS: [(&str, Option<&str>, bool); 6] = [
     ("quant_gamma_all", Some("gamma-all"), true),
 ];
 
+/// `log(sum(exp(row)))` in f64 (for log-probabilities and perplexity).
+pub fn logsumexp(row: &[f32]) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    max + row
+        .iter()
+        .map(|&v| (v as f64 - max).exp())
+        .sum::<f64>()
+        .ln()
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
     a.iter()

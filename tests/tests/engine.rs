@@ -315,13 +315,7 @@ fn perplexity_scores_the_second_half_of_each_window_like_llama_perplexity() {
         let l = all_logits(&m, &mut p, None, &win, &ForwardOptions::exact()).unwrap();
         for i in ctx / 2..ctx - 1 {
             let row = &l[i * vocab..(i + 1) * vocab];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
+            let lse = logsumexp(row);
             nll += lse - row[win[i + 1] as usize] as f64;
             n += 1;
         }

@@ -85,13 +85,7 @@ fn teacher_forced_logits_match_transformers_within_1e_3_and_greedy_steps_agree()
         let rows = &p["rows"];
         for i in 0..all.len() {
             let row = &logits[i * vocab..(i + 1) * vocab];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
+            let lse = logsumexp(row);
             let g_lse = rows["lse"][i].as_f64().unwrap();
             worst_lse = worst_lse.max((lse - g_lse).abs());
             for (id, gl) in rows["top_ids"][i]
@@ -201,13 +195,7 @@ fn int8_activation_fast_path_stays_close_on_log_probabilities() {
         for (k, &want) in gen_ids.iter().enumerate() {
             let i = prompt.len() - 1 + k;
             let row = &logits[i * vocab..(i + 1) * vocab];
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = max
-                + row
-                    .iter()
-                    .map(|&v| (v as f64 - max).exp())
-                    .sum::<f64>()
-                    .ln();
+            let lse = logsumexp(row);
             let g_lse = rows["lse"][i].as_f64().unwrap();
             let top_ids = rows["top_ids"][i].as_array().unwrap();
             let top_logits = rows["top_logits"][i].as_array().unwrap();

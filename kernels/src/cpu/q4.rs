@@ -264,27 +264,19 @@ impl Q4Matrix {
         }
         let bpr = Self::blocks_per_row_for(cols);
         let mut blocks = vec![BlockQ4::default(); rows * bpr];
-        for n in 0..rows {
-            let row = &w[n * cols..(n + 1) * cols];
-            for g0 in (0..cols).step_by(group_size) {
-                let g1 = (g0 + group_size).min(cols);
-                let (scale16, zero) = group_params(&row[g0..g1]);
-                let s = scale16.to_f32();
-                for b0 in (g0..g1).step_by(QK) {
-                    let blk = &mut blocks[n * bpr + b0 / QK];
-                    blk.d = scale16.to_bits();
-                    blk.m = zero as u16;
-                    let b1 = (b0 + QK).min(g1);
-                    for (j, &x) in row[b0..b1].iter().enumerate() {
-                        blk.set_code(j, quantize_one(x, s, zero));
+        // Load-time work on up to billions of weights: rows are split over scoped threads.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let rows_per = rows.div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            for (ci, chunk) in blocks.chunks_mut(rows_per * bpr).enumerate() {
+                let w = &w[ci * rows_per * cols..];
+                scope.spawn(move || {
+                    for (n, row_blocks) in chunk.chunks_mut(bpr).enumerate() {
+                        quantize_row(&w[n * cols..(n + 1) * cols], group_size, row_blocks);
                     }
-                    // Padding dequantizes to exactly zero.
-                    for j in (b1 - b0)..QK {
-                        blk.set_code(j, zero);
-                    }
-                }
+                });
             }
-        }
+        });
         Self::from_blocks(rows, cols, Q4Kind::ZeroPoint, blocks)
     }
 
@@ -345,6 +337,42 @@ impl Q4Matrix {
     }
 }
 
+/// One row of the reference quantizer into its blocks.
+fn quantize_row(row: &[f32], group_size: usize, blocks: &mut [BlockQ4]) {
+    let cols = row.len();
+    for g0 in (0..cols).step_by(group_size) {
+        let g1 = (g0 + group_size).min(cols);
+        let (scale16, zero) = group_params(&row[g0..g1]);
+        let s = scale16.to_f32();
+        for b0 in (g0..g1).step_by(QK) {
+            let blk = &mut blocks[b0 / QK];
+            blk.d = scale16.to_bits();
+            blk.m = zero as u16;
+            let b1 = (b0 + QK).min(g1);
+            for (j, &x) in row[b0..b1].iter().enumerate() {
+                blk.set_code(j, quantize_one(x, s, zero));
+            }
+            // Padding dequantizes to exactly zero.
+            for j in (b1 - b0)..QK {
+                blk.set_code(j, zero);
+            }
+        }
+    }
+}
+
+/// Round half to even, as `f32::round_ties_even`, without a library call: adding and subtracting
+/// 1.5 · 2^23 leaves the nearest integer under the default rounding mode, exactly, for
+/// |x| < 2^22. Larger values are already integers or are clamped by the callers.
+#[inline]
+fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    if x.abs() < 4_194_304.0 {
+        (x + MAGIC) - MAGIC
+    } else {
+        x.round_ties_even()
+    }
+}
+
 /// `(scale16, zero)` of one group by the reference definition.
 fn group_params(g: &[f32]) -> (f16, u8) {
     let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
@@ -365,7 +393,7 @@ fn group_params(g: &[f32]) -> (f16, u8) {
             (s16, if v < 0.0 { 1 } else { 0 })
         };
     }
-    let zero = (-lo / s).round_ties_even().clamp(0.0, 15.0) as u8;
+    let zero = round_even(-lo / s).clamp(0.0, 15.0) as u8;
     (scale16, zero)
 }
 
@@ -374,7 +402,7 @@ fn quantize_one(x: f32, s: f32, zero: u8) -> u8 {
     if s == 0.0 {
         return zero;
     }
-    ((x / s).round_ties_even() + zero as f32).clamp(0.0, 15.0) as u8
+    (round_even(x / s) + zero as f32).clamp(0.0, 15.0) as u8
 }
 
 #[cfg(test)]
@@ -425,6 +453,21 @@ mod tests {
                     assert_eq!(c, want, "row {n} col {k}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn round_even_equals_round_ties_even() {
+        for x in [
+            0.5f32, 1.5, 2.5, -0.5, -1.5, 3.4999998, 7.5000005, -14.5, 0.0, -0.0, 1e7, -3e9,
+            4194303.5,
+        ] {
+            assert_eq!(round_even(x), x.round_ties_even(), "{x}");
+        }
+        let mut s = 1;
+        for _ in 0..100_000 {
+            let x = lcg(&mut s) * 40.0;
+            assert_eq!(round_even(x), x.round_ties_even(), "{x}");
         }
     }
 

@@ -5,7 +5,9 @@
 pub mod chat;
 pub mod config;
 pub mod gguf;
+mod gguf_blocks;
 pub mod gguf_model;
+mod gguf_reader;
 #[cfg(test)]
 mod gguf_tests;
 pub mod gguf_tokenizer;

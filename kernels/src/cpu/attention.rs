@@ -17,6 +17,7 @@
 //! same code in the same order as dense, so the result is bit-identical.
 
 use crate::cpu::kv::{KvDtype, KvPool, PageId};
+use crate::cpu::threads::SharedOut;
 
 /// Query-aware page sparsity settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -217,21 +218,6 @@ pub struct Query<'a> {
     pub n_tokens: usize,
 }
 
-/// A raw output pointer shared by tasks writing disjoint head groups.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes its own (row, kv head) slice; the region ends before the `&mut` does.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// A method (not a field access) so closures capture the whole `Sync` wrapper.
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Attention for a batch of query rows (`q`, `out`: `[rows, n_heads * head_dim]`), each with its
 /// own sequence, spread over the thread pool by (row, KV head) so a single decode row still uses
 /// every core. Results equal [`paged_attention`] row by row.
@@ -252,7 +238,7 @@ pub fn paged_attention_rows(
     assert_eq!(q.len(), queries.len() * width, "q shape");
     assert_eq!(out.len(), queries.len() * width, "out shape");
     let group = (n_heads / n_kv).max(1);
-    let op = OutPtr(out.as_mut_ptr());
+    let op = SharedOut::new(out);
     // Query heads per task: a whole GQA group shares each page's keys and values (one INT4 / f16
     // decode per page), but when a few groups would leave cores idle and f32 pages are read in
     // place, each query head is its own task.
@@ -268,7 +254,7 @@ pub fn paged_attention_rows(
         let heads = per_task.min(n_heads - h0);
         let start = row * width + h0 * d;
         // SAFETY: tasks cover disjoint (row, heads) slices of `out`, in bounds by the asserts.
-        let out_heads = unsafe { std::slice::from_raw_parts_mut(op.ptr().add(start), heads * d) };
+        let out_heads = unsafe { op.slice_mut(start, heads * d) };
         let qrow = &q[row * width..(row + 1) * width];
         attend_group(
             pool,

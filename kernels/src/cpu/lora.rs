@@ -9,6 +9,7 @@ use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::qdot::{Isa, TileOut, q8q8_tiles};
+use crate::cpu::threads::SharedOut;
 
 /// One run of consecutive rows that share an adapter's A `[rank, in]` and B `[out, rank]`.
 #[derive(Clone, Debug)]
@@ -56,20 +57,6 @@ pub struct LoraSegmentQ8<'a> {
     pub scaling: f32,
 }
 
-/// A raw output pointer shared by tasks that own disjoint row ranges.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own rows; segments (and the pieces they are cut into) are
-// disjoint.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn ptr(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// Rows per task: the shrink reuses each A tile for up to four rows.
 const ROWS_PER_TASK: usize = 4;
 
@@ -103,7 +90,7 @@ pub fn sgmv_q8(
             r = e;
         }
     }
-    let op = OutPtr(out.as_mut_ptr());
+    let op = SharedOut::new(out);
     crate::cpu::threads::global().run(pieces.len(), &|pi| {
         let (si, rows) = &pieces[pi];
         let seg = &segments[*si];
@@ -135,8 +122,7 @@ pub fn sgmv_q8(
                 let c = seg.scaling * t[i * groups + j / TILE_ROWS][j % TILE_ROWS];
                 let r = rows.start + i;
                 // SAFETY: row r belongs to this piece only; in bounds by the asserts.
-                let orow =
-                    unsafe { std::slice::from_raw_parts_mut(op.ptr().add(r * out_dim), out_dim) };
+                let orow = unsafe { op.slice_mut(r * out_dim, out_dim) };
                 for (o, &b) in orow.iter_mut().zip(&bt_row) {
                     *o += c * b;
                 }

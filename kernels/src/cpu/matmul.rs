@@ -11,31 +11,12 @@ use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::qdot::{Isa, TileOut, best_isa, q4q8_tiles, q8q8_tiles};
-use crate::cpu::threads::parallel_ranges;
+use crate::cpu::threads::{SharedOut, parallel_ranges};
 
 /// Output rows per task are a multiple of this (cache-line-friendly writes for m = 1).
 const ROW_ALIGN: usize = 16;
 /// Row groups (of eight rows) per task are a multiple of this.
 const GROUP_ALIGN: usize = 2;
-
-/// A raw output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint indices (each owns a range of weight rows) and the region ends
-// before the caller's `&mut` borrow does.
-unsafe impl Send for OutPtr {}
-// SAFETY: as above.
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `i` is in bounds of the output and written by one task only.
-    #[inline]
-    unsafe fn write(self, i: usize, v: f32) {
-        // SAFETY: the caller guarantees bounds and exclusivity.
-        unsafe { *self.0.add(i) = v };
-    }
-}
 
 /// How a projection's input is presented.
 pub struct Input<'a> {
@@ -52,7 +33,7 @@ impl Weight {
         let (rows, cols) = (self.rows(), self.cols());
         assert_eq!(x.len(), m * cols, "activation shape");
         assert_eq!(out.len(), m * rows, "output shape");
-        let op = OutPtr(out.as_mut_ptr());
+        let op = SharedOut::new(out);
         parallel_ranges(rows, ROW_ALIGN, &|range| {
             let mut wrow = vec![0f32; cols];
             for n in range {
@@ -116,9 +97,9 @@ impl Weight {
             total += w.rows().div_ceil(TILE_ROWS);
         }
         starts.push(total);
-        let outs: Vec<(&Weight, OutPtr)> = jobs
+        let outs: Vec<(&Weight, SharedOut)> = jobs
             .iter_mut()
-            .map(|(w, o)| (*w, OutPtr(o.as_mut_ptr())))
+            .map(|(w, o)| (*w, SharedOut::new(o)))
             .collect();
         let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
         parallel_ranges(total, GROUP_ALIGN, &|range| {
@@ -131,7 +112,7 @@ impl Weight {
     }
 
     /// Row group `g` of `x W^T` into `op` (`[m, rows]`).
-    fn q8_group(&self, g: usize, x: &ActQ8, xrows: &[&[BlockQ8A]], isa: Isa, op: OutPtr) {
+    fn q8_group(&self, g: usize, x: &ActQ8, xrows: &[&[BlockQ8A]], isa: Isa, op: SharedOut) {
         let (rows, m) = (self.rows(), xrows.len());
         let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
         for r0 in (0..m).step_by(4) {

@@ -177,6 +177,52 @@ impl Drop for ThreadPool {
     }
 }
 
+/// An output buffer that the tasks of one parallel region write at disjoint places (each task
+/// owns some rows or heads). Callers promise the disjointness; bounds are checked here.
+#[derive(Clone, Copy)]
+pub struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks write disjoint elements (the callers' contract on `write` and `slice_mut`), and a
+// region ends before the `&mut` borrow the buffer came from does.
+unsafe impl Send for SharedOut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    pub fn new(out: &mut [f32]) -> Self {
+        Self {
+            ptr: out.as_mut_ptr(),
+            len: out.len(),
+        }
+    }
+
+    /// # Safety
+    /// No other task reads or writes element `i` during the region.
+    #[inline]
+    pub unsafe fn write(self, i: usize, v: f32) {
+        assert!(i < self.len, "shared output index {i} out of {}", self.len);
+        // SAFETY: in bounds (checked); exclusive by the caller's contract.
+        unsafe { *self.ptr.add(i) = v };
+    }
+
+    /// # Safety
+    /// No other task touches `start .. start + len` while the slice lives.
+    #[inline]
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [f32] {
+        assert!(
+            start + len <= self.len,
+            "shared output range {start}+{len} out of {}",
+            self.len
+        );
+        // SAFETY: in bounds (checked); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}
+
 static GLOBAL: OnceLock<ThreadPool> = OnceLock::new();
 static REQUESTED: AtomicUsize = AtomicUsize::new(0);
 

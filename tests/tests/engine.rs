@@ -34,6 +34,29 @@ fn pool(m: &Model, dtype: KvDtype, page_size: usize, pages: usize) -> KvPool {
     .unwrap()
 }
 
+/// One forward step with every sequence `i` adding `tokens[i]` to `kvs[i]` under `adapters[i]`.
+fn batch_forward(
+    m: &Model,
+    p: &mut KvPool,
+    kvs: &mut [SeqKv],
+    tokens: &[Vec<u32>],
+    adapters: &[Option<LoraAdapter>],
+    all_logits: bool,
+    opts: &ForwardOptions,
+) -> Vec<Vec<f32>> {
+    let mut steps: Vec<SeqStep<'_>> = kvs
+        .iter_mut()
+        .enumerate()
+        .map(|(i, kv)| SeqStep {
+            tokens: &tokens[i],
+            kv,
+            adapter: adapters[i].as_ref(),
+            all_logits,
+        })
+        .collect();
+    forward(m, p, &mut steps, opts).unwrap()
+}
+
 #[test]
 fn a_mixed_adapter_batch_equals_each_sequence_alone() {
     let m = model(WeightDtype::F32);
@@ -51,19 +74,7 @@ fn a_mixed_adapter_batch_equals_each_sequence_alone() {
         .collect();
     // Whole prompts in one batch, then one more decode step for all four together.
     let mut kvs: Vec<SeqKv> = (0..4).map(|_| SeqKv::new()).collect();
-    let together = {
-        let mut steps: Vec<SeqStep<'_>> = kvs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, kv)| SeqStep {
-                tokens: &prompts[i],
-                kv,
-                adapter: adapters[i].as_ref(),
-                all_logits: true,
-            })
-            .collect();
-        forward(&m, &mut p, &mut steps, &opts).unwrap()
-    };
+    let together = batch_forward(&m, &mut p, &mut kvs, &prompts, &adapters, true, &opts);
     for i in 0..4 {
         let d = max_abs_diff(&together[i], &alone[i]);
         assert!(d <= 1e-5, "sequence {i}: batched logits differ by {d}");
@@ -75,28 +86,13 @@ fn a_mixed_adapter_batch_equals_each_sequence_alone() {
         assert!(g <= 1e-4, "sequence {i}: {g} from the golden");
     }
     // One decode step for all four, each continuing with its golden greedy token.
-    let next: Vec<[u32; 1]> = (0..4)
+    let next: Vec<Vec<u32>> = (0..4)
         .map(|i| {
-            [golden_tensor(&format!(
-                "{}_greedy_p{i}",
-                ["base", "alpha_qv", "beta_attn", "gamma_all"][i]
-            ))
-            .ids()[0]]
+            let key = ["base", "alpha_qv", "beta_attn", "gamma_all"][i];
+            vec![golden_tensor(&format!("{key}_greedy_p{i}")).ids()[0]]
         })
         .collect();
-    let step_logits = {
-        let mut steps: Vec<SeqStep<'_>> = kvs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, kv)| SeqStep {
-                tokens: &next[i],
-                kv,
-                adapter: adapters[i].as_ref(),
-                all_logits: false,
-            })
-            .collect();
-        forward(&m, &mut p, &mut steps, &opts).unwrap()
-    };
+    let step_logits = batch_forward(&m, &mut p, &mut kvs, &next, &adapters, false, &opts);
     for i in 0..4 {
         let key = ["base", "alpha_qv", "beta_attn", "gamma_all"][i];
         let g = golden_tensor(&format!("{key}_genlogits_p{i}"));
@@ -359,19 +355,7 @@ fn int8_fast_path_mixed_batch_equals_alone_and_stays_near_the_int4_goldens() {
         .map(|i| all_logits(&m, &mut p, adapters[i].as_ref(), &prompts[i], &opts).unwrap())
         .collect();
     let mut kvs: Vec<SeqKv> = (0..4).map(|_| SeqKv::new()).collect();
-    let together = {
-        let mut steps: Vec<SeqStep<'_>> = kvs
-            .iter_mut()
-            .enumerate()
-            .map(|(i, kv)| SeqStep {
-                tokens: &prompts[i],
-                kv,
-                adapter: adapters[i].as_ref(),
-                all_logits: true,
-            })
-            .collect();
-        forward(&m, &mut p, &mut steps, &opts).unwrap()
-    };
+    let together = batch_forward(&m, &mut p, &mut kvs, &prompts, &adapters, true, &opts);
     for i in 0..4 {
         let d = max_abs_diff(&together[i], &alone[i]);
         assert!(d <= 1e-5, "sequence {i}: batched int8 logits differ by {d}");

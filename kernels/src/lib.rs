@@ -5,6 +5,7 @@
 //! two; the references are tested against the Hugging Face goldens by the `edgelora-tests` crate.
 
 pub mod cpu;
+pub mod cuda;
 
 pub use cpu::dense::DenseMatrix;
 pub use cpu::q4::{BlockQ4, Q4Kind, Q4Matrix, QK, TILE_ROWS, TileQ4};

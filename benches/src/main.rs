@@ -3,6 +3,7 @@
 
 mod common;
 mod decode;
+mod gpu;
 mod llamacpp;
 mod membw;
 mod prefill;
@@ -37,6 +38,8 @@ enum Cmd {
     GemmPeak(prefill::GemmPeakArgs),
     /// Write a Hugging Face folder with random weights of a real model's shape.
     Synth(synth::SynthArgs),
+    /// CUDA benches (needs a GPU): INT4 GEMV vs copy bandwidth, decode, long-context attention.
+    Gpu(gpu::GpuArgs),
 }
 
 #[derive(Args, Debug)]
@@ -87,5 +90,6 @@ fn main() -> Result<()> {
         Cmd::Prefill(a) => prefill::run(a),
         Cmd::GemmPeak(a) => prefill::run_gemm_peak(a),
         Cmd::Synth(a) => synth::run(a),
+        Cmd::Gpu(a) => gpu::run(a),
     }
 }

@@ -8,11 +8,13 @@ use clap::{Args, Parser, Subcommand};
 use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool};
 
 use crate::adapters::LoraAdapter;
+use crate::device::{Device, DeviceSpec};
+use crate::engine::cuda::CudaBackend;
 use crate::engine::forward::ActMode;
 use crate::engine::generate::{GenerateParams, all_logits, generate};
 use crate::engine::perplexity::{PerplexityParams, perplexity};
 use crate::engine::sampler::SamplingParams;
-use crate::engine::{ForwardOptions, SparseConfig};
+use crate::engine::{Backend, ForwardOptions, SparseConfig};
 use crate::model::chat::ChatMessage;
 use crate::model::{LoadOptions, Model, WeightDtype};
 
@@ -37,6 +39,22 @@ pub enum Command {
     /// Manage models.
     #[command(subcommand)]
     Model(ModelCommand),
+    /// CUDA kernels.
+    #[command(subcommand)]
+    Kernels(KernelsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KernelsCommand {
+    /// Compile every CUDA kernel to PTX ahead of time (needs NVRTC here, not on the box).
+    Build {
+        /// Target architectures, e.g. sm_87 (Jetson Orin), sm_80, sm_90.
+        #[arg(long, value_delimiter = ',', default_values_t = edgelora_kernels::cuda::SHIPPED_ARCHS.iter().map(|s| s.to_string()))]
+        arch: Vec<String>,
+        /// Output folder (point $EDGELORA_KERNELS at it, or install it as /usr/lib/edgelora/kernels).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -86,6 +104,9 @@ pub struct ModelArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Compute device: auto (CUDA when a GPU answers, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: DeviceSpec,
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +241,23 @@ impl ModelArgs {
         })
     }
 
+    /// The step backend on the chosen device, with KV pages for `tokens` tokens.
+    fn backend(&self, model: &Model, tokens: usize) -> Result<Box<dyn Backend>> {
+        match crate::device::open(self.device)? {
+            Device::Cpu { .. } => Ok(Box::new(self.pool(model, tokens)?)),
+            Device::Cuda { gpu, .. } => {
+                let pages = tokens.div_ceil(self.page_size) + 1;
+                Ok(Box::new(CudaBackend::new(
+                    gpu,
+                    model,
+                    self.kv,
+                    self.page_size,
+                    pages,
+                )?))
+            }
+        }
+    }
+
     fn pool(&self, model: &Model, tokens: usize) -> Result<KvPool> {
         let c = &model.config;
         let geom = KvGeometry {
@@ -241,6 +279,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(EvalCommand::Logits(a)) => cmd_logits(a),
         Command::Eval(EvalCommand::Perplexity(a)) => cmd_perplexity(a),
+        Command::Kernels(KernelsCommand::Build { arch, out }) => {
+            let written = crate::device::build_all(&arch, &out)?;
+            for p in &written {
+                println!("{}", p.display());
+            }
+            eprintln!(
+                "compiled {} kernel modules for {} into {}",
+                written.len() / arch.len().max(1),
+                arch.join(", "),
+                out.display()
+            );
+            Ok(())
+        }
         Command::Model(ModelCommand::Fetch) => {
             let p = crate::default_model::ensure().map_err(anyhow::Error::msg)?;
             println!("{}", p.display());
@@ -301,13 +352,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         prefill_chunk: a.prefill_chunk.max(1),
         keep_logits: a.logits_out.is_some(),
     };
-    let mut pool = a.m.pool(&l.model, prompt.len() + a.max_tokens)?;
+    let mut backend = a.m.backend(&l.model, prompt.len() + a.max_tokens)?;
     let stream = !a.json;
     let mut printed = 0usize;
     let mut so_far: Vec<u32> = Vec::new();
     let gen_out = generate(
         &l.model,
-        &mut pool,
+        &mut *backend,
         l.adapter.as_ref(),
         &prompt,
         &params,
@@ -339,7 +390,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
             prompt.len() as f64 / gen_out.prefill_secs.max(1e-9),
             decoded as f64 / gen_out.decode_secs.max(1e-9),
             edgelora_kernels::cpu::threads::global().threads(),
-            edgelora_kernels::cpu::qdot::best_isa().name(),
+            match backend.describe().as_str() {
+                "cpu" => edgelora_kernels::cpu::qdot::best_isa().name().to_string(),
+                other => other.to_string(),
+            },
         );
     }
     if let Some(p) = &a.logits_out {
@@ -366,10 +420,10 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
     let l = a.m.load()?;
-    let mut pool = a.m.pool(&l.model, a.prompt_tokens.len())?;
+    let mut backend = a.m.backend(&l.model, a.prompt_tokens.len())?;
     let logits = all_logits(
         &l.model,
-        &mut pool,
+        &mut *backend,
         l.adapter.as_ref(),
         &a.prompt_tokens,
         &l.opts,
@@ -397,7 +451,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
     let tokens = tok.encode(&text, true)?;
     // llama-perplexity puts BOS at the start of every window only when the model adds BOS.
     let bos = if tok.adds_bos() { tok.bos_id } else { None };
-    let mut pool = a.m.pool(&l.model, a.ctx)?;
+    let mut backend = a.m.backend(&l.model, a.ctx)?;
     let t0 = std::time::Instant::now();
     let params = PerplexityParams {
         ctx: a.ctx,
@@ -406,7 +460,7 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
     };
     let report = perplexity(
         &l.model,
-        &mut pool,
+        &mut *backend,
         &tokens,
         params,
         &l.opts,

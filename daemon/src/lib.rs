@@ -3,5 +3,6 @@
 pub mod adapters;
 pub mod cli;
 pub mod default_model;
+pub mod device;
 pub mod engine;
 pub mod model;

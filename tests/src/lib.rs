@@ -8,8 +8,27 @@ use std::sync::OnceLock;
 
 use safetensors::{Dtype, SafeTensors};
 
+/// `tests/fixtures`, or `$EDGELORA_FIXTURES` (test binaries carried to another machine).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+    match std::env::var_os("EDGELORA_FIXTURES") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"),
+    }
+}
+
+/// Whether a CUDA device answers; prints why a test named `test` is skipped when not.
+/// `EDGELORA_REQUIRE_GPU=1` turns the skip into a failure.
+pub fn cuda_or_skip(test: &str) -> bool {
+    let why = match edgelora_kernels::cuda::driver_status() {
+        Ok(n) if n > 0 => return true,
+        Ok(_) => "the CUDA driver reports no device".to_string(),
+        Err(e) => e.to_string(),
+    };
+    if std::env::var_os("EDGELORA_REQUIRE_GPU").is_some_and(|v| v == "1") {
+        panic!("{test}: EDGELORA_REQUIRE_GPU=1 but {why}");
+    }
+    eprintln!("skipped {test}: {why}");
+    false
 }
 
 pub fn tiny() -> PathBuf {

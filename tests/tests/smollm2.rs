@@ -219,3 +219,48 @@ fn int8_activation_fast_path_stays_close_on_log_probabilities() {
     assert!(median <= 0.15 && max <= 0.7, "median {median}, max {max}");
     assert!(argmax_changes <= 6, "{argmax_changes} argmax changes");
 }
+
+/// The CUDA backend reproduces the same 120 greedy tokens as transformers (and so as the CPU):
+/// f32 activations, f16 KV pages. Skipped without a GPU or without the model.
+#[test]
+fn cuda_greedy_generation_reproduces_all_golden_continuations() {
+    if !cuda_or_skip("cuda_greedy_generation_reproduces_all_golden_continuations") {
+        return;
+    }
+    let Some(path) = smollm2_path() else { return };
+    let m = Model::load(&path, &LoadOptions::default()).unwrap();
+    let gpu = match edgelora_daemon::device::open(edgelora_daemon::device::DeviceSpec::Cuda(0)) {
+        Ok(edgelora_daemon::device::Device::Cuda { gpu, .. }) => gpu,
+        Ok(_) => unreachable!("an explicit cuda request never yields the CPU"),
+        Err(e) => panic!("opening CUDA device 0: {e}"),
+    };
+    for p in golden()["prompts"].as_array().unwrap() {
+        let prompt = ids(&p["prompt_ids"]);
+        let want = ids(&p["generated_ids"]);
+        let pages = (prompt.len() + want.len()).div_ceil(16) + 1;
+        let mut backend = edgelora_daemon::engine::cuda::CudaBackend::new(
+            gpu.clone(),
+            &m,
+            KvDtype::F16,
+            16,
+            pages,
+        )
+        .unwrap();
+        let params = GenerateParams {
+            max_tokens: want.len(),
+            prefill_chunk: 64,
+            ..Default::default()
+        };
+        let g = generate(
+            &m,
+            &mut backend,
+            None,
+            &prompt,
+            &params,
+            &ForwardOptions::exact(),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(g.tokens, want, "{} on CUDA", p["name"]);
+    }
+}

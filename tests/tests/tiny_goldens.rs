@@ -8,10 +8,12 @@ use edgelora_tests::*;
 const ATOL: f32 = 1e-4;
 
 /// (label, --model, extra args, golden key)
-fn cases() -> Vec<(String, String, Vec<String>, &'static str)> {
+fn cases(device: &str) -> Vec<(String, String, Vec<String>, &'static str)> {
     let mut v = Vec::new();
     for (key, adapter, quant) in MODEL_KEYS {
         let mut args = vec![
+            "--device".to_string(),
+            device.to_string(),
             "--dtype".to_string(),
             if quant { "int4" } else { "f32" }.to_string(),
             // Exact activations: the goldens are float32 arithmetic on the dequantized weights.
@@ -42,8 +44,12 @@ fn cases() -> Vec<(String, String, Vec<String>, &'static str)> {
 
 #[test]
 fn eval_logits_matches_every_golden_prompt_for_every_model() {
-    let dir = tmp_dir("eval-logits");
-    for (label, model, extra, key) in cases() {
+    check_eval("cpu");
+}
+
+fn check_eval(device: &str) {
+    let dir = tmp_dir(&format!("eval-logits-{device}"));
+    for (label, model, extra, key) in cases(device) {
         for p in 0..4 {
             let out = dir.join(format!("{key}-{p}.safetensors"));
             let ids = ids_csv(&prompt(p));
@@ -60,7 +66,7 @@ fn eval_logits_matches_every_golden_prompt_for_every_model() {
             args.push(&out_s);
             args.extend(extra.iter().map(String::as_str));
             let (ok, _, err) = run_edgelorad(&args);
-            assert!(ok, "{label} p{p}: {err}");
+            assert!(ok, "{label} p{p} on {device}: {err}");
             let got = &read_safetensors(&out)["logits"];
             let want = golden_tensor(&format!("{key}_logits_p{p}"));
             assert_eq!(got.shape, want.shape, "{label} p{p}");
@@ -70,13 +76,9 @@ fn eval_logits_matches_every_golden_prompt_for_every_model() {
     }
 }
 
-fn check_generate(use_cache: bool) {
-    let dir = tmp_dir(if use_cache {
-        "gen-cache"
-    } else {
-        "gen-nocache"
-    });
-    for (label, model, extra, key) in cases() {
+fn check_generate(use_cache: bool, device: &str) {
+    let dir = tmp_dir(&format!("gen-{use_cache}-{device}"));
+    for (label, model, extra, key) in cases(device) {
         for p in 0..4 {
             let ids = ids_csv(&prompt(p));
             let lpath = dir
@@ -105,7 +107,7 @@ fn check_generate(use_cache: bool) {
             args.extend(["--prefill-chunk", "5"]);
             args.extend(extra.iter().map(String::as_str));
             let (ok, stdout, err) = run_edgelorad(&args);
-            assert!(ok, "{label} p{p}: {err}");
+            assert!(ok, "{label} p{p} on {device}: {err}");
             let v: serde_json::Value =
                 serde_json::from_str(stdout.trim()).expect("--json prints one JSON object");
             let got: Vec<u32> = v["token_ids"]
@@ -140,12 +142,12 @@ fn check_generate(use_cache: bool) {
 
 #[test]
 fn generate_with_kv_cache_reproduces_greedy_tokens_and_step_logits() {
-    check_generate(true);
+    check_generate(true, "cpu");
 }
 
 #[test]
 fn generate_without_kv_cache_reproduces_greedy_tokens_and_step_logits() {
-    check_generate(false);
+    check_generate(false, "cpu");
 }
 
 #[test]
@@ -243,4 +245,15 @@ fn tokenizer_and_chat_template_match_the_golden_cases() {
         tok.encode("You may copy the program", true).unwrap(),
         prompt(1)
     );
+}
+
+/// The same goldens through the CUDA backend (skipped without a GPU; `EDGELORA_REQUIRE_GPU=1`
+/// turns the skip into a failure).
+#[test]
+fn goldens_hold_on_cuda() {
+    if !cuda_or_skip("goldens_hold_on_cuda") {
+        return;
+    }
+    check_eval("cuda");
+    check_generate(true, "cuda");
 }

@@ -14,7 +14,7 @@ use edgelora_kernels::cpu::matmul::Input;
 use edgelora_kernels::cpu::ops::{Rope, rms_norm, rms_norm_rows, swiglu};
 use edgelora_kernels::cpu::qdot::best_isa;
 
-use super::{EngineError, SeqKv};
+use super::{EngineError, PagePool, SeqKv};
 use crate::adapters::LoraAdapter;
 use crate::model::{Model, Proj};
 
@@ -85,18 +85,27 @@ pub fn rope_for(model: &Model) -> Rope {
     }
 }
 
-/// Runs one step. Returns, per sequence, `[n_new, vocab]` logits when `all_logits`, else `[vocab]`
-/// for its last token. On error nothing was written to any sequence.
-pub fn forward(
-    model: &Model,
-    pool: &mut KvPool,
-    seqs: &mut [SeqStep<'_>],
-    opts: &ForwardOptions,
-) -> Result<Vec<Vec<f32>>, EngineError> {
-    let c = &model.config;
-    let w = &model.weights;
-    let (hd, qd, kvd, hidden) = (c.head_dim, c.q_dim(), c.kv_dim(), c.hidden_size);
+/// The bookkeeping of one step, shared by every backend.
+pub struct StepPlan<'a> {
+    /// Rows (new tokens) in the step, all sequences stacked.
+    pub rows: usize,
+    /// Position of each row in its sequence.
+    pub pos: Vec<usize>,
+    /// Sequence each row belongs to.
+    pub owner: Vec<usize>,
+    /// Runs of consecutive rows sharing an adapter.
+    pub segments: Vec<(std::ops::Range<usize>, &'a LoraAdapter)>,
+    /// Rows whose logits are returned, in output order.
+    pub logit_rows: Vec<usize>,
+}
 
+/// Validates a step and reserves its KV pages; on error nothing was changed.
+pub fn plan_step<'a>(
+    model: &Model,
+    pool: &mut (impl PagePool + ?Sized),
+    seqs: &mut [SeqStep<'a>],
+) -> Result<StepPlan<'a>, EngineError> {
+    let c = &model.config;
     // Validate everything before touching any state.
     for s in seqs.iter() {
         if s.tokens.is_empty() {
@@ -159,6 +168,45 @@ pub fn forward(
         }
         r0 = r1;
     }
+
+    let mut logit_rows = Vec::new();
+    let mut r0 = 0;
+    for s in seqs.iter() {
+        let n = s.tokens.len();
+        if s.all_logits {
+            logit_rows.extend(r0..r0 + n);
+        } else {
+            logit_rows.push(r0 + n - 1);
+        }
+        r0 += n;
+    }
+    Ok(StepPlan {
+        rows,
+        pos,
+        owner,
+        segments,
+        logit_rows,
+    })
+}
+
+/// Runs one step. Returns, per sequence, `[n_new, vocab]` logits when `all_logits`, else `[vocab]`
+/// for its last token. On error nothing was written to any sequence.
+pub fn forward(
+    model: &Model,
+    pool: &mut KvPool,
+    seqs: &mut [SeqStep<'_>],
+    opts: &ForwardOptions,
+) -> Result<Vec<Vec<f32>>, EngineError> {
+    let c = &model.config;
+    let w = &model.weights;
+    let (hd, qd, kvd, hidden) = (c.head_dim, c.q_dim(), c.kv_dim(), c.hidden_size);
+    let StepPlan {
+        rows,
+        pos,
+        owner,
+        segments,
+        logit_rows: sel_rows,
+    } = plan_step(model, pool, seqs)?;
 
     let rope = rope_for(model);
     let scale = 1.0 / (hd as f32).sqrt();
@@ -331,17 +379,6 @@ pub fn forward(
 
     // Final norm and logits only for the rows asked for, all sequences in one product so the
     // output matrix is read once per step.
-    let mut sel_rows = Vec::new();
-    let mut r0 = 0;
-    for s in seqs.iter() {
-        let n = s.tokens.len();
-        if s.all_logits {
-            sel_rows.extend(r0..r0 + n);
-        } else {
-            sel_rows.push(r0 + n - 1);
-        }
-        r0 += n;
-    }
     let m = sel_rows.len();
     let mut hn = vec![0f32; m * hidden];
     for (i, &rr) in sel_rows.iter().enumerate() {

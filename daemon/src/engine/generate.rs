@@ -1,9 +1,7 @@
 //! Generation for one sequence: chunked prefill, then decode with sampling and stop tokens.
 
-use edgelora_kernels::cpu::kv::KvPool;
-
 use super::sampler::{Sampler, SamplingParams};
-use super::{EngineError, ForwardOptions, SeqKv, SeqStep, forward};
+use super::{Backend, EngineError, ForwardOptions, SeqKv, SeqStep};
 use crate::adapters::LoraAdapter;
 use crate::model::Model;
 
@@ -64,7 +62,7 @@ pub struct Generation {
 /// Runs a prompt through the model, `chunk` tokens per forward; returns the last token's logits.
 pub fn prefill(
     model: &Model,
-    pool: &mut KvPool,
+    pool: &mut (impl Backend + ?Sized),
     kv: &mut SeqKv,
     adapter: Option<&LoraAdapter>,
     tokens: &[u32],
@@ -79,9 +77,7 @@ pub fn prefill(
             adapter,
             all_logits: false,
         }];
-        last = forward(model, pool, &mut step, opts)?
-            .pop()
-            .unwrap_or_default();
+        last = pool.step(model, &mut step, opts)?.pop().unwrap_or_default();
     }
     Ok(last)
 }
@@ -89,7 +85,7 @@ pub fn prefill(
 /// Generates up to `max_tokens` after `prompt`; `on_token` sees each token as it is chosen.
 pub fn generate(
     model: &Model,
-    pool: &mut KvPool,
+    pool: &mut (impl Backend + ?Sized),
     adapter: Option<&LoraAdapter>,
     prompt: &[u32],
     params: &GenerateParams,
@@ -149,16 +145,14 @@ pub fn generate(
                     adapter,
                     all_logits: false,
                 }];
-                forward(model, pool, &mut step, opts)?
-                    .pop()
-                    .unwrap_or_default()
+                pool.step(model, &mut step, opts)?.pop().unwrap_or_default()
             } else {
                 full_recompute(model, pool, adapter, &history, params.prefill_chunk, opts)?
             };
         }
         Ok(())
     })();
-    kv.release(pool);
+    pool.release(&mut kv);
     if let Some(td) = t_decode {
         out.prefill_secs = td.duration_since(t0).as_secs_f64();
         out.decode_secs = td.elapsed().as_secs_f64();
@@ -168,7 +162,7 @@ pub fn generate(
 
 fn full_recompute(
     model: &Model,
-    pool: &mut KvPool,
+    pool: &mut (impl Backend + ?Sized),
     adapter: Option<&LoraAdapter>,
     tokens: &[u32],
     chunk: usize,
@@ -184,14 +178,14 @@ fn full_recompute(
         chunk.max(tokens.len()),
         opts,
     );
-    kv.release(pool);
+    pool.release(&mut kv);
     r
 }
 
 /// Logits at every position of `tokens` from one forward with a fresh cache (`eval logits`).
 pub fn all_logits(
     model: &Model,
-    pool: &mut KvPool,
+    pool: &mut (impl Backend + ?Sized),
     adapter: Option<&LoraAdapter>,
     tokens: &[u32],
     opts: &ForwardOptions,
@@ -203,7 +197,9 @@ pub fn all_logits(
         adapter,
         all_logits: true,
     }];
-    let r = forward(model, pool, &mut step, opts).map(|mut v| v.pop().unwrap_or_default());
-    kv.release(pool);
+    let r = pool
+        .step(model, &mut step, opts)
+        .map(|mut v| v.pop().unwrap_or_default());
+    pool.release(&mut kv);
     r
 }

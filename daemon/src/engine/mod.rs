@@ -1,12 +1,15 @@
 //! The engine: per-sequence KV page tables over one page pool, the batched multi-LoRA forward
 //! step, sampling, generation and evaluation.
 
+pub mod backend;
+pub mod cuda;
 pub mod forward;
 pub mod generate;
 pub mod kv;
 pub mod perplexity;
 pub mod sampler;
 
+pub use backend::{Backend, PagePool};
 pub use edgelora_kernels::cpu::attention::SparseConfig;
 pub use edgelora_kernels::cpu::kv::{KvDtype, KvPool};
 pub use forward::{ForwardOptions, SeqStep, forward};
@@ -26,6 +29,8 @@ pub enum EngineError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error("compute device: {0}")]
+    Device(String),
     #[error(transparent)]
     Model(#[from] crate::model::ModelError),
 }

@@ -3,10 +3,9 @@
 //! of `ctx` tokens, the first token of each window replaced by BOS when the model adds BOS, and only
 //! the predictions of the second half of each window are scored (`first = ctx / 2`).
 
-use edgelora_kernels::cpu::kv::KvPool;
 use edgelora_kernels::cpu::ops::log_softmax_at;
 
-use super::{EngineError, ForwardOptions, SeqKv, SeqStep, forward};
+use super::{Backend, EngineError, ForwardOptions, SeqKv, SeqStep};
 use crate::model::Model;
 
 #[derive(Clone, Debug)]
@@ -35,7 +34,7 @@ pub struct PerplexityParams {
 
 pub fn perplexity(
     model: &Model,
-    pool: &mut KvPool,
+    pool: &mut (impl Backend + ?Sized),
     tokens: &[u32],
     params: PerplexityParams,
     opts: &ForwardOptions,
@@ -80,9 +79,7 @@ pub fn perplexity(
                     adapter: None,
                     all_logits: want,
                 }];
-                let logits = forward(model, pool, &mut step, opts)?
-                    .pop()
-                    .unwrap_or_default();
+                let logits = pool.step(model, &mut step, opts)?.pop().unwrap_or_default();
                 if want {
                     // Row i of this batch is the distribution after token at + i, predicting at + i + 1.
                     for i in 0..(end - at) {
@@ -98,7 +95,7 @@ pub fn perplexity(
             }
             Ok::<(), EngineError>(())
         })();
-        kv.release(pool);
+        pool.release(&mut kv);
         result?;
         let ppl = (nll / count as f64).exp();
         running.push(ppl);

@@ -9,6 +9,12 @@
 //! [`nvrtc_available`] check for the shared libraries before cudarc touches them (cudarc's loaders
 //! panic when a library is missing), and [`Gpu::new`] returns an error instead.
 
+pub mod attention;
+pub mod kv;
+pub mod linear;
+pub mod lora;
+pub mod ops;
+pub mod sample;
 pub mod smoke;
 pub mod testing;
 
@@ -37,7 +43,14 @@ impl KernelModule {
 }
 
 /// Every module the engine uses. `edgelorad kernels build` compiles exactly these.
-pub const MODULES: &[KernelModule] = &[smoke::MODULE];
+pub const MODULES: &[KernelModule] = &[
+    smoke::MODULE,
+    linear::MODULE,
+    attention::MODULE,
+    ops::MODULE,
+    lora::MODULE,
+    sample::MODULE,
+];
 
 /// Architectures the appliance ships PTX for: Jetson Orin, A100, H100.
 pub const SHIPPED_ARCHS: &[&str] = &["sm_87", "sm_80", "sm_90"];
@@ -180,6 +193,10 @@ impl Gpu {
             arch: format!("sm_{major}{minor}"),
             total_mem: ctx.total_mem()?,
         };
+        // One compute stream, and every buffer is used only on it: cudarc's per-argument event
+        // tracking (for buffers shared across streams) would add host work to every launch.
+        // SAFETY: no buffer of this context is used on two streams.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let mut functions = HashMap::new();
         for m in MODULES {

@@ -1,0 +1,381 @@
+//! GPU benches, each beside a yardstick measured in the same run on the same device:
+//! - `gemv`: INT4 GEMV achieved read bandwidth vs a device-to-device copy;
+//! - `decode`: tokens/s at several batch sizes vs the bandwidth bound (copy bandwidth / bytes of
+//!   weights per step), and with adapters: K distinct adapters vs one shared vs none;
+//! - `attention`: one sequence's decode attention at long contexts, dense vs page-sparse.
+//!
+//! Times come from CUDA events around many launches (the host never waits inside the loop).
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand};
+use cudarc::driver::CudaSlice;
+use edgelora_daemon::adapters::LoraAdapter;
+use edgelora_daemon::device::{Device, DeviceSpec};
+use edgelora_daemon::engine::cuda::CudaBackend;
+use edgelora_daemon::engine::{Backend, ForwardOptions, KvDtype, SeqKv, SeqStep, SparseConfig};
+use edgelora_kernels::cpu::kv::KvGeometry;
+use edgelora_kernels::cuda::Gpu;
+use edgelora_kernels::cuda::attention::{GpuKvPool, GpuQuery, paged_attention_rows};
+use edgelora_kernels::cuda::linear::GpuWeight;
+use edgelora_kernels::{Q4Matrix, Weight};
+
+use crate::common::{ModelArgs, synth_adapter, text_tokens};
+use crate::report::{Context, Report, Row};
+use crate::rng::Rng;
+
+#[derive(Args, Debug)]
+pub struct GpuArgs {
+    #[command(subcommand)]
+    pub what: GpuBench,
+    /// CUDA device ordinal.
+    #[arg(long, default_value_t = 0, global = true)]
+    pub device: usize,
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GpuBench {
+    /// INT4 GEMV read bandwidth on real projection shapes vs a device-to-device copy.
+    Gemv {
+        /// Timed launches per shape.
+        #[arg(long, default_value_t = 200)]
+        iters: usize,
+    },
+    /// Decode tokens/s vs the bandwidth bound; with --adapters, mixed vs shared vs none.
+    Decode {
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Batch sizes.
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        batch: Vec<usize>,
+        /// Distinct random adapters spread over the batch (0: none).
+        #[arg(long, default_value_t = 0)]
+        adapters: usize,
+        #[arg(long, default_value_t = 16)]
+        rank: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt: usize,
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+    },
+    /// Decode attention of one sequence at long contexts: dense vs page-sparse.
+    Attention {
+        #[arg(long, value_delimiter = ',', default_value = "4096,32768")]
+        ctx: Vec<usize>,
+        /// Sparse budget in tokens.
+        #[arg(long, default_value_t = 2048)]
+        budget: usize,
+        #[arg(long, default_value = "int4")]
+        kv: KvDtype,
+        #[arg(long, default_value_t = 16)]
+        page_size: usize,
+        #[arg(long, default_value_t = 100)]
+        iters: usize,
+    },
+}
+
+fn open_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
+    match edgelora_daemon::device::open(DeviceSpec::Cuda(ordinal))? {
+        Device::Cuda { gpu, .. } => Ok(gpu),
+        Device::Cpu { why } => bail!("no CUDA device: {why}"),
+    }
+}
+
+/// Seconds per call of `f`, from CUDA events around `iters` calls after 3 untimed ones.
+fn time_events(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let ctx = gpu.context();
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let (a, b) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
+    a.record(gpu.stream())?;
+    for _ in 0..iters {
+        f()?;
+    }
+    b.record(gpu.stream())?;
+    Ok(a.elapsed_ms(&b)? as f64 / 1e3 / iters as f64)
+}
+
+/// Device-to-device copy bandwidth, bytes read + written per second (best of 5).
+fn copy_bandwidth(gpu: &Gpu, bytes: usize) -> Result<f64> {
+    let s = gpu.stream();
+    let n = bytes / 4;
+    let src: CudaSlice<f32> = s.alloc_zeros(n)?;
+    let mut dst: CudaSlice<f32> = s.alloc_zeros(n)?;
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let t = time_events(gpu, 10, || {
+            s.memcpy_dtod(&src, &mut dst)?;
+            Ok(())
+        })?;
+        best = best.max(2.0 * (n * 4) as f64 / t);
+    }
+    Ok(best)
+}
+
+fn random_q4(rows: usize, cols: usize, seed: u64) -> Result<Weight> {
+    let mut w = vec![0f32; rows * cols];
+    Rng::new(seed).fill_normal(&mut w, 0.02);
+    Ok(Weight::Q4(Q4Matrix::quantize(&w, rows, cols, 32)?))
+}
+
+pub fn run(a: GpuArgs) -> Result<()> {
+    let gpu = open_gpu(a.device)?;
+    let info = gpu.info().clone();
+    let mut report = Report::new(
+        a.json,
+        Context {
+            threads: 0,
+            batch: None,
+            model: Some(format!("{} ({})", info.name, info.arch)),
+        },
+    );
+    let copy = copy_bandwidth(&gpu, 1 << 30)?;
+    report.push(
+        Row::new("gpu", "device-to-device copy", copy / 1e9, "GB/s")
+            .note("1 GiB, bytes read + written, best of 5"),
+    );
+    match a.what {
+        GpuBench::Gemv { iters } => {
+            // Llama-3 projections: 1B (2048 wide, 8192 MLP) and 8B (4096 wide, 14336 MLP).
+            let shapes = [
+                ("1B q_proj", 2048, 2048),
+                ("1B gate_proj", 8192, 2048),
+                ("1B down_proj", 2048, 8192),
+                ("8B q_proj", 4096, 4096),
+                ("8B gate_proj", 14336, 4096),
+                ("8B down_proj", 4096, 14336),
+            ];
+            let s = gpu.stream();
+            for (i, (name, rows, cols)) in shapes.into_iter().enumerate() {
+                let w = GpuWeight::upload(&gpu, &random_q4(rows, cols, i as u64)?)?;
+                for m in [1usize, 16] {
+                    let x: CudaSlice<f32> = s.clone_htod(&vec![0.01f32; m * cols])?;
+                    let mut y: CudaSlice<f32> = s.alloc_zeros(m * rows)?;
+                    let t = time_events(&gpu, iters, || {
+                        w.matmul(&gpu, &x.as_view(), m, &mut y.as_view_mut())?;
+                        Ok(())
+                    })?;
+                    let gbs = w.nbytes() as f64 / t / 1e9;
+                    report.push(
+                        Row::new(
+                            "gpu",
+                            format!("INT4 GEMV {name} {rows}x{cols} m={m}"),
+                            gbs,
+                            "GB/s",
+                        )
+                        .vs("copy bandwidth", copy / 1e9)
+                        .note(format!(
+                            "{:.1} us/call, {:.1} MB of weights",
+                            t * 1e6,
+                            w.nbytes() as f64 / 1e6
+                        )),
+                    );
+                }
+            }
+        }
+        GpuBench::Decode {
+            m,
+            batch,
+            adapters,
+            rank,
+            prompt,
+            steps,
+        } => {
+            let path = m.path()?;
+            let loaded = m.load()?;
+            let model = &loaded.model;
+            report.ctx.model = Some(format!(
+                "{} on {} ({})",
+                crate::common::model_label(&path),
+                info.name,
+                info.arch
+            ));
+            let max_b = batch.iter().copied().max().unwrap_or(1);
+            let pages = max_b * ((prompt + steps + 8).div_ceil(m.page_size) + 1);
+            let mut be = CudaBackend::new(gpu.clone(), model, m.kv, m.page_size, pages)?;
+            let bytes = be.weight_bytes();
+            let ads: Vec<LoraAdapter> = (0..adapters)
+                .map(|i| synth_adapter(&model.config, rank, i))
+                .collect();
+            let opts = ForwardOptions::exact();
+            for &b in &batch {
+                let bound = copy / 2.0 / bytes as f64 * b as f64;
+                let mut configs: Vec<(String, Vec<Option<&LoraAdapter>>)> =
+                    vec![("no adapter".into(), vec![None; b])];
+                if adapters > 0 {
+                    configs.push(("1 shared adapter".into(), vec![Some(&ads[0]); b]));
+                    configs.push((
+                        format!("{adapters} distinct adapters"),
+                        (0..b).map(|i| Some(&ads[i % adapters])).collect(),
+                    ));
+                }
+                let mut base = None;
+                for (label, who) in configs {
+                    let tps = decode_tps(&mut be, model, &who, prompt, steps, &opts)
+                        .with_context(|| label.clone())?;
+                    let mut row =
+                        Row::new("gpu", format!("decode batch {b}, {label}"), tps, "tok/s");
+                    row = match base {
+                        None => {
+                            base = Some(tps);
+                            row.vs("bandwidth bound", bound).note(format!(
+                                "{:.1} MB of weights per step, kv {}",
+                                bytes as f64 / 1e6,
+                                m.kv
+                            ))
+                        }
+                        Some(b0) => row.vs("no adapter", b0),
+                    };
+                    report.push(row);
+                }
+            }
+        }
+        GpuBench::Attention {
+            ctx,
+            budget,
+            kv,
+            page_size,
+            iters,
+        } => {
+            // One layer of Llama-3-8B attention: 32 query heads over 8 KV heads of 128.
+            let (n_heads, n_kv, hd) = (32usize, 8usize, 128usize);
+            for &n in &ctx {
+                let geom = KvGeometry {
+                    page_size,
+                    n_layers: 1,
+                    n_kv_heads: n_kv,
+                    head_dim: hd,
+                };
+                let n_pages = n.div_ceil(page_size);
+                let mut pool = GpuKvPool::new(&gpu, geom, kv, n_pages)?;
+                let pages: Vec<_> = (0..n_pages)
+                    .map(|_| pool.alloc().expect("sized for the context"))
+                    .collect();
+                fill_pool(&gpu, &mut pool, &pages, n, n_kv * hd)?;
+                let s = gpu.stream();
+                let mut q = vec![0f32; n_heads * hd];
+                Rng::new(7).fill_normal(&mut q, 1.0);
+                let dq: CudaSlice<f32> = s.clone_htod(&q)?;
+                let mut out: CudaSlice<f32> = s.alloc_zeros(n_heads * hd)?;
+                let queries = [GpuQuery {
+                    pages: &pages,
+                    n_tokens: n,
+                }];
+                let scale = 1.0 / (hd as f32).sqrt();
+                let sparse = SparseConfig::new(budget);
+                let mut time = |sp: Option<&SparseConfig>| {
+                    time_events(&gpu, iters, || {
+                        paged_attention_rows(
+                            &gpu,
+                            &pool,
+                            0,
+                            &queries,
+                            &dq.as_view(),
+                            n_heads,
+                            scale,
+                            sp,
+                            &mut out.as_view_mut(),
+                        )?;
+                        Ok(())
+                    })
+                };
+                let dense = time(None)?;
+                let sparse_t = time(Some(&sparse))?;
+                report.push(
+                    Row::new("gpu", format!("attention ctx {n} dense"), dense * 1e6, "us")
+                        .note(format!("kv {kv}, 32 heads / 8 KV heads x 128, one layer")),
+                );
+                report.push(
+                    Row::new(
+                        "gpu",
+                        format!("attention ctx {n} sparse (budget {budget})"),
+                        dense / sparse_t,
+                        "x faster",
+                    )
+                    .note(format!("{:.1} us", sparse_t * 1e6)),
+                );
+            }
+        }
+    }
+    report.print();
+    Ok(())
+}
+
+/// Writes `n` tokens of random keys and values into `pages` and seals every full page.
+fn fill_pool(
+    gpu: &Gpu,
+    pool: &mut GpuKvPool,
+    pages: &[edgelora_kernels::cpu::kv::PageId],
+    n: usize,
+    width: usize,
+) -> Result<()> {
+    let ps = pool.geometry().page_size;
+    let s = gpu.stream();
+    let mut rng = Rng::new(3);
+    let chunk = 1024;
+    let mut t = 0;
+    while t < n {
+        let rows = chunk.min(n - t);
+        let mut k = vec![0f32; rows * width];
+        let mut v = vec![0f32; rows * width];
+        rng.fill_normal(&mut k, 1.0);
+        rng.fill_normal(&mut v, 1.0);
+        let (dk, dv) = (s.clone_htod(&k)?, s.clone_htod(&v)?);
+        let pg: Vec<_> = (t..t + rows).map(|i| pages[i / ps]).collect();
+        let sl: Vec<_> = (t..t + rows).map(|i| i % ps).collect();
+        pool.write_rows(gpu, 0, &dk.as_view(), &dv.as_view(), &pg, &sl)?;
+        t += rows;
+    }
+    for (i, &p) in pages.iter().enumerate() {
+        if (i + 1) * ps <= n {
+            pool.seal(gpu, 0, p)?;
+        }
+    }
+    Ok(())
+}
+
+/// Prefills `prompt` tokens per sequence, then times `steps` greedy decode steps of all of them.
+fn decode_tps(
+    be: &mut CudaBackend,
+    model: &edgelora_daemon::model::Model,
+    who: &[Option<&LoraAdapter>],
+    prompt: usize,
+    steps: usize,
+    opts: &ForwardOptions,
+) -> Result<f64> {
+    let b = who.len();
+    let toks = text_tokens(model, prompt)?;
+    let mut kvs: Vec<SeqKv> = (0..b).map(|_| SeqKv::new()).collect();
+    let mut next: Vec<Vec<u32>> = vec![toks; b];
+    let result = (|| -> Result<f64> {
+        let mut t0 = std::time::Instant::now();
+        for i in 0..steps + 3 {
+            if i == 3 {
+                t0 = std::time::Instant::now();
+            }
+            let mut seqs: Vec<SeqStep<'_>> = kvs
+                .iter_mut()
+                .zip(&next)
+                .zip(who)
+                .map(|((kv, t), a)| SeqStep {
+                    tokens: t,
+                    kv,
+                    adapter: *a,
+                    all_logits: false,
+                })
+                .collect();
+            let ids = be.step_argmax(model, &mut seqs, opts)?;
+            next = ids.into_iter().map(|t| vec![t]).collect();
+        }
+        Ok((steps * b) as f64 / t0.elapsed().as_secs_f64())
+    })();
+    for kv in &mut kvs {
+        be.release(kv);
+    }
+    result
+}

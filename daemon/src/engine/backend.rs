@@ -1,0 +1,64 @@
+//! Where a step runs: the CPU (the KV pool itself is the backend) or a CUDA device.
+//!
+//! Generation, evaluation and the scheduler call [`Backend::step`]; they never see which device
+//! holds the weights and the KV pages. A sequence's [`SeqKv`] holds page ids of its backend's pool.
+
+use edgelora_kernels::cpu::kv::{KvGeometry, KvPool, PageId};
+
+use super::{EngineError, ForwardOptions, SeqKv, SeqStep, forward};
+use crate::model::Model;
+
+/// A pool of KV pages: what a sequence's page table needs from it.
+pub trait PagePool {
+    fn geometry(&self) -> &KvGeometry;
+    fn free_count(&self) -> usize;
+    fn alloc(&mut self) -> Option<PageId>;
+    fn free(&mut self, page: PageId);
+}
+
+impl PagePool for KvPool {
+    fn geometry(&self) -> &KvGeometry {
+        KvPool::geometry(self)
+    }
+    fn free_count(&self) -> usize {
+        KvPool::free_count(self)
+    }
+    fn alloc(&mut self) -> Option<PageId> {
+        KvPool::alloc(self)
+    }
+    fn free(&mut self, page: PageId) {
+        KvPool::free(self, page)
+    }
+}
+
+/// One forward step over a batch of sequences, on some device.
+pub trait Backend {
+    /// As [`forward`]: per sequence, `[n_new, vocab]` logits when `all_logits`, else `[vocab]`.
+    fn step(
+        &mut self,
+        model: &Model,
+        seqs: &mut [SeqStep<'_>],
+        opts: &ForwardOptions,
+    ) -> Result<Vec<Vec<f32>>, EngineError>;
+    /// Returns a finished sequence's pages.
+    fn release(&mut self, kv: &mut SeqKv);
+    /// "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)".
+    fn describe(&self) -> String;
+}
+
+impl Backend for KvPool {
+    fn step(
+        &mut self,
+        model: &Model,
+        seqs: &mut [SeqStep<'_>],
+        opts: &ForwardOptions,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        forward(model, self, seqs, opts)
+    }
+    fn release(&mut self, kv: &mut SeqKv) {
+        kv.release(self)
+    }
+    fn describe(&self) -> String {
+        "cpu".into()
+    }
+}

@@ -1,0 +1,687 @@
+// Paged KV cache and decode/prefill attention (launchers: src/cuda/kv.rs and src/cuda/attention.rs).
+//
+// Storage mirrors cpu/kv.rs exactly: every per-page array is [page][layer][kv_head][slot][channel];
+// a tile is one (page, layer, kv_head), index tile = (page * n_layers + layer) * n_kv + kv_head.
+//   f32 / f16: K and V elements.
+//   INT4 (sealed pages): packed codes [tile][slot][d/2] (byte j = channel j low nibble, channel
+//   j + d/2 high nibble), key scale/min f16 per (tile, channel), value scale/min f16 per
+//   (tile, slot). Open INT4 pages live in an f32 staging slot laid out like the CPU's staging copy:
+//   [K|V][kv_head][slot][channel], slot index `stage` (-1: none).
+//   Key bounds: f32 min/max per (tile, channel), +inf / -inf when empty.
+//
+// Arithmetic that must be bit-identical to the CPU (quantization, dequantization, page bounds)
+// uses the explicit __fmul_rn / __fadd_rn / __fdiv_rn intrinsics, which NVRTC never contracts
+// into FMAs (the module is compiled with --fmad=true).
+
+#define KV_F32 0
+#define KV_F16 1
+#define KV_INT4 2
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF __int_as_float(0xff800000)
+
+// Per-row record of the attention meta array (see attention.rs), in ints.
+#define ROW_INTS 8
+#define SPARSE_INTS 8
+#define WORK_INTS 3
+
+struct KvStore {
+    const float* kf;
+    const float* vf;
+    const u16* kh;
+    const u16* vh;
+    const u8* kq;
+    const u8* vq;
+    const u16* ksc;
+    const u16* kmn;
+    const u16* vsc;
+    const u16* vmn;
+    const float* stg;
+    int dtype, n_layers, n_kv, ps, d;
+};
+
+__device__ __forceinline__ long long tile_index(int page, int layer, int kvh, int n_layers, int n_kv) {
+    return ((long long)page * n_layers + layer) * n_kv + kvh;
+}
+
+__device__ __forceinline__ float dq4(u32 code, float scale, float min) {
+    return __fadd_rn(__fmul_rn((float)code, scale), min);
+}
+
+// Channels j and j + d/2 (j < d/2) of token `slot` of (tile, kv head `kvh`), keys and values,
+// decoded to f32 exactly as KvPool::rows_f32 does.
+__device__ __forceinline__ void load_pair(const KvStore& s, long long tile, int kvh, int stage,
+                                          int slot, int j, float& k0, float& k1, float& v0,
+                                          float& v1) {
+    const int d = s.d, half = d >> 1;
+    if (s.dtype == KV_INT4) {
+        if (stage >= 0) {
+            const long long tile_len = (long long)s.n_kv * s.ps * d;
+            const float* kr = s.stg + (long long)stage * 2 * tile_len + ((long long)kvh * s.ps + slot) * d;
+            const float* vr = kr + tile_len;
+            k0 = kr[j];
+            k1 = kr[j + half];
+            v0 = vr[j];
+            v1 = vr[j + half];
+        } else {
+            const long long e = (tile * s.ps + slot) * half + j;
+            const u32 kb = s.kq[e], vb = s.vq[e];
+            const long long m = tile * d + j;
+            k0 = dq4(kb & 15u, h2f(s.ksc[m]), h2f(s.kmn[m]));
+            k1 = dq4(kb >> 4, h2f(s.ksc[m + half]), h2f(s.kmn[m + half]));
+            const long long t = tile * s.ps + slot;
+            const float vs = h2f(s.vsc[t]), vm = h2f(s.vmn[t]);
+            v0 = dq4(vb & 15u, vs, vm);
+            v1 = dq4(vb >> 4, vs, vm);
+        }
+    } else if (s.dtype == KV_F16) {
+        const long long e = (tile * s.ps + slot) * d + j;
+        k0 = h2f(s.kh[e]);
+        k1 = h2f(s.kh[e + half]);
+        v0 = h2f(s.vh[e]);
+        v1 = h2f(s.vh[e + half]);
+    } else {
+        const long long e = (tile * s.ps + slot) * d + j;
+        k0 = s.kf[e];
+        k1 = s.kf[e + half];
+        v0 = s.vf[e];
+        v1 = s.vf[e + half];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pool maintenance
+
+// Float min / max as integer atomics: order-independent, so the result equals the CPU's
+// sequential min / max. The sign bit (not `v >= 0`) picks the path so -0.0 is handled.
+__device__ __forceinline__ void atomic_min_f32(float* addr, float v) {
+    if (__float_as_int(v) >= 0)
+        atomicMin((int*)addr, __float_as_int(v));
+    else
+        atomicMax((unsigned int*)addr, __float_as_uint(v));
+}
+
+__device__ __forceinline__ void atomic_max_f32(float* addr, float v) {
+    if (__float_as_int(v) >= 0)
+        atomicMax((int*)addr, __float_as_int(v));
+    else
+        atomicMin((unsigned int*)addr, __float_as_uint(v));
+}
+
+// bmin[i] = +inf, bmax[i] = -inf for i < n (empty key bounds).
+extern "C" __global__ void kv_fill_bounds(float* bmin, float* bmax, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        bmin[i] = __int_as_float(0x7f800000);
+        bmax[i] = NEG_INF;
+    }
+}
+
+// One block per row r: token r's keys and values (k, v: [rows][n_kv * d]) go to
+// (rowinfo[3r] = page, rowinfo[3r+1] = slot) of `layer`; INT4 rows go to staging slot
+// rowinfo[3r+2]. Widens the page's key bounds.
+extern "C" __global__ void kv_write_rows(const float* k, const float* v, const int* rowinfo,
+                                         float* kf, float* vf, u16* kh, u16* vh, float* stg,
+                                         float* bmin, float* bmax, int dtype, int layer,
+                                         int n_layers, int n_kv, int ps, int d) {
+    const int r = blockIdx.x;
+    const int page = rowinfo[3 * r], slot = rowinfo[3 * r + 1], stage = rowinfo[3 * r + 2];
+    const int w = n_kv * d;
+    for (int e = threadIdx.x; e < w; e += blockDim.x) {
+        const int hd = e / d, c = e - hd * d;
+        const float kx = k[(long long)r * w + e], vx = v[(long long)r * w + e];
+        const long long tile = tile_index(page, layer, hd, n_layers, n_kv);
+        atomic_min_f32(&bmin[tile * d + c], kx);
+        atomic_max_f32(&bmax[tile * d + c], kx);
+        if (dtype == KV_INT4) {
+            const long long tile_len = (long long)n_kv * ps * d;
+            float* base = stg + (long long)stage * 2 * tile_len;
+            const long long off = ((long long)hd * ps + slot) * d + c;
+            base[off] = kx;
+            base[tile_len + off] = vx;
+        } else if (dtype == KV_F16) {
+            const long long o = (tile * ps + slot) * d + c;
+            kh[o] = f2h(kx);
+            vh[o] = f2h(vx);
+        } else {
+            const long long o = (tile * ps + slot) * d + c;
+            kf[o] = kx;
+            vf[o] = vx;
+        }
+    }
+}
+
+// Rounds x to f16 toward +inf (up) or -inf, saturating at the finite f16 range (kv.rs f16_round).
+__device__ __forceinline__ u16 f16_round_dir(float x, bool up) {
+    x = fminf(fmaxf(x, -65504.0f), 65504.0f);
+    const u16 h = f2h(x);
+    const float y = h2f(h);
+    const bool neg = (h & 0x8000u) != 0;
+    if (up && y < x) return neg ? (u16)(h - 1) : (u16)(h + 1);
+    if (!up && y > x) {
+        if (!neg) return (h & 0x7fffu) == 0 ? (u16)0x8001u : (u16)(h - 1);
+        return (u16)(h + 1);
+    }
+    return h;
+}
+
+// kv.rs affine_params: f16 (min, scale) covering [lo, hi].
+__device__ __forceinline__ void affine_params(float lo, float hi, u16& m, u16& s) {
+    m = f16_round_dir(lo, false);
+    s = f16_round_dir(__fdiv_rn(__fsub_rn(hi, h2f(m)), 15.0f), true);
+}
+
+// kv.rs quant: 4-bit code of x for x ~ code * s + m (NaN saturates to 0).
+__device__ __forceinline__ u32 quant4(float x, float s, float m) {
+    if (s > 0.0f) {
+        float q = roundf(__fdiv_rn(__fsub_rn(x, m), s));
+        q = fminf(fmaxf(q, 0.0f), 15.0f);  // fmaxf(NaN, 0) = 0
+        return (u32)q;
+    }
+    return 0u;
+}
+
+// Seals one INT4 (page, layer): quantizes slots 0..n of staging slot `stage` (Int4Store::quantize).
+// Grid: n_kv blocks (one kv head each). Dynamic shared memory: (2 d + 2 ps) floats.
+extern "C" __global__ void kv_seal_int4(const float* stg, int stage, u8* kq, u8* vq, u16* ksc,
+                                        u16* kmn, u16* vsc, u16* vmn, int page, int layer,
+                                        int n_layers, int n_kv, int ps, int d, int n) {
+    extern __shared__ float seal_sm[];
+    if (n <= 0) return;
+    const int hd = blockIdx.x;
+    const int half = d >> 1;
+    const long long tile = tile_index(page, layer, hd, n_layers, n_kv);
+    const long long tile_len = (long long)n_kv * ps * d;
+    const float* ks = stg + (long long)stage * 2 * tile_len + (long long)hd * ps * d;
+    const float* vs = ks + tile_len;
+    float* s_ksc = seal_sm;
+    float* s_kmn = seal_sm + d;
+    float* s_vsc = seal_sm + 2 * d;
+    float* s_vmn = s_vsc + ps;
+    // Keys: per-channel range across the page's tokens.
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float lo = ks[c], hi = ks[c];
+        for (int r = 1; r < n; ++r) {
+            const float x = ks[(long long)r * d + c];
+            lo = fminf(lo, x);
+            hi = fmaxf(hi, x);
+        }
+        u16 m, s;
+        affine_params(lo, hi, m, s);
+        kmn[tile * d + c] = m;
+        ksc[tile * d + c] = s;
+        s_kmn[c] = h2f(m);
+        s_ksc[c] = h2f(s);
+    }
+    // Values: per-token range across the head's channels.
+    for (int r = threadIdx.x; r < n; r += blockDim.x) {
+        float lo = __int_as_float(0x7f800000), hi = NEG_INF;
+        for (int c = 0; c < d; ++c) {
+            const float x = vs[(long long)r * d + c];
+            lo = fminf(lo, x);
+            hi = fmaxf(hi, x);
+        }
+        u16 m, s;
+        affine_params(lo, hi, m, s);
+        vmn[tile * ps + r] = m;
+        vsc[tile * ps + r] = s;
+        s_vmn[r] = h2f(m);
+        s_vsc[r] = h2f(s);
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < n * half; idx += blockDim.x) {
+        const int r = idx / half, j = idx - r * half;
+        const float* kr = ks + (long long)r * d;
+        const float* vr = vs + (long long)r * d;
+        const u32 kb = quant4(kr[j], s_ksc[j], s_kmn[j]) |
+                       (quant4(kr[j + half], s_ksc[j + half], s_kmn[j + half]) << 4);
+        const u32 vb = quant4(vr[j], s_vsc[r], s_vmn[r]) | (quant4(vr[j + half], s_vsc[r], s_vmn[r]) << 4);
+        const long long e = (tile * ps + r) * half + j;
+        kq[e] = (u8)kb;
+        vq[e] = (u8)vb;
+    }
+}
+
+// Reopens a sealed INT4 (page, layer): slots 0..n of every kv head are dequantized into staging
+// slot `stage` (KvPool::reopen). Grid: n_kv blocks.
+extern "C" __global__ void kv_reopen_int4(const u8* kq, const u8* vq, const u16* ksc,
+                                          const u16* kmn, const u16* vsc, const u16* vmn,
+                                          float* stg, int stage, int page, int layer, int n_layers,
+                                          int n_kv, int ps, int d, int n) {
+    KvStore s;
+    s.kf = 0; s.vf = 0; s.kh = 0; s.vh = 0;
+    s.kq = kq; s.vq = vq; s.ksc = ksc; s.kmn = kmn; s.vsc = vsc; s.vmn = vmn;
+    s.stg = stg;
+    s.dtype = KV_INT4; s.n_layers = n_layers; s.n_kv = n_kv; s.ps = ps; s.d = d;
+    const int hd = blockIdx.x, half = d >> 1;
+    const long long tile = tile_index(page, layer, hd, n_layers, n_kv);
+    const long long tile_len = (long long)n_kv * ps * d;
+    float* kd = stg + (long long)stage * 2 * tile_len + (long long)hd * ps * d;
+    float* vd = kd + tile_len;
+    for (int idx = threadIdx.x; idx < n * half; idx += blockDim.x) {
+        const int r = idx / half, j = idx - r * half;
+        float k0, k1, v0, v1;
+        load_pair(s, tile, hd, -1, r, j, k0, k1, v0, v1);
+        kd[(long long)r * d + j] = k0;
+        kd[(long long)r * d + j + half] = k1;
+        vd[(long long)r * d + j] = v0;
+        vd[(long long)r * d + j + half] = v1;
+    }
+}
+
+// Reads token `slot` of (page, layer), every kv head, decoded to f32 (KvPool::read_token).
+// One block; kout / vout: n_kv * d.
+extern "C" __global__ void kv_read_token(const float* kf, const float* vf, const u16* kh,
+                                         const u16* vh, const u8* kq, const u8* vq,
+                                         const u16* ksc, const u16* kmn, const u16* vsc,
+                                         const u16* vmn, const float* stg, int dtype, int page,
+                                         int stage, int layer, int slot, int n_layers, int n_kv,
+                                         int ps, int d, float* kout, float* vout) {
+    KvStore s;
+    s.kf = kf; s.vf = vf; s.kh = kh; s.vh = vh;
+    s.kq = kq; s.vq = vq; s.ksc = ksc; s.kmn = kmn; s.vsc = vsc; s.vmn = vmn;
+    s.stg = stg;
+    s.dtype = dtype; s.n_layers = n_layers; s.n_kv = n_kv; s.ps = ps; s.d = d;
+    const int half = d >> 1;
+    for (int idx = threadIdx.x; idx < n_kv * half; idx += blockDim.x) {
+        const int hd = idx / half, j = idx - hd * half;
+        float k0, k1, v0, v1;
+        load_pair(s, tile_index(page, layer, hd, n_layers, n_kv), hd, stage, slot, j, k0, k1, v0, v1);
+        kout[hd * d + j] = k0;
+        kout[hd * d + j + half] = k1;
+        vout[hd * d + j] = v0;
+        vout[hd * d + j + half] = v1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Query-aware page selection (cpu/attention.rs select_into), for the rows whose visible pages
+// exceed the budget. Sparse record (SPARSE_INTS): row, C (candidates = pages 1..recent_start),
+// k (candidates to keep), recent_start, bounds_off, mask_off, list_off, cap.
+
+// bounds[bounds_off + h * C + i] = page_bound(q_h, kmin, kmax) of candidate page 1 + i, with the
+// CPU's summation order (8 lanes, pairwise lane reduction, then the tail).
+// Grid: (S, ceil(Cmax / blockDim), n_kv). Dynamic shared memory: G * d floats.
+extern "C" __global__ void attn_page_bounds(const float* q, const int* meta, int sp_off,
+                                            const float* bmin, const float* bmax, float* bounds,
+                                            int layer, int n_layers, int n_kv, int d,
+                                            int n_heads) {
+    extern __shared__ float bq[];
+    const int* sp = meta + sp_off + blockIdx.x * SPARSE_INTS;
+    const int row = sp[0], C = sp[1];
+    const int kv = blockIdx.z;
+    const int G = n_heads / n_kv;
+    const float* qg = q + ((long long)row * n_heads + (long long)kv * G) * d;
+    for (int e = threadIdx.x; e < G * d; e += blockDim.x) bq[e] = qg[e];
+    __syncthreads();
+    const int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i >= C) return;
+    const int* ent = meta + meta[row * ROW_INTS];
+    const int page = ent[2 * (1 + i)];
+    const long long tile = tile_index(page, layer, kv, n_layers, n_kv);
+    const float* lo = bmin + tile * d;
+    const float* hi = bmax + tile * d;
+    const int d8 = d & ~7;
+    float* out = bounds + sp[4] + (long long)kv * G * C + i;
+    for (int g = 0; g < G; ++g) {
+        const float* qh = bq + g * d;
+        float l[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) l[u] = 0.0f;
+        for (int c = 0; c < d8; c += 8) {
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const float qv = qh[c + u];
+                l[u] = __fadd_rn(l[u], fmaxf(__fmul_rn(qv, lo[c + u]), __fmul_rn(qv, hi[c + u])));
+            }
+        }
+        // Rust's f32 Sum starts from -0.0.
+        float tail = -0.0f;
+        for (int c = d8; c < d; ++c)
+            tail = __fadd_rn(tail, fmaxf(__fmul_rn(qh[c], lo[c]), __fmul_rn(qh[c], hi[c])));
+        const float b = __fadd_rn(__fadd_rn(__fadd_rn(l[0], l[4]), __fadd_rn(l[1], l[5])),
+                                  __fadd_rn(__fadd_rn(l[2], l[6]), __fadd_rn(l[3], l[7])));
+        out[(long long)g * C] = __fadd_rn(b, tail);
+    }
+}
+
+// Orders floats as f32::total_cmp does.
+__device__ __forceinline__ u32 ord_key(float f) {
+    const u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+#define SEL_THREADS 256
+
+// One block per (sparse row, query head h): sets bit (h % G) of masks[mask_off + kv * npages + p]
+// for every page p the head keeps: page 0, pages recent_start.., and the k candidates with the
+// largest bounds (ties: lower page index), found by an MSB radix select over total_cmp keys.
+// Grid: (S, n_heads), SEL_THREADS threads. Dynamic shared memory: key_cap u32 (keys cached when
+// C <= key_cap, else re-read from `bounds`).
+extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const float* bounds,
+                                             u32* masks, int n_heads, int n_kv, int key_cap) {
+    extern __shared__ u32 skeys[];
+    __shared__ u32 hist[256];
+    __shared__ u32 s_digit;
+    __shared__ int s_rem;
+    __shared__ int warp_cnt[SEL_THREADS / 32];
+    const int* sp = meta + sp_off + blockIdx.x * SPARSE_INTS;
+    const int row = sp[0], C = sp[1], k = sp[2], rs = sp[3];
+    const int h = blockIdx.y;
+    const int G = n_heads / n_kv;
+    const int kv = h / G;
+    const u32 bit = 1u << (h - kv * G);
+    const int npages = meta[row * ROW_INTS + 1];
+    u32* mask = masks + sp[5] + (long long)kv * npages;
+    const float* b = bounds + sp[4] + (long long)h * C;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    if (tid == 0) atomicOr(&mask[0], bit);
+    for (int p = rs + tid; p < npages; p += SEL_THREADS) atomicOr(&mask[p], bit);
+    if (k <= 0) return;
+    const bool cached = C <= key_cap;
+    if (cached)
+        for (int i = tid; i < C; i += SEL_THREADS) skeys[i] = ord_key(b[i]);
+
+    u32 prefix = 0, pmask = 0;
+    int rem = k;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = tid; i < 256; i += SEL_THREADS) hist[i] = 0;
+        __syncthreads();
+        for (int i = tid; i < C; i += SEL_THREADS) {
+            const u32 key = cached ? skeys[i] : ord_key(b[i]);
+            if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (warp == 0) {
+            // Lane L holds digits 255 - 8L down to 248 - 8L: lanes in descending digit order.
+            u32 cnt[8];
+            u32 tot = 0;
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                cnt[u] = hist[255 - 8 * lane - u];
+                tot += cnt[u];
+            }
+            u32 inc = tot;
+            for (int o = 1; o < 32; o <<= 1) {
+                const u32 y = __shfl_up_sync(FULL_MASK, inc, o);
+                if (lane >= o) inc += y;
+            }
+            const u32 exc = inc - tot;
+            const bool hit = exc < (u32)rem && (u32)rem <= inc;
+            const u32 ball = __ballot_sync(FULL_MASK, hit);
+            if (lane == __ffs(ball) - 1) {
+                u32 above = exc;
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    if (above + cnt[u] >= (u32)rem) {
+                        s_digit = 255u - 8u * lane - u;
+                        s_rem = rem - (int)above;
+                        break;
+                    }
+                    above += cnt[u];
+                }
+            }
+        }
+        __syncthreads();
+        prefix |= s_digit << shift;
+        pmask |= 255u << shift;
+        rem = s_rem;
+        __syncthreads();
+    }
+    // Keys above the threshold `prefix` are all kept; of the keys equal to it, the first `rem` by
+    // index (the CPU's tie order).
+    int taken = 0;
+    for (int base = 0; base < C; base += SEL_THREADS) {
+        const int i = base + tid;
+        const u32 key = i < C ? (cached ? skeys[i] : ord_key(b[i])) : 0u;
+        const bool gt = i < C && key > prefix;
+        const bool eq = i < C && key == prefix;
+        const u32 ball = __ballot_sync(FULL_MASK, eq);
+        const int before = __popc(ball & ((1u << lane) - 1u));
+        if (lane == 0) warp_cnt[warp] = __popc(ball);
+        __syncthreads();
+        int off = 0, total = 0;
+        for (int w = 0; w < SEL_THREADS / 32; ++w) {
+            const int c = warp_cnt[w];
+            if (w < warp) off += c;
+            total += c;
+        }
+        if (gt || (eq && taken + off + before < rem)) atomicOr(&mask[1 + i], bit);
+        taken += total;
+        __syncthreads();
+    }
+}
+
+// One block per (sparse row, kv head): the pages any head of the group keeps, ascending, as
+// (page index, head mask) pairs at lists[list_off + kv * cap * 2]; their number in
+// counts[s * n_kv + kv]. Grid: (S, n_kv), SEL_THREADS threads.
+extern "C" __global__ void attn_compact_pages(const int* meta, int sp_off, const u32* masks,
+                                              int* lists, int* counts, int n_kv) {
+    __shared__ int warp_cnt[SEL_THREADS / 32];
+    const int* sp = meta + sp_off + blockIdx.x * SPARSE_INTS;
+    const int row = sp[0], cap = sp[7];
+    const int npages = meta[row * ROW_INTS + 1];
+    const int kv = blockIdx.y;
+    const u32* mask = masks + sp[5] + (long long)kv * npages;
+    int* list = lists + sp[6] + (long long)kv * cap * 2;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int written = 0;
+    for (int base = 0; base < npages; base += SEL_THREADS) {
+        const int p = base + tid;
+        const u32 m = p < npages ? mask[p] : 0u;
+        const u32 ball = __ballot_sync(FULL_MASK, m != 0u);
+        const int before = __popc(ball & ((1u << lane) - 1u));
+        if (lane == 0) warp_cnt[warp] = __popc(ball);
+        __syncthreads();
+        int off = 0, total = 0;
+        for (int w = 0; w < SEL_THREADS / 32; ++w) {
+            const int c = warp_cnt[w];
+            if (w < warp) off += c;
+            total += c;
+        }
+        const int pos = written + off + before;
+        if (m != 0u && pos < cap) {
+            list[2 * pos] = p;
+            list[2 * pos + 1] = (int)m;
+        }
+        written += total;
+        __syncthreads();
+    }
+    if (tid == 0) counts[blockIdx.x * n_kv + kv] = written < cap ? written : cap;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention (flash-decoding with split-K).
+//
+// One block per (work item w, kv head): work item = (row, entries e0..e1). Entries are the row's
+// visible page indices (dense) or its kv head's compacted kept-page list (sparse). The block
+// decodes up to `ch` tokens at a time into shared memory (shared by every query head of the
+// group); warp g < G owns query head kv * G + g and keeps its online-softmax state (max m, sum l,
+// unnormalized accumulator; lane owns channels lane + 32 i). A row with one work item writes its
+// output directly; otherwise partials go to `part` and attn_reduce merges them.
+//
+// Dynamic shared memory: 2 * ch * (d + 1) + G * d floats + 4 * ch ints.
+#define ACC_MAX 8
+
+extern "C" __global__ void attn_paged(
+    const float* q, float* out, float* part, const int* meta, int work_off, int sp_off,
+    const int* lists, const int* counts, const float* kf, const float* vf, const u16* kh,
+    const u16* vh, const u8* kq, const u8* vq, const u16* ksc, const u16* kmn, const u16* vsc,
+    const u16* vmn, const float* stg, int dtype, int layer, int n_layers, int n_kv, int ps, int d,
+    int n_heads, float scale, int ch, int n_work) {
+    extern __shared__ float att_sm[];
+    KvStore s;
+    s.kf = kf; s.vf = vf; s.kh = kh; s.vh = vh;
+    s.kq = kq; s.vq = vq; s.ksc = ksc; s.kmn = kmn; s.vsc = vsc; s.vmn = vmn;
+    s.stg = stg;
+    s.dtype = dtype; s.n_layers = n_layers; s.n_kv = n_kv; s.ps = ps; s.d = d;
+
+    const int w = blockIdx.x, kv = blockIdx.y;
+    const int* wk = meta + work_off + w * WORK_INTS;
+    const int row = wk[0], e0 = wk[1];
+    int e1 = wk[2];
+    const int* rw = meta + row * ROW_INTS;
+    const int* ent = meta + rw[0];
+    const int npages = rw[1], ntok = rw[2], nw = rw[4], spi = rw[5];
+    const int G = n_heads / n_kv;
+    const int half = d >> 1;
+    const int stride = d + 1;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    float* sK = att_sm;
+    float* sV = sK + ch * stride;
+    float* sQ = sV + ch * stride;
+    int* sTokMask = (int*)(sQ + G * d);
+    int* sTokPage = sTokMask + ch;
+    int* sTokStage = sTokPage + ch;
+    int* sTokSlot = sTokStage + ch;
+
+    const int* list = 0;
+    if (spi >= 0) {
+        const int* sp = meta + sp_off + spi * SPARSE_INTS;
+        list = lists + sp[6] + (long long)kv * sp[7] * 2;
+        const int cnt = counts[spi * n_kv + kv];
+        if (cnt < e1) e1 = cnt;
+    }
+    const u32 full = G >= 32 ? FULL_MASK : ((1u << G) - 1u);
+    const int last_len = npages > 0 ? ntok - (npages - 1) * ps : 0;
+
+    const float* qg = q + ((long long)row * n_heads + (long long)kv * G) * d;
+    for (int e = tid; e < G * d; e += blockDim.x) sQ[e] = qg[e];
+
+    const bool active = warp < G;
+    float m = NEG_INF, l = 0.0f;
+    float acc[ACC_MAX];
+#pragma unroll
+    for (int i = 0; i < ACC_MAX; ++i) acc[i] = 0.0f;
+
+    const int sc = ps < ch ? ps : ch;           // slots per page per chunk
+    const int epc = ps < ch ? ch / ps : 1;      // entries (pages) per chunk
+    const int nt = epc * sc;                    // tokens per chunk (<= ch <= 32)
+    for (int e = e0; e < e1; e += epc) {
+        for (int s0 = 0; s0 < ps; s0 += sc) {
+            __syncthreads();  // the previous chunk's readers are done (and sQ is loaded)
+            if (tid < nt) {
+                const int ei = e + tid / sc, slot = s0 + tid % sc;
+                u32 mk = 0;
+                int pg = 0, st = -1;
+                if (ei < e1) {
+                    int pi;
+                    if (list) {
+                        pi = list[2 * ei];
+                        mk = (u32)list[2 * ei + 1];
+                    } else {
+                        pi = ei;
+                        mk = full;
+                    }
+                    const int len = pi == npages - 1 ? last_len : ps;
+                    if (slot < len) {
+                        pg = ent[2 * pi];
+                        st = ent[2 * pi + 1];
+                    } else {
+                        mk = 0;
+                    }
+                }
+                sTokMask[tid] = (int)mk;
+                sTokPage[tid] = pg;
+                sTokStage[tid] = st;
+                sTokSlot[tid] = slot;
+            }
+            __syncthreads();
+            for (int idx = tid; idx < nt * half; idx += blockDim.x) {
+                const int t = idx / half, j = idx - t * half;
+                float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
+                if (sTokMask[t] != 0)
+                    load_pair(s, tile_index(sTokPage[t], layer, kv, n_layers, n_kv), kv,
+                              sTokStage[t], sTokSlot[t], j, k0, k1, v0, v1);
+                sK[t * stride + j] = k0;
+                sK[t * stride + j + half] = k1;
+                sV[t * stride + j] = v0;
+                sV[t * stride + j + half] = v1;
+            }
+            __syncthreads();
+            if (active) {
+                float sc_t = NEG_INF;
+                if (lane < nt && ((((u32)sTokMask[lane]) >> warp) & 1u)) {
+                    const float* kr = sK + lane * stride;
+                    const float* qh = sQ + warp * d;
+                    float dot = 0.0f;
+                    for (int c = 0; c < d; ++c) dot = fmaf(qh[c], kr[c], dot);
+                    sc_t = dot * scale;
+                }
+                const float m_new = fmaxf(m, warp_max(sc_t));
+                if (m_new != NEG_INF) {
+                    const float corr = m == NEG_INF ? 0.0f : expf(m - m_new);
+                    const float p = sc_t == NEG_INF ? 0.0f : expf(sc_t - m_new);
+                    l = l * corr + warp_sum(p);
+#pragma unroll
+                    for (int i = 0; i < ACC_MAX; ++i) acc[i] *= corr;
+                    for (int t = 0; t < nt; ++t) {
+                        const float pt = __shfl_sync(FULL_MASK, p, t);
+                        if (pt != 0.0f) {
+                            const float* vr = sV + t * stride;
+#pragma unroll
+                            for (int i = 0; i < ACC_MAX; ++i) {
+                                const int c = lane + 32 * i;
+                                if (c < d) acc[i] = fmaf(pt, vr[c], acc[i]);
+                            }
+                        }
+                    }
+                    m = m_new;
+                }
+            }
+        }
+    }
+    if (!active) return;
+    const int h = kv * G + warp;
+    if (nw == 1) {
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        float* o = out + ((long long)row * n_heads + h) * d;
+#pragma unroll
+        for (int i = 0; i < ACC_MAX; ++i) {
+            const int c = lane + 32 * i;
+            if (c < d) o[c] = acc[i] * inv;
+        }
+    } else {
+        const long long pi = (long long)w * n_heads + h;
+        float* pa = part + pi * d;
+#pragma unroll
+        for (int i = 0; i < ACC_MAX; ++i) {
+            const int c = lane + 32 * i;
+            if (c < d) pa[c] = acc[i];
+        }
+        if (lane == 0) {
+            float* pm = part + (long long)n_work * n_heads * d;
+            pm[pi] = m;
+            pm[(long long)n_work * n_heads + pi] = l;
+        }
+    }
+}
+
+// Merges the partials of rows with several work items. Grid: (rows, n_heads).
+extern "C" __global__ void attn_reduce(const float* part, float* out, const int* meta, int n_work,
+                                       int n_heads, int d) {
+    const int row = blockIdx.x, h = blockIdx.y;
+    const int* rw = meta + row * ROW_INTS;
+    const int w0 = rw[3], nw = rw[4];
+    if (nw <= 1) return;
+    const float* pm = part + (long long)n_work * n_heads * d;
+    const float* pl = pm + (long long)n_work * n_heads;
+    float M = NEG_INF;
+    for (int w = w0; w < w0 + nw; ++w) M = fmaxf(M, pm[(long long)w * n_heads + h]);
+    float L = 0.0f;
+    for (int w = w0; w < w0 + nw; ++w) {
+        const float mw = pm[(long long)w * n_heads + h];
+        if (mw != NEG_INF) L += pl[(long long)w * n_heads + h] * expf(mw - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    float* o = out + ((long long)row * n_heads + h) * d;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float a = 0.0f;
+        for (int w = w0; w < w0 + nw; ++w) {
+            const float mw = pm[(long long)w * n_heads + h];
+            if (mw != NEG_INF) a += part[((long long)w * n_heads + h) * d + c] * expf(mw - M);
+        }
+        o[c] = a * inv;
+    }
+}

@@ -1,0 +1,526 @@
+//! Paged attention on the device (`attention.cu`): the CUDA twin of [`crate::cpu::attention`].
+//!
+//! # Kernels and data flow of one [`paged_attention_rows`] call
+//!
+//! The host builds one `i32` *meta* array and uploads it once per call:
+//!
+//! * rows section (8 ints per query row): offset of the row's page table entries, visible pages,
+//!   `n_tokens`, first work item, number of work items, sparse index (-1 when dense);
+//! * work section (3 ints per work item): row, first entry, end entry;
+//! * sparse section (8 ints per row whose visible pages exceed the budget): row, candidates `C`
+//!   (pages `1..recent_start`), `k` to pick, `recent_start`, offsets of its bounds, masks and list,
+//!   list capacity;
+//! * entries: `(page id, INT4 staging slot or -1)` per visible page, one table per distinct page
+//!   table (rows of one sequence share it: prefill uploads its table once).
+//!
+//! Sparse rows then run three small kernels: `attn_page_bounds` (one thread per candidate page,
+//! all query heads of the group, [`crate::cpu::attention::page_bound`]'s exact summation order so the
+//! bounds are bit-identical), `attn_select_pages` (one block per (row, query head): MSB radix select
+//! over `f32::total_cmp` keys for the `k`-th largest bound, then ties by lower page index — the CPU's
+//! rule — writing a per-page bit mask of the group's heads), and `attn_compact_pages` (per (row,
+//! kv head), the ascending list of pages any head of the group keeps, with their head masks). The
+//! selection is entirely on the device.
+//!
+//! `attn_paged` is flash-decoding with split-K: one block per (work item, kv head); a work item is a
+//! range of a row's entries (visible pages when dense, the compacted kept-page list when sparse).
+//! The block decodes up to 32 tokens at a time into shared memory (INT4 keys per channel, values per
+//! token, exactly as the CPU), shared by the group's query heads (warp `g` owns query head
+//! `kv·G + g`) which each keep an online softmax. Rows with one work item are written directly;
+//! others leave partial (max, sum, accumulator) and `attn_reduce` merges them. Splits are sized so
+//! the grid has about four blocks per SM, so one sequence at 32K context fills the GPU.
+
+use std::collections::HashMap;
+
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+
+use super::{CudaError, Gpu, KernelModule};
+use crate::cpu::attention::SparseConfig;
+use crate::cpu::kv::PageId;
+
+pub use super::kv::{GpuKvPool, MAX_HEAD_DIM};
+
+pub const MODULE: KernelModule = KernelModule {
+    name: "attention",
+    source: include_str!("../../cuda/attention.cu"),
+    functions: &[
+        "kv_fill_bounds",
+        "kv_write_rows",
+        "kv_seal_int4",
+        "kv_reopen_int4",
+        "kv_read_token",
+        "attn_page_bounds",
+        "attn_select_pages",
+        "attn_compact_pages",
+        "attn_paged",
+        "attn_reduce",
+    ],
+};
+
+/// Where one query row reads its keys and values (as [`crate::cpu::attention::Query`]).
+#[derive(Clone, Copy, Debug)]
+pub struct GpuQuery<'a> {
+    /// The sequence's page table.
+    pub pages: &'a [PageId],
+    /// Tokens visible to this query (its position + 1).
+    pub n_tokens: usize,
+}
+
+/// How rows are split over blocks. The default sizes splits from the SM count; tests force small
+/// splits to exercise the merge.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SplitPlan {
+    /// Entries (pages) per work item; `None`: automatic.
+    pub entries_per_split: Option<usize>,
+}
+
+const ROW_INTS: usize = 8;
+const SPARSE_INTS: usize = 8;
+const WORK_INTS: usize = 3;
+const SEL_THREADS: u32 = 256;
+const BOUND_THREADS: usize = 128;
+/// Candidate keys cached in shared memory by the selection kernel (32 KiB).
+const KEY_CAP: usize = 8192;
+const SMEM_LIMIT: usize = 48 * 1024;
+
+/// `out[r × n_heads·head_dim]` = attention of query row `r` (`q`: `[rows × n_heads·head_dim]`,
+/// after RoPE) over the first `n_tokens` tokens of its pages (causal by construction), GQA
+/// (query head `h` reads KV head `h / (n_heads / n_kv_heads)`), softmax scale `scale`. With
+/// `sparse`, each query head attends to the pages [`crate::cpu::attention::select_pages`] picks
+/// (same pages, same sink / recent / tie rules). An empty context writes zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_rows(
+    gpu: &Gpu,
+    pool: &GpuKvPool,
+    layer: usize,
+    queries: &[GpuQuery<'_>],
+    q: &CudaView<'_, f32>,
+    n_heads: usize,
+    scale: f32,
+    sparse: Option<&SparseConfig>,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<(), CudaError> {
+    paged_attention_rows_with(
+        gpu,
+        pool,
+        layer,
+        queries,
+        q,
+        n_heads,
+        scale,
+        sparse,
+        out,
+        SplitPlan::default(),
+    )
+}
+
+struct SparseRow {
+    row: usize,
+    cand: usize,
+    k: usize,
+    recent_start: usize,
+    cap: usize,
+}
+
+fn shape(msg: String) -> CudaError {
+    CudaError::Shape(msg)
+}
+
+fn to_i32(x: usize, what: &str) -> Result<i32, CudaError> {
+    i32::try_from(x).map_err(|_| shape(format!("attention: {what} = {x} exceeds i32")))
+}
+
+/// [`paged_attention_rows`] with an explicit [`SplitPlan`].
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_rows_with(
+    gpu: &Gpu,
+    pool: &GpuKvPool,
+    layer: usize,
+    queries: &[GpuQuery<'_>],
+    q: &CudaView<'_, f32>,
+    n_heads: usize,
+    scale: f32,
+    sparse: Option<&SparseConfig>,
+    out: &mut CudaViewMut<'_, f32>,
+    plan: SplitPlan,
+) -> Result<(), CudaError> {
+    let g = *pool.geometry();
+    let (ps, n_layers, n_kv, d) = (g.page_size, g.n_layers, g.n_kv_heads, g.head_dim);
+    let rows = queries.len();
+    let width = n_heads * d;
+    if layer >= n_layers {
+        return Err(shape(format!("attention: layer {layer} of {n_layers}")));
+    }
+    if n_heads == 0 || !n_heads.is_multiple_of(n_kv) {
+        return Err(shape(format!(
+            "attention: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}"
+        )));
+    }
+    let group = n_heads / n_kv;
+    if group > 32 || n_kv > 65535 || n_heads > 65535 {
+        return Err(shape(format!(
+            "attention: {n_heads} query heads over {n_kv} kv heads (at most 32 per group)"
+        )));
+    }
+    if d > MAX_HEAD_DIM {
+        return Err(shape(format!("attention: head_dim {d} > {MAX_HEAD_DIM}")));
+    }
+    if q.len() != rows * width || out.len() != rows * width {
+        return Err(shape(format!(
+            "attention: q has {} and out {} elements, want {rows} rows × {width}",
+            q.len(),
+            out.len()
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+
+    // Visible pages per row, page tables deduplicated by identity, sparse rows.
+    let mut npages = Vec::with_capacity(rows);
+    let mut table_of = Vec::with_capacity(rows);
+    let mut tables: Vec<(&[PageId], usize)> = Vec::new();
+    let mut table_ids: HashMap<(usize, usize), usize> = HashMap::new();
+    for (r, qr) in queries.iter().enumerate() {
+        let np = qr.n_tokens.div_ceil(ps);
+        if np > qr.pages.len() {
+            return Err(shape(format!(
+                "attention: row {r} sees {} tokens but its page table has {} pages of {ps}",
+                qr.n_tokens,
+                qr.pages.len()
+            )));
+        }
+        if let Some(&bad) = qr.pages[..np]
+            .iter()
+            .find(|&&p| p as usize >= pool.capacity())
+        {
+            return Err(shape(format!(
+                "attention: row {r} reads page {bad} of a {}-page pool",
+                pool.capacity()
+            )));
+        }
+        let key = (qr.pages.as_ptr() as usize, qr.pages.len());
+        let t = *table_ids.entry(key).or_insert_with(|| {
+            tables.push((qr.pages, 0));
+            tables.len() - 1
+        });
+        tables[t].1 = tables[t].1.max(np);
+        table_of.push(t);
+        npages.push(np);
+    }
+    let mut sparse_rows = Vec::new();
+    let mut sparse_of = vec![-1i32; rows];
+    let mut entries = Vec::with_capacity(rows);
+    for r in 0..rows {
+        let np = npages[r];
+        let mut n_entries = np;
+        if let Some(cfg) = sparse {
+            let budget = cfg.budget_pages(ps);
+            if np > budget {
+                // np > budget >= 1 + recent_pages (cpu::attention::select_into).
+                let recent = cfg.recent_pages;
+                let recent_start = np - recent;
+                let k = budget - 1 - recent;
+                let cap = np.min(1 + recent + group * k);
+                sparse_of[r] = to_i32(sparse_rows.len(), "sparse rows")?;
+                sparse_rows.push(SparseRow {
+                    row: r,
+                    cand: recent_start - 1,
+                    k,
+                    recent_start,
+                    cap,
+                });
+                n_entries = cap;
+            }
+        }
+        entries.push(n_entries);
+    }
+
+    // Split-K plan.
+    let per_split = match plan.entries_per_split {
+        Some(e) => e.max(1),
+        None => {
+            let total: usize = entries.iter().sum::<usize>() * n_kv;
+            let target = 4 * pool.sm_count();
+            let min_entries = 64usize.div_ceil(ps).max(1);
+            total.div_ceil(target.max(1)).max(min_entries)
+        }
+    };
+    let mut work: Vec<[usize; 3]> = Vec::new();
+    let mut row_work = Vec::with_capacity(rows);
+    for (r, &n) in entries.iter().enumerate() {
+        let nw = n.div_ceil(per_split).max(1);
+        row_work.push((work.len(), nw));
+        for i in 0..nw {
+            work.push([r, i * per_split, ((i + 1) * per_split).min(n)]);
+        }
+    }
+    let n_work = work.len();
+    let split = row_work.iter().any(|&(_, nw)| nw > 1);
+
+    // Meta array: rows, work, sparse, entries.
+    let work_off = rows * ROW_INTS;
+    let sp_off = work_off + n_work * WORK_INTS;
+    let ent_base = sp_off + sparse_rows.len() * SPARSE_INTS;
+    let mut table_off = Vec::with_capacity(tables.len());
+    let mut at = ent_base;
+    for &(_, np) in &tables {
+        table_off.push(at);
+        at += 2 * np;
+    }
+    let meta_len = at;
+    to_i32(meta_len, "meta length")?;
+    let mut meta = vec![0i32; meta_len];
+    for r in 0..rows {
+        let rec = &mut meta[r * ROW_INTS..(r + 1) * ROW_INTS];
+        rec[0] = table_off[table_of[r]] as i32;
+        rec[1] = npages[r] as i32;
+        rec[2] = to_i32(queries[r].n_tokens, "n_tokens")?;
+        rec[3] = row_work[r].0 as i32;
+        rec[4] = row_work[r].1 as i32;
+        rec[5] = sparse_of[r];
+    }
+    for (w, item) in work.iter().enumerate() {
+        let rec = &mut meta[work_off + w * WORK_INTS..][..WORK_INTS];
+        for (dst, &x) in rec.iter_mut().zip(item) {
+            *dst = x as i32;
+        }
+    }
+    let (mut bounds_len, mut masks_len, mut lists_len) = (0usize, 0usize, 0usize);
+    let mut max_cand = 0usize;
+    for (s, sr) in sparse_rows.iter().enumerate() {
+        let rec = &mut meta[sp_off + s * SPARSE_INTS..][..SPARSE_INTS];
+        rec[0] = sr.row as i32;
+        rec[1] = sr.cand as i32;
+        rec[2] = sr.k as i32;
+        rec[3] = sr.recent_start as i32;
+        rec[4] = to_i32(bounds_len, "bounds offset")?;
+        rec[5] = to_i32(masks_len, "mask offset")?;
+        rec[6] = to_i32(lists_len, "list offset")?;
+        rec[7] = sr.cap as i32;
+        bounds_len += n_heads * sr.cand;
+        masks_len += n_kv * npages[sr.row];
+        lists_len += n_kv * sr.cap * 2;
+        max_cand = max_cand.max(sr.cand);
+    }
+    to_i32(bounds_len, "bounds length")?;
+    to_i32(masks_len, "masks length")?;
+    to_i32(lists_len, "lists length")?;
+    to_i32(n_work * n_heads * (d + 2), "partials length")?;
+    for (t, &(pages, np)) in tables.iter().enumerate() {
+        let dst = &mut meta[table_off[t]..table_off[t] + 2 * np];
+        for (pair, &p) in dst.chunks_exact_mut(2).zip(&pages[..np]) {
+            pair[0] = p as i32;
+            pair[1] = pool.stage_of(layer, p);
+        }
+    }
+
+    let s = gpu.stream();
+    let d_meta = s.clone_htod(&meta)?;
+    let n_sparse = sparse_rows.len();
+    let mut counts = s.alloc_zeros::<i32>((n_sparse * n_kv).max(1))?;
+    let mut lists = s.alloc_zeros::<i32>(lists_len.max(1))?;
+    let (work_off_i, sp_off_i) = (work_off as i32, sp_off as i32);
+    let (n_layers_i, n_kv_i, d_i, n_heads_i) =
+        (n_layers as i32, n_kv as i32, d as i32, n_heads as i32);
+    let layer_i = layer as i32;
+
+    if n_sparse > 0 {
+        let mut bounds = s.alloc_zeros::<f32>(bounds_len.max(1))?;
+        let mut masks = s.alloc_zeros::<u32>(masks_len.max(1))?;
+        let st = &pool.store;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                n_sparse as u32,
+                max_cand.div_ceil(BOUND_THREADS).clamp(1, 65535) as u32,
+                n_kv as u32,
+            ),
+            block_dim: (BOUND_THREADS as u32, 1, 1),
+            shared_mem_bytes: (group * d * 4) as u32,
+        };
+        if max_cand.div_ceil(BOUND_THREADS) > 65535 {
+            return Err(shape(format!("attention: {max_cand} candidate pages")));
+        }
+        let f = gpu.function(MODULE.name, "attn_page_bounds")?;
+        // SAFETY: attn_page_bounds(const float* q, const int* meta, int sp_off,
+        // const float* bmin, const float* bmax, float* bounds, int layer, int n_layers, int n_kv,
+        // int d, int n_heads). Sparse records index rows < rows, candidate pages 1..recent_start of
+        // tables whose page ids were checked < capacity; bounds holds every record's
+        // n_heads × C floats; shared memory holds G·d floats.
+        unsafe {
+            s.launch_builder(f)
+                .arg(q)
+                .arg(&d_meta)
+                .arg(&sp_off_i)
+                .arg(&st.bmin)
+                .arg(&st.bmax)
+                .arg(&mut bounds)
+                .arg(&layer_i)
+                .arg(&n_layers_i)
+                .arg(&n_kv_i)
+                .arg(&d_i)
+                .arg(&n_heads_i)
+                .launch(cfg)?;
+        }
+        let key_cap = max_cand.min(KEY_CAP);
+        let key_cap_i = key_cap as i32;
+        let cfg = LaunchConfig {
+            grid_dim: (n_sparse as u32, n_heads as u32, 1),
+            block_dim: (SEL_THREADS, 1, 1),
+            shared_mem_bytes: (key_cap * 4) as u32,
+        };
+        let f = gpu.function(MODULE.name, "attn_select_pages")?;
+        // SAFETY: attn_select_pages(const int* meta, int sp_off, const float* bounds, u32* masks,
+        // int n_heads, int n_kv, int key_cap): masks holds n_kv × npages per record (zeroed);
+        // keys are cached only when C <= key_cap, which the shared memory holds.
+        unsafe {
+            s.launch_builder(f)
+                .arg(&d_meta)
+                .arg(&sp_off_i)
+                .arg(&bounds)
+                .arg(&mut masks)
+                .arg(&n_heads_i)
+                .arg(&n_kv_i)
+                .arg(&key_cap_i)
+                .launch(cfg)?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (n_sparse as u32, n_kv as u32, 1),
+            block_dim: (SEL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = gpu.function(MODULE.name, "attn_compact_pages")?;
+        // SAFETY: attn_compact_pages(const int* meta, int sp_off, const u32* masks, int* lists,
+        // int* counts, int n_kv): lists hold n_kv × cap pairs per record (writes are capped),
+        // counts n_sparse × n_kv.
+        unsafe {
+            s.launch_builder(f)
+                .arg(&d_meta)
+                .arg(&sp_off_i)
+                .arg(&masks)
+                .arg(&mut lists)
+                .arg(&mut counts)
+                .arg(&n_kv_i)
+                .launch(cfg)?;
+        }
+    }
+
+    // Tokens per chunk: 32 (one per lane) unless shared memory is short.
+    let smem = |ch: usize| (2 * ch * (d + 1) + group * d) * 4 + 4 * ch * 4;
+    let mut ch = 32usize;
+    while smem(ch) > SMEM_LIMIT && ch > 1 {
+        ch /= 2;
+    }
+    if smem(ch) > SMEM_LIMIT {
+        return Err(shape(format!(
+            "attention: head_dim {d} × group {group} exceeds shared memory"
+        )));
+    }
+    to_i32(n_work, "work items")?;
+    let mut part = s.alloc_zeros::<f32>(if split { n_work * n_heads * (d + 2) } else { 1 })?;
+    let st = &pool.store;
+    let warps = group.max(4);
+    let cfg = LaunchConfig {
+        grid_dim: (n_work as u32, n_kv as u32, 1),
+        block_dim: ((32 * warps) as u32, 1, 1),
+        shared_mem_bytes: smem(ch) as u32,
+    };
+    let (dt, ps_i, ch_i, n_work_i) = (pool.dtype_code(), ps as i32, ch as i32, n_work as i32);
+    let f = gpu.function(MODULE.name, "attn_paged")?;
+    // SAFETY: attn_paged(const float* q, float* out, float* part, const int* meta, int work_off,
+    // int sp_off, const int* lists, const int* counts, kf, vf, kh, vh, kq, vq, ksc, kmn, vsc, vmn,
+    // stg, int dtype, int layer, int n_layers, int n_kv, int ps, int d, int n_heads, float scale,
+    // int ch, int n_work). q / out hold rows × n_heads·d (checked); every work item's entries are
+    // < the row's visible pages (dense) or < its list count (sparse); page ids < capacity and
+    // staging slots < staging capacity come from the pool; part holds n_work × n_heads × (d + 2)
+    // floats whenever some row has several work items (only then is it written); ch <= 32 and
+    // shared memory is smem(ch).
+    unsafe {
+        s.launch_builder(f)
+            .arg(q)
+            .arg(&mut *out)
+            .arg(&mut part)
+            .arg(&d_meta)
+            .arg(&work_off_i)
+            .arg(&sp_off_i)
+            .arg(&lists)
+            .arg(&counts)
+            .arg(&st.kf)
+            .arg(&st.vf)
+            .arg(&st.kh)
+            .arg(&st.vh)
+            .arg(&st.kq)
+            .arg(&st.vq)
+            .arg(&st.ksc)
+            .arg(&st.kmn)
+            .arg(&st.vsc)
+            .arg(&st.vmn)
+            .arg(&st.stg)
+            .arg(&dt)
+            .arg(&layer_i)
+            .arg(&n_layers_i)
+            .arg(&n_kv_i)
+            .arg(&ps_i)
+            .arg(&d_i)
+            .arg(&n_heads_i)
+            .arg(&scale)
+            .arg(&ch_i)
+            .arg(&n_work_i)
+            .launch(cfg)?;
+    }
+    if split {
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, n_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = gpu.function(MODULE.name, "attn_reduce")?;
+        // SAFETY: attn_reduce(const float* part, float* out, const int* meta, int n_work,
+        // int n_heads, int d): rows with nw > 1 read partials w0..w0+nw < n_work, written above.
+        unsafe {
+            s.launch_builder(f)
+                .arg(&part)
+                .arg(&mut *out)
+                .arg(&d_meta)
+                .arg(&n_work_i)
+                .arg(&n_heads_i)
+                .arg(&d_i)
+                .launch(cfg)?;
+        }
+    }
+    Ok(())
+}
+
+/// Device seconds per [`paged_attention_rows`] call (CUDA events around `iters` calls after one
+/// warm-up call; includes the per-call table upload, as the engine pays it).
+#[allow(clippy::too_many_arguments)]
+pub fn time_attention(
+    gpu: &Gpu,
+    pool: &GpuKvPool,
+    layer: usize,
+    queries: &[GpuQuery<'_>],
+    q: &CudaView<'_, f32>,
+    n_heads: usize,
+    scale: f32,
+    sparse: Option<&SparseConfig>,
+    out: &mut CudaViewMut<'_, f32>,
+    iters: usize,
+) -> Result<f64, CudaError> {
+    let run = |out: &mut CudaViewMut<'_, f32>| {
+        paged_attention_rows(gpu, pool, layer, queries, q, n_heads, scale, sparse, out)
+    };
+    run(out)?;
+    let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+    let start = gpu.context().new_event(flags)?;
+    let end = gpu.context().new_event(flags)?;
+    start.record(gpu.stream())?;
+    for _ in 0..iters.max(1) {
+        run(out)?;
+    }
+    end.record(gpu.stream())?;
+    let ms = start.elapsed_ms(&end)?;
+    Ok(ms as f64 / 1e3 / iters.max(1) as f64)
+}
+
+#[cfg(test)]
+#[path = "attention_tests.rs"]
+mod tests;

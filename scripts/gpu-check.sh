@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs the CUDA tests and GPU benches on a machine with a GPU and no Rust toolchain, from
+# binaries built elsewhere (scripts/gpu-pack.sh puts them and the PTX into gpu-carry/).
+#   scripts/gpu-check.sh [tests|bench|all]
+# Results go to stdout and, when $OUT is set, to $OUT/*.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+C=gpu-carry
+OUTDIR="${OUT:-/tmp/edgelora-gpu}"; mkdir -p "$OUTDIR"
+export EDGELORA_PTX_DIR="$PWD/$C/ptx" EDGELORA_KERNELS="$PWD/$C/ptx" EDGELORA_REQUIRE_GPU=1
+export EDGELORA_FIXTURES="$PWD/tests/fixtures" EDGELORAD_BIN="$PWD/$C/edgelorad"
+export EDGELORA_CACHE="${EDGELORA_CACHE:-/tmp/edgelora-cache}"
+chmod +x $C/* 2>/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+what="${1:-all}"
+rc=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+    echo "== kernel tests (CUDA vs CPU references)"
+    $C/kernels-test cuda --test-threads 1 2>&1 | tee "$OUTDIR/kernels.log" | grep -v "^test .* ok$" || rc=1
+    echo "== tiny-llama goldens on CUDA"
+    $C/tiny-goldens-test goldens_hold_on_cuda --nocapture 2>&1 | tee "$OUTDIR/goldens.log" | tail -n 15 || rc=1
+    echo "== daemon device tests"
+    $C/daemon-test device 2>&1 | tail -n 8 || rc=1
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+    B=$C/edgelora-bench
+    echo "== GEMV"
+    $B gpu gemv 2>&1 | tee "$OUTDIR/gemv.log"
+    echo "== attention"
+    $B gpu attention 2>&1 | tee "$OUTDIR/attention.log"
+    for shape in smollm2 llama-1b; do
+        d=/tmp/synth-$shape
+        [ -f $d/config.json ] || $B synth --shape $shape --out $d --tokenizer-from tests/fixtures/tiny-llama >/dev/null
+        echo "== decode $shape"
+        $B gpu decode --model $d --kv int4 --batch 1,16,64 --adapters 16 --rank 16 2>&1 | tee "$OUTDIR/decode-$shape.log"
+    done
+fi
+exit $rc

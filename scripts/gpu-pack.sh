@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Builds what scripts/gpu-check.sh runs on a GPU machine without Rust: stripped test and bench
+# binaries and the PTX of every kernel (edgelorad kernels build), into gpu-carry/ (git-ignored).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+C=gpu-carry; rm -rf $C; mkdir -p $C/ptx
+CACHE="${EDGELORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora}"
+NVRTC="$(find "$CACHE/cuda-venv" -path '*nvidia/cuda_nvrtc/lib' -type d 2>/dev/null | head -n1)"
+[ -n "$NVRTC" ] || { echo "run scripts/test.sh once first: it installs NVRTC into $CACHE/cuda-venv" >&2; exit 1; }
+export LD_LIBRARY_PATH="$NVRTC${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+cargo build --release -q -p edgelora-daemon --bin edgelorad -p edgelora-bench
+./target/release/edgelorad kernels build --arch sm_90 --out $C/ptx >/dev/null
+cp target/release/edgelorad target/release/edgelora-bench $C/
+testbin() { cargo test --release -q "$@" --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import sys,json
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]!=["bin"]: print(m["executable"])' | tail -n1; }
+cp "$(testbin -p edgelora-kernels --lib)" $C/kernels-test
+cp "$(testbin -p edgelora-daemon --lib)" $C/daemon-test
+cp "$(testbin -p edgelora-tests --test tiny_goldens)" $C/tiny-goldens-test
+strip $C/edgelorad $C/edgelora-bench $C/*-test
+du -sh $C $C/*

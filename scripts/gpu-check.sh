@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the CUDA tests and GPU benches on a machine with a GPU and no Rust toolchain, from
 # binaries built elsewhere (scripts/gpu-pack.sh puts them and the PTX into gpu-carry/).
-#   scripts/gpu-check.sh [tests|bench|all]
+#   scripts/gpu-check.sh [tests|smollm2|bench|all]
 # Results go to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +21,16 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
     $C/tiny-goldens-test goldens_hold_on_cuda --nocapture 2>&1 | tee "$OUTDIR/goldens.log" | tail -n 15 || rc=1
     echo "== daemon device tests"
     $C/daemon-test device 2>&1 | tail -n 8 || rc=1
+fi
+if [ "$what" = smollm2 ] || [ "$what" = all ]; then
+    if [ -f gpu-model/a ] && [ -f gpu-model/b ]; then
+        cat gpu-model/a gpu-model/b > /tmp/smollm2.gguf
+        export EDGELORA_SMOLLM2_GGUF=/tmp/smollm2.gguf
+        echo "== SmolLM2 greedy on CUDA vs the goldens (and so the CPU)"
+        $C/smollm2-test cuda_greedy --nocapture 2>&1 | tee "$OUTDIR/smollm2.log" | tail -n 6 || rc=1
+    else
+        echo "== SmolLM2 parts missing (gpu-model/a, gpu-model/b): skipped"
+    fi
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     B=$C/edgelora-bench

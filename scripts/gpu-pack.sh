@@ -19,5 +19,13 @@ for l in sys.stdin:
 cp "$(testbin -p edgelora-kernels --lib)" $C/kernels-test
 cp "$(testbin -p edgelora-daemon --lib)" $C/daemon-test
 cp "$(testbin -p edgelora-tests --test tiny_goldens)" $C/tiny-goldens-test
+cp "$(testbin -p edgelora-tests --test smollm2)" $C/smollm2-test
+# The SmolLM2 GGUF (94 MB) is larger than one transfer to the GPU machine may be: two parts.
+GGUF="$(./target/release/edgelorad model fetch 2>/dev/null || true)"
+if [ -f "$GGUF" ]; then
+    rm -rf gpu-model; mkdir -p gpu-model
+    head -c 50000000 "$GGUF" > gpu-model/a
+    tail -c +50000001 "$GGUF" > gpu-model/b
+fi
 strip $C/edgelorad $C/edgelora-bench $C/*-test
 du -sh $C $C/*

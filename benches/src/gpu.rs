@@ -17,7 +17,9 @@ use edgelora_daemon::engine::cuda::CudaBackend;
 use edgelora_daemon::engine::{Backend, ForwardOptions, KvDtype, SeqKv, SeqStep, SparseConfig};
 use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_kernels::cuda::Gpu;
-use edgelora_kernels::cuda::attention::{GpuKvPool, GpuQuery, paged_attention_rows};
+use edgelora_kernels::cuda::attention::{
+    GpuKvPool, GpuQuery, attention_plan, paged_attention_planned,
+};
 use edgelora_kernels::cuda::linear::GpuWeight;
 use edgelora_kernels::{Q4Matrix, Weight};
 
@@ -268,17 +270,18 @@ pub fn run(a: GpuArgs) -> Result<()> {
                 }];
                 let scale = 1.0 / (hd as f32).sqrt();
                 let sparse = SparseConfig::new(budget);
-                let mut time = |sp: Option<&SparseConfig>| {
+                // A decode step plans once (page tables, selection scratch) and runs every layer
+                // under the plan: time one layer's run.
+                let mut time = |sp: Option<&SparseConfig>| -> Result<f64> {
+                    let plan = attention_plan(&gpu, &pool, &queries, n_heads, sp)?;
                     time_events(&gpu, iters, || {
-                        paged_attention_rows(
+                        paged_attention_planned(
                             &gpu,
                             &pool,
+                            &plan,
                             0,
-                            &queries,
                             &dq.as_view(),
-                            n_heads,
                             scale,
-                            sp,
                             &mut out.as_view_mut(),
                         )?;
                         Ok(())

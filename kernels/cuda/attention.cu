@@ -8,6 +8,9 @@
 //   (tile, slot). Open INT4 pages live in an f32 staging slot laid out like the CPU's staging copy:
 //   [K|V][kv_head][slot][channel], slot index `stage` (-1: none).
 //   Key bounds: f32 min/max per (tile, channel), +inf / -inf when empty.
+//   Staging table: int per (page, layer) = staging slot + 1 (0: none), kept in stream order by
+//   kv_write_rows / kv_seal_int4 / kv_reopen_int4 (and zeroed by the pool's free), so attention
+//   looks staging up on the device at run time.
 //
 // Arithmetic that must be bit-identical to the CPU (quantization, dequantization, page bounds)
 // uses the explicit __fmul_rn / __fadd_rn / __fdiv_rn intrinsics, which NVRTC never contracts
@@ -122,10 +125,13 @@ extern "C" __global__ void kv_fill_bounds(float* bmin, float* bmax, long long n)
 // rowinfo[3r+2]. Widens the page's key bounds.
 extern "C" __global__ void kv_write_rows(const float* k, const float* v, const int* rowinfo,
                                          float* kf, float* vf, u16* kh, u16* vh, float* stg,
-                                         float* bmin, float* bmax, int dtype, int layer,
-                                         int n_layers, int n_kv, int ps, int d) {
+                                         int* stage_tab, float* bmin, float* bmax, int dtype,
+                                         int layer, int n_layers, int n_kv, int ps, int d) {
     const int r = blockIdx.x;
     const int page = rowinfo[3 * r], slot = rowinfo[3 * r + 1], stage = rowinfo[3 * r + 2];
+    // Rows of one page write the same value.
+    if (dtype == KV_INT4 && threadIdx.x == 0)
+        stage_tab[(long long)page * n_layers + layer] = stage + 1;
     const int w = n_kv * d;
     for (int e = threadIdx.x; e < w; e += blockDim.x) {
         const int hd = e / d, c = e - hd * d;
@@ -183,10 +189,12 @@ __device__ __forceinline__ u32 quant4(float x, float s, float m) {
 
 // Seals one INT4 (page, layer): quantizes slots 0..n of staging slot `stage` (Int4Store::quantize).
 // Grid: n_kv blocks (one kv head each). Dynamic shared memory: (2 d + 2 ps) floats.
-extern "C" __global__ void kv_seal_int4(const float* stg, int stage, u8* kq, u8* vq, u16* ksc,
-                                        u16* kmn, u16* vsc, u16* vmn, int page, int layer,
-                                        int n_layers, int n_kv, int ps, int d, int n) {
+extern "C" __global__ void kv_seal_int4(const float* stg, int stage, int* stage_tab, u8* kq,
+                                        u8* vq, u16* ksc, u16* kmn, u16* vsc, u16* vmn, int page,
+                                        int layer, int n_layers, int n_kv, int ps, int d, int n) {
     extern __shared__ float seal_sm[];
+    // Only this launch reads `stage` (by argument): the page is sealed for later kernels.
+    if (blockIdx.x == 0 && threadIdx.x == 0) stage_tab[(long long)page * n_layers + layer] = 0;
     if (n <= 0) return;
     const int hd = blockIdx.x;
     const int half = d >> 1;
@@ -246,8 +254,10 @@ extern "C" __global__ void kv_seal_int4(const float* stg, int stage, u8* kq, u8*
 // slot `stage` (KvPool::reopen). Grid: n_kv blocks.
 extern "C" __global__ void kv_reopen_int4(const u8* kq, const u8* vq, const u16* ksc,
                                           const u16* kmn, const u16* vsc, const u16* vmn,
-                                          float* stg, int stage, int page, int layer, int n_layers,
-                                          int n_kv, int ps, int d, int n) {
+                                          float* stg, int* stage_tab, int stage, int page,
+                                          int layer, int n_layers, int n_kv, int ps, int d, int n) {
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+        stage_tab[(long long)page * n_layers + layer] = stage + 1;
     KvStore s;
     s.kf = 0; s.vf = 0; s.kh = 0; s.vh = 0;
     s.kq = kq; s.vq = vq; s.ksc = ksc; s.kmn = kmn; s.vsc = vsc; s.vmn = vmn;
@@ -298,10 +308,17 @@ extern "C" __global__ void kv_read_token(const float* kf, const float* vf, const
 // Query-aware page selection (cpu/attention.rs select_into), for the rows whose visible pages
 // exceed the budget. Sparse record (SPARSE_INTS): row, C (candidates = pages 1..recent_start),
 // k (candidates to keep), recent_start, bounds_off, mask_off, list_off, cap.
+// A row's entries (meta + rows[0]) are its visible page ids, one int each.
+
+#define BOUND_WARPS 8
+#define BOUND_PAGES 32
 
 // bounds[bounds_off + h * C + i] = page_bound(q_h, kmin, kmax) of candidate page 1 + i, with the
-// CPU's summation order (8 lanes, pairwise lane reduction, then the tail).
-// Grid: (S, ceil(Cmax / blockDim), n_kv). Dynamic shared memory: G * d floats.
+// CPU's summation order: lane (g, u) of a warp sums channels u, u + 8, ... of head g in order (the
+// CPU's lane u), the three xor shuffles add lanes exactly as reduce8 pairs them (IEEE addition is
+// commutative), then the tail. One warp per page, BOUND_PAGES pages per block.
+// Grid: (S, ceil(Cmax / BOUND_PAGES), n_kv), 32 * BOUND_WARPS threads.
+// Dynamic shared memory: G * (d + 8) floats (the group's queries, rows padded against conflicts).
 extern "C" __global__ void attn_page_bounds(const float* q, const int* meta, int sp_off,
                                             const float* bmin, const float* bmax, float* bounds,
                                             int layer, int n_layers, int n_kv, int d,
@@ -311,37 +328,48 @@ extern "C" __global__ void attn_page_bounds(const float* q, const int* meta, int
     const int row = sp[0], C = sp[1];
     const int kv = blockIdx.z;
     const int G = n_heads / n_kv;
+    const int qs = d + 8;
+    const int i0 = blockIdx.y * BOUND_PAGES;
+    if (i0 >= C) return;  // block-uniform, before the barrier
     const float* qg = q + ((long long)row * n_heads + (long long)kv * G) * d;
-    for (int e = threadIdx.x; e < G * d; e += blockDim.x) bq[e] = qg[e];
+    for (int e = threadIdx.x; e < G * d; e += blockDim.x) {
+        const int g = e / d;
+        bq[g * qs + (e - g * d)] = qg[e];
+    }
     __syncthreads();
-    const int i = blockIdx.y * blockDim.x + threadIdx.x;
-    if (i >= C) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int* ent = meta + meta[row * ROW_INTS];
-    const int page = ent[2 * (1 + i)];
-    const long long tile = tile_index(page, layer, kv, n_layers, n_kv);
-    const float* lo = bmin + tile * d;
-    const float* hi = bmax + tile * d;
     const int d8 = d & ~7;
-    float* out = bounds + sp[4] + (long long)kv * G * C + i;
-    for (int g = 0; g < G; ++g) {
-        const float* qh = bq + g * d;
-        float l[8];
-#pragma unroll
-        for (int u = 0; u < 8; ++u) l[u] = 0.0f;
-        for (int c = 0; c < d8; c += 8) {
-#pragma unroll
-            for (int u = 0; u < 8; ++u) {
-                const float qv = qh[c + u];
-                l[u] = __fadd_rn(l[u], fmaxf(__fmul_rn(qv, lo[c + u]), __fmul_rn(qv, hi[c + u])));
+    float* outb = bounds + sp[4] + (long long)kv * G * C;
+    const int i_end = min(i0 + BOUND_PAGES, C);
+    for (int i = i0 + warp; i < i_end; i += BOUND_WARPS) {  // warp-uniform
+        const int page = ent[1 + i];
+        const long long tile = tile_index(page, layer, kv, n_layers, n_kv);
+        const float* lo = bmin + tile * d;
+        const float* hi = bmax + tile * d;
+        for (int base = 0; base < G * 8; base += 32) {
+            const int chain = base + lane, g = chain >> 3, u = chain & 7;
+            const bool valid = g < G;
+            const float* qh = bq + (valid ? g : 0) * qs;
+            float l = 0.0f;
+            if (valid) {
+#pragma unroll 4
+                for (int c = u; c < d8; c += 8) {
+                    const float qv = qh[c];
+                    l = __fadd_rn(l, fmaxf(__fmul_rn(qv, __ldg(lo + c)), __fmul_rn(qv, __ldg(hi + c))));
+                }
+            }
+            l = __fadd_rn(l, __shfl_xor_sync(FULL_MASK, l, 4));
+            l = __fadd_rn(l, __shfl_xor_sync(FULL_MASK, l, 1));
+            l = __fadd_rn(l, __shfl_xor_sync(FULL_MASK, l, 2));
+            if (valid && u == 0) {
+                // Rust's f32 Sum starts from -0.0.
+                float tail = -0.0f;
+                for (int c = d8; c < d; ++c)
+                    tail = __fadd_rn(tail, fmaxf(__fmul_rn(qh[c], lo[c]), __fmul_rn(qh[c], hi[c])));
+                outb[(long long)g * C + i] = __fadd_rn(l, tail);
             }
         }
-        // Rust's f32 Sum starts from -0.0.
-        float tail = -0.0f;
-        for (int c = d8; c < d; ++c)
-            tail = __fadd_rn(tail, fmaxf(__fmul_rn(qh[c], lo[c]), __fmul_rn(qh[c], hi[c])));
-        const float b = __fadd_rn(__fadd_rn(__fadd_rn(l[0], l[4]), __fadd_rn(l[1], l[5])),
-                                  __fadd_rn(__fadd_rn(l[2], l[6]), __fadd_rn(l[3], l[7])));
-        out[(long long)g * C] = __fadd_rn(b, tail);
     }
 }
 
@@ -355,7 +383,8 @@ __device__ __forceinline__ u32 ord_key(float f) {
 
 // One block per (sparse row, query head h): sets bit (h % G) of masks[mask_off + kv * npages + p]
 // for every page p the head keeps: page 0, pages recent_start.., and the k candidates with the
-// largest bounds (ties: lower page index), found by an MSB radix select over total_cmp keys.
+// largest bounds (ties: lower page index), found by an MSB radix select over total_cmp keys
+// (shared-memory histograms, one warp-aggregated atomic per distinct digit per warp).
 // Grid: (S, n_heads), SEL_THREADS threads. Dynamic shared memory: key_cap u32 (keys cached when
 // C <= key_cap, else re-read from `bounds`).
 extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const float* bounds,
@@ -387,9 +416,15 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += SEL_THREADS) hist[i] = 0;
         __syncthreads();
-        for (int i = tid; i < C; i += SEL_THREADS) {
-            const u32 key = cached ? skeys[i] : ord_key(b[i]);
-            if ((key & pmask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+        for (int base = 0; base < C; base += SEL_THREADS) {  // block-uniform trip count
+            const int i = base + tid;
+            u32 dg = 256u;  // no digit
+            if (i < C) {
+                const u32 key = cached ? skeys[i] : ord_key(b[i]);
+                if ((key & pmask) == prefix) dg = (key >> shift) & 255u;
+            }
+            const u32 peers = __match_any_sync(FULL_MASK, dg);
+            if (dg < 256u && lane == __ffs(peers) - 1) atomicAdd(&hist[dg], (u32)__popc(peers));
         }
         __syncthreads();
         if (warp == 0) {
@@ -454,21 +489,23 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
 
 // One block per (sparse row, kv head): the pages any head of the group keeps, ascending, as
 // (page index, head mask) pairs at lists[list_off + kv * cap * 2]; their number in
-// counts[s * n_kv + kv]. Grid: (S, n_kv), SEL_THREADS threads.
-extern "C" __global__ void attn_compact_pages(const int* meta, int sp_off, const u32* masks,
+// counts[s * n_kv + kv]. Clears the masks it reads, so the next layer's selection (same plan)
+// starts from zero without a memset. Grid: (S, n_kv), SEL_THREADS threads.
+extern "C" __global__ void attn_compact_pages(const int* meta, int sp_off, u32* masks,
                                               int* lists, int* counts, int n_kv) {
     __shared__ int warp_cnt[SEL_THREADS / 32];
     const int* sp = meta + sp_off + blockIdx.x * SPARSE_INTS;
     const int row = sp[0], cap = sp[7];
     const int npages = meta[row * ROW_INTS + 1];
     const int kv = blockIdx.y;
-    const u32* mask = masks + sp[5] + (long long)kv * npages;
+    u32* mask = masks + sp[5] + (long long)kv * npages;
     int* list = lists + sp[6] + (long long)kv * cap * 2;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int written = 0;
     for (int base = 0; base < npages; base += SEL_THREADS) {
         const int p = base + tid;
         const u32 m = p < npages ? mask[p] : 0u;
+        if (m != 0u) mask[p] = 0u;
         const u32 ball = __ballot_sync(FULL_MASK, m != 0u);
         const int before = __popc(ball & ((1u << lane) - 1u));
         if (lane == 0) warp_cnt[warp] = __popc(ball);
@@ -500,15 +537,39 @@ extern "C" __global__ void attn_compact_pages(const int* meta, int sp_off, const
 // unnormalized accumulator; lane owns channels lane + 32 i). A row with one work item writes its
 // output directly; otherwise partials go to `part` and attn_reduce merges them.
 //
-// Dynamic shared memory: 2 * ch * (d + 1) + G * d floats + 4 * ch ints.
+// INT4 decode (head_dim a multiple of 32): one thread per 16 code bytes of one token row (one
+// 16-byte load: channels j..j+15 in the low nibbles, j+d/2.. in the high), scales by 16-byte
+// loads; open pages' staging rows by float4. Everything else decodes pair by pair (load_pair).
+// Staging slots come from the device table at run time.
+//
+// Rows of sK / sV are d + 4 floats: 16-byte aligned and, for d % 32 == 0, conflict-free float4
+// reads by lane = token.
+// Dynamic shared memory: 2 * ch * (d + 4) + G * d floats + 4 * ch ints.
 #define ACC_MAX 8
+
+// 8 f16 at p (16-byte aligned) to f32.
+__device__ __forceinline__ void load_h8(const u16* p, float* f) {
+    const uint4 r = *(const uint4*)p;
+    const u32 w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = h2f((u16)(w[i] & 0xffffu));
+        f[2 * i + 1] = h2f((u16)(w[i] >> 16));
+    }
+}
+
+__device__ __forceinline__ void store16(float* dst, const float* v) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m)
+        *(float4*)(dst + 4 * m) = make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
+}
 
 extern "C" __global__ void attn_paged(
     const float* q, float* out, float* part, const int* meta, int work_off, int sp_off,
-    const int* lists, const int* counts, const float* kf, const float* vf, const u16* kh,
-    const u16* vh, const u8* kq, const u8* vq, const u16* ksc, const u16* kmn, const u16* vsc,
-    const u16* vmn, const float* stg, int dtype, int layer, int n_layers, int n_kv, int ps, int d,
-    int n_heads, float scale, int ch, int n_work) {
+    const int* lists, const int* counts, const int* stage_tab, const float* kf, const float* vf,
+    const u16* kh, const u16* vh, const u8* kq, const u8* vq, const u16* ksc, const u16* kmn,
+    const u16* vsc, const u16* vmn, const float* stg, int dtype, int layer, int n_layers,
+    int n_kv, int ps, int d, int n_heads, float scale, int ch, int n_work) {
     extern __shared__ float att_sm[];
     KvStore s;
     s.kf = kf; s.vf = vf; s.kh = kh; s.vh = vh;
@@ -525,8 +586,11 @@ extern "C" __global__ void attn_paged(
     const int npages = rw[1], ntok = rw[2], nw = rw[4], spi = rw[5];
     const int G = n_heads / n_kv;
     const int half = d >> 1;
-    const int stride = d + 1;
+    const int stride = d + 4;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const bool vec4 = (d & 3) == 0;
+    const bool vdec = dtype == KV_INT4 && (half & 15) == 0;
+    const long long tile_len = (long long)n_kv * ps * d;
 
     float* sK = att_sm;
     float* sV = sK + ch * stride;
@@ -576,8 +640,9 @@ extern "C" __global__ void attn_paged(
                     }
                     const int len = pi == npages - 1 ? last_len : ps;
                     if (slot < len) {
-                        pg = ent[2 * pi];
-                        st = ent[2 * pi + 1];
+                        pg = ent[pi];
+                        if (dtype == KV_INT4)
+                            st = stage_tab[(long long)pg * n_layers + layer] - 1;
                     } else {
                         mk = 0;
                     }
@@ -588,16 +653,87 @@ extern "C" __global__ void attn_paged(
                 sTokSlot[tid] = slot;
             }
             __syncthreads();
-            for (int idx = tid; idx < nt * half; idx += blockDim.x) {
-                const int t = idx / half, j = idx - t * half;
-                float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
-                if (sTokMask[t] != 0)
-                    load_pair(s, tile_index(sTokPage[t], layer, kv, n_layers, n_kv), kv,
-                              sTokStage[t], sTokSlot[t], j, k0, k1, v0, v1);
-                sK[t * stride + j] = k0;
-                sK[t * stride + j + half] = k1;
-                sV[t * stride + j] = v0;
-                sV[t * stride + j + half] = v1;
+            if (vdec) {
+                const int qpt = half >> 4;  // 16-byte code groups per token row
+                const int items = nt * qpt;
+                for (int idx = tid; idx < 2 * items; idx += blockDim.x) {
+                    const bool isv = idx >= items;
+                    const int r = isv ? idx - items : idx;
+                    const int t = r / qpt;
+                    const int j0 = (r - t * qpt) << 4;
+                    float* dst = (isv ? sV : sK) + t * stride + j0;
+                    float v16[16];
+                    if (sTokMask[t] == 0) {
+#pragma unroll
+                        for (int b = 0; b < 16; ++b) v16[b] = 0.0f;
+                        store16(dst, v16);
+                        store16(dst + half, v16);
+                        continue;
+                    }
+                    const int st = sTokStage[t], slot = sTokSlot[t];
+                    const long long tile = tile_index(sTokPage[t], layer, kv, n_layers, n_kv);
+                    if (st >= 0) {
+                        const float* src = stg + (long long)st * 2 * tile_len +
+                                           (isv ? tile_len : 0) + ((long long)kv * ps + slot) * d + j0;
+#pragma unroll
+                        for (int hs = 0; hs < 2; ++hs) {
+#pragma unroll
+                            for (int mm = 0; mm < 4; ++mm) {
+                                const float4 a = *(const float4*)(src + hs * half + 4 * mm);
+                                v16[4 * mm] = a.x;
+                                v16[4 * mm + 1] = a.y;
+                                v16[4 * mm + 2] = a.z;
+                                v16[4 * mm + 3] = a.w;
+                            }
+                            store16(dst + hs * half, v16);
+                        }
+                        continue;
+                    }
+                    const long long ce = (tile * ps + slot) * half + j0;
+                    const uint4 raw = *(const uint4*)((isv ? vq : kq) + ce);
+                    const u32 cw[4] = {raw.x, raw.y, raw.z, raw.w};
+                    if (isv) {
+                        const long long tt = tile * ps + slot;
+                        const float vs = h2f(vsc[tt]), vm = h2f(vmn[tt]);
+#pragma unroll
+                        for (int hs = 0; hs < 2; ++hs) {
+#pragma unroll
+                            for (int bb = 0; bb < 16; ++bb) {
+                                const u32 byte = (cw[bb >> 2] >> (8 * (bb & 3))) & 255u;
+                                v16[bb] = dq4(hs ? (byte >> 4) : (byte & 15u), vs, vm);
+                            }
+                            store16(dst + hs * half, v16);
+                        }
+                    } else {
+#pragma unroll
+                        for (int hs = 0; hs < 2; ++hs) {
+                            const long long mo = tile * d + j0 + hs * half;
+                            float scl[16], mnv[16];
+                            load_h8(ksc + mo, scl);
+                            load_h8(ksc + mo + 8, scl + 8);
+                            load_h8(kmn + mo, mnv);
+                            load_h8(kmn + mo + 8, mnv + 8);
+#pragma unroll
+                            for (int bb = 0; bb < 16; ++bb) {
+                                const u32 byte = (cw[bb >> 2] >> (8 * (bb & 3))) & 255u;
+                                v16[bb] = dq4(hs ? (byte >> 4) : (byte & 15u), scl[bb], mnv[bb]);
+                            }
+                            store16(dst + hs * half, v16);
+                        }
+                    }
+                }
+            } else {
+                for (int idx = tid; idx < nt * half; idx += blockDim.x) {
+                    const int t = idx / half, j = idx - t * half;
+                    float k0 = 0.0f, k1 = 0.0f, v0 = 0.0f, v1 = 0.0f;
+                    if (sTokMask[t] != 0)
+                        load_pair(s, tile_index(sTokPage[t], layer, kv, n_layers, n_kv), kv,
+                                  sTokStage[t], sTokSlot[t], j, k0, k1, v0, v1);
+                    sK[t * stride + j] = k0;
+                    sK[t * stride + j + half] = k1;
+                    sV[t * stride + j] = v0;
+                    sV[t * stride + j + half] = v1;
+                }
             }
             __syncthreads();
             if (active) {
@@ -605,8 +741,23 @@ extern "C" __global__ void attn_paged(
                 if (lane < nt && ((((u32)sTokMask[lane]) >> warp) & 1u)) {
                     const float* kr = sK + lane * stride;
                     const float* qh = sQ + warp * d;
-                    float dot = 0.0f;
-                    for (int c = 0; c < d; ++c) dot = fmaf(qh[c], kr[c], dot);
+                    float dot;
+                    if (vec4) {
+                        float d0 = 0.0f, d1 = 0.0f, d2 = 0.0f, d3 = 0.0f;
+#pragma unroll 4
+                        for (int c = 0; c < d; c += 4) {
+                            const float4 kk = *(const float4*)(kr + c);
+                            const float4 qq = *(const float4*)(qh + c);
+                            d0 = fmaf(qq.x, kk.x, d0);
+                            d1 = fmaf(qq.y, kk.y, d1);
+                            d2 = fmaf(qq.z, kk.z, d2);
+                            d3 = fmaf(qq.w, kk.w, d3);
+                        }
+                        dot = (d0 + d1) + (d2 + d3);
+                    } else {
+                        dot = 0.0f;
+                        for (int c = 0; c < d; ++c) dot = fmaf(qh[c], kr[c], dot);
+                    }
                     sc_t = dot * scale;
                 }
                 const float m_new = fmaxf(m, warp_max(sc_t));

@@ -1,25 +1,22 @@
 // Linear layers: out[m × N] = x[m × K] · Wᵀ with W in INT4 (both Q4Kind variants), Q8_0 or f32,
 // dequantized exactly as the CPU reference does, plus the embedding gather.
 //
-// Device layout (written by linear.rs, the same for every format): a row's K columns are padded
-// to S = ceil(K / 1024) "steps" of 1024 columns, and rows to a multiple of GEMV_ROWS; padding
-// holds zeros (zero scale, so it dequantizes to 0, and activations past K are never read). Inside
-// a step, lane L (0..32) of a warp owns the columns 128·w + 4·L + e (window w = 0..8, e = 0..4):
-// at every window the 32 lanes cover 128 consecutive columns, so the activation loads are one
-// coalesced 512-byte float4 access and each lane's weights are one contiguous chunk.
-//   * INT4 codes: u32 words [rowpad][S][32 lanes][4 words]; word j holds windows 2j and 2j+1,
-//     nibble (w % 2)·4 + e of word w / 2 is column 128·w + 4·L + e (16 bytes per lane per step).
-//   * INT4 metadata: u32 [rowpad][S][4][8]: entry [g][w] is block 4·w + g of the step
-//     (lanes 8·g .. 8·g + 8 of window w are that block), low half the f16 scale d, high half the
-//     zero point (ZeroPoint) or the f16 offset (Affine), i.e. BlockQ4's (d, m).
-//   * Q8 codes: u32 words [rowpad][S][2 halves][32 lanes][4 words]: word j of half h holds the
-//     four signed bytes of window 4·h + j (two coalesced 16-byte loads per lane per step).
-//   * Q8 scales: u16 [rowpad][S][4][8], indexed as the INT4 metadata.
-//   * f32: row-major [rowpad][S·1024].
+// Device layout (written by linear.rs, the same shape for every format): rows are grouped in
+// tiles of 32 (rows padded to a multiple of 32), columns in the 32-column blocks of the formats
+// (K padded to KB = ceil(K / 32) blocks, no further padding). Inside a tile, lane L of a warp owns
+// row 32·tile + L, and for each block the 32 lanes' data is contiguous, so a warp reading one
+// block of its 32 rows issues fully coalesced 16-byte-per-lane loads. With tb = tile·KB + kb:
+//   * INT4 codes: u32 [rowpad/32][KB][32 lanes][4 words]: nibble i of word j is column 8·j + i
+//     of the block (one uint4 per lane per block).
+//   * INT4 metadata: u32 [rowpad/32][KB][32 lanes]: d (f16) | zero point or f16 offset << 16.
+//   * Q8 codes: u32 [rowpad/32][KB][2 halves][32 lanes][4 words]: byte e of word j of half h is
+//     column 16·h + 4·j + e (two uint4 per lane per block).
+//   * Q8 scales: u16 [rowpad/32][KB][32 lanes].
+//   * f32: [rowpad/32][KB][8 quads][32 lanes][4]: quad c holds columns 4·c .. 4·c + 4.
+// Padding rows hold zeros (zero scale and offset: they dequantize to 0). A partial last block keeps
+// the format's codes past K (finite weights); the kernels read x there as 0, never from memory.
 
-#define STEP 1024
-#define GEMV_ROWS 4
-#define GEMV_WARPS 4
+#define TILE_N 32
 
 #define FMT_Q4ZP 0
 #define FMT_Q4AF 1
@@ -56,191 +53,181 @@ __device__ __forceinline__ float deq8(u32 word, int e, float d) {
     return (float)(int)(signed char)((word >> (8 * e)) & 0xFFu) * d;
 }
 
-// Four activations x[k .. k + 4] of one row, zero past K. `vec`: K % 4 == 0 and x 16-byte aligned.
-__device__ __forceinline__ float4 load_x4(const float* __restrict__ xr, int k, int K, int vec) {
-    float4 v;
-    if (vec) {
-        if (k < K) return *reinterpret_cast<const float4*>(xr + k);
-        v.x = 0.f; v.y = 0.f; v.z = 0.f; v.w = 0.f;
-        return v;
+// One block (32 columns) of one row as loaded from the device layout.
+struct WBlk {
+    uint4 a, b;  // INT4: a = codes; Q8: a, b = halves 0 and 1
+    u32 meta;    // INT4 metadata word, or the Q8 f16 scale
+    float4 f[8]; // f32: the eight quads
+};
+
+template <int FMT>
+__device__ __forceinline__ void load_blk(const void* __restrict__ wq_, const void* __restrict__ ws_,
+                                         size_t tb, int lane, WBlk& w) {
+    if (FMT == FMT_Q4ZP || FMT == FMT_Q4AF) {
+        w.a = __ldg((const uint4*)wq_ + tb * 32 + lane);
+        w.meta = __ldg((const u32*)ws_ + tb * 32 + lane);
+    } else if (FMT == FMT_Q8) {
+        w.a = __ldg((const uint4*)wq_ + (tb * 2) * 32 + lane);
+        w.b = __ldg((const uint4*)wq_ + (tb * 2 + 1) * 32 + lane);
+        w.meta = (u32)__ldg((const u16*)ws_ + tb * 32 + lane);
+    } else {
+#pragma unroll
+        for (int c = 0; c < 8; c++) w.f[c] = __ldg((const float4*)wq_ + (tb * 8 + c) * 32 + lane);
     }
-    v.x = k < K ? xr[k] : 0.f;
-    v.y = k + 1 < K ? xr[k + 1] : 0.f;
-    v.z = k + 2 < K ? xr[k + 2] : 0.f;
-    v.w = k + 3 < K ? xr[k + 3] : 0.f;
-    return v;
 }
 
-// ---- GEMV (m ≤ 8): every weight byte read once for all m rows (MAXM bounds m) ----
-// Block = GEMV_WARPS warps on GEMV_ROWS consecutive output rows; the warps split the steps, lanes
-// the columns of a step; partial sums meet in shared memory. grid.x = rowpad / GEMV_ROWS.
-template <int FMT, int MAXM>
+// The four weights of quad c (columns 4·c .. 4·c + 4) of a loaded block.
+template <int FMT>
+__device__ __forceinline__ void deq_quad(const WBlk& w, int c, float v[4]) {
+    if (FMT == FMT_Q4ZP || FMT == FMT_Q4AF) {
+        const u32 word = u4c(w.a, c >> 1) >> ((c & 1) * 16);
+#pragma unroll
+        for (int e = 0; e < 4; e++) v[e] = deq4<FMT>((word >> (4 * e)) & 0xFu, w.meta);
+    } else if (FMT == FMT_Q8) {
+        const u32 word = u4c(c < 4 ? w.a : w.b, c & 3);
+        const float d = h2f((u16)w.meta);
+#pragma unroll
+        for (int e = 0; e < 4; e++) v[e] = deq8(word, e, d);
+    } else {
+        v[0] = w.f[c].x;
+        v[1] = w.f[c].y;
+        v[2] = w.f[c].z;
+        v[3] = w.f[c].w;
+    }
+}
+
+// ---- GEMV (m ≤ 32): every weight byte read once for all m rows, in one launch ----
+// Block = a tile of 32 output rows (lane L: row 32·blockIdx.x + L) and `blockDim.x / 32` ≤ GW
+// warps splitting the KB column blocks round-robin. Per block each warp stages x[0..MAXM][32
+// columns] in its slice of shared memory (zeros for rows ≥ m and columns ≥ K), then every lane
+// dequantizes its row's 32 weights four at a time and multiplies them with the staged x
+// (a broadcast read: all lanes load the same float4), accumulating MAXM sums in registers: each
+// x value loaded serves the 32 rows of the warp, each weight the MAXM activation rows. The next
+// block's weights are loaded before the current one is used. At the end the warps' partial sums
+// meet in the same shared memory. grid.x = rowpad / 32.
+template <int FMT, int MAXM, int GW>
 __device__ __forceinline__ void gemv_impl(const void* __restrict__ wq_, const void* __restrict__ ws_,
                                           const float* __restrict__ x, float* __restrict__ out,
-                                          int N, int K, int S, int m, int xvec) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n0 = blockIdx.x * GEMV_ROWS;
-    const int g = lane >> 3;
-    float acc[MAXM][GEMV_ROWS];
+                                          int N, int K, int KB, int m) {
+    __shared__ __align__(16) float xs[GW][MAXM][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const size_t tile = blockIdx.x;
+    float acc[MAXM];
 #pragma unroll
-    for (int r = 0; r < MAXM; r++)
-#pragma unroll
-        for (int rr = 0; rr < GEMV_ROWS; rr++) acc[r][rr] = 0.f;
+    for (int r = 0; r < MAXM; r++) acc[r] = 0.f;
+    float(*xw)[32] = xs[warp];
 
-    for (int s = warp; s < S; s += GEMV_WARPS) {
-        uint4 qa[GEMV_ROWS], qb[GEMV_ROWS], sa[GEMV_ROWS], sb[GEMV_ROWS];
+    // f32 blocks (32 registers each) are not prefetched: two would spill at 512 threads.
+    WBlk cur;
+    int kb = warp;
+    if (FMT != FMT_F32 && kb < KB) load_blk<FMT>(wq_, ws_, tile * KB + kb, lane, cur);
+    for (; kb < KB; kb += nw) {
+        WBlk nxt;
+        const int kn = kb + nw;
+        if (FMT == FMT_F32) load_blk<FMT>(wq_, ws_, tile * KB + kb, lane, cur);
+        else if (kn < KB) load_blk<FMT>(wq_, ws_, tile * KB + kn, lane, nxt);
+        const int k = kb * 32 + lane;
 #pragma unroll
-        for (int rr = 0; rr < GEMV_ROWS; rr++) {
-            const size_t rs = (size_t)(n0 + rr) * S + s;
-            if (FMT == FMT_Q4ZP || FMT == FMT_Q4AF) {
-                const uint4* qs = (const uint4*)wq_;
-                const uint4* dm = (const uint4*)ws_;
-                qa[rr] = __ldg(qs + rs * 32 + lane);
-                sa[rr] = __ldg(dm + (rs * 4 + g) * 2);
-                sb[rr] = __ldg(dm + (rs * 4 + g) * 2 + 1);
-            } else if (FMT == FMT_Q8) {
-                const uint4* qs = (const uint4*)wq_;
-                const uint4* ds = (const uint4*)ws_;
-                qa[rr] = __ldg(qs + (rs * 2) * 32 + lane);
-                qb[rr] = __ldg(qs + (rs * 2 + 1) * 32 + lane);
-                sa[rr] = __ldg(ds + rs * 4 + g);
-            }
-        }
+        for (int r = 0; r < MAXM; r++) xw[r][lane] = (r < m && k < K) ? x[(size_t)r * K + k] : 0.f;
+        __syncwarp();
 #pragma unroll
-        for (int w = 0; w < 8; w++) {
-            float wv[GEMV_ROWS][4];
-#pragma unroll
-            for (int rr = 0; rr < GEMV_ROWS; rr++) {
-                if (FMT == FMT_Q4ZP || FMT == FMT_Q4AF) {
-                    const u32 word = u4c(qa[rr], w >> 1) >> ((w & 1) * 16);
-                    const u32 dm = u4c(w < 4 ? sa[rr] : sb[rr], w & 3);
-#pragma unroll
-                    for (int e = 0; e < 4; e++) wv[rr][e] = deq4<FMT>((word >> (4 * e)) & 0xFu, dm);
-                } else if (FMT == FMT_Q8) {
-                    const u32 word = u4c(w < 4 ? qa[rr] : qb[rr], w & 3);
-                    const u32 dw = u4c(sa[rr], w >> 1);
-                    const float d = h2f((u16)((w & 1) ? (dw >> 16) : (dw & 0xFFFFu)));
-#pragma unroll
-                    for (int e = 0; e < 4; e++) wv[rr][e] = deq8(word, e, d);
-                } else {
-                    const float4* wf = (const float4*)wq_;
-                    const float4 v =
-                        __ldg(wf + (((size_t)(n0 + rr) * S + s) * STEP + w * 128) / 4 + lane);
-                    wv[rr][0] = v.x;
-                    wv[rr][1] = v.y;
-                    wv[rr][2] = v.z;
-                    wv[rr][3] = v.w;
-                }
-            }
-            const int k = s * STEP + w * 128 + lane * 4;
+        for (int c = 0; c < 8; c++) {
+            float wv[4];
+            deq_quad<FMT>(cur, c, wv);
 #pragma unroll
             for (int r = 0; r < MAXM; r++) {
-                if (r < m) {
-                    const float4 xv = load_x4(x + (size_t)r * K, k, K, xvec);
-#pragma unroll
-                    for (int rr = 0; rr < GEMV_ROWS; rr++) {
-                        float a = acc[r][rr];
-                        a = fmaf(wv[rr][0], xv.x, a);
-                        a = fmaf(wv[rr][1], xv.y, a);
-                        a = fmaf(wv[rr][2], xv.z, a);
-                        a = fmaf(wv[rr][3], xv.w, a);
-                        acc[r][rr] = a;
-                    }
-                }
+                const float4 xv = *reinterpret_cast<const float4*>(&xw[r][4 * c]);
+                float a = acc[r];
+                a = fmaf(wv[0], xv.x, a);
+                a = fmaf(wv[1], xv.y, a);
+                a = fmaf(wv[2], xv.z, a);
+                a = fmaf(wv[3], xv.w, a);
+                acc[r] = a;
             }
         }
+        __syncwarp();
+        if (FMT != FMT_F32) cur = nxt;
     }
 
-    __shared__ float red[GEMV_WARPS][MAXM][GEMV_ROWS];
 #pragma unroll
-    for (int r = 0; r < MAXM; r++) {
-        if (r < m) {
-#pragma unroll
-            for (int rr = 0; rr < GEMV_ROWS; rr++) {
-                const float v = warp_sum(acc[r][rr]);
-                if (lane == 0) red[warp][r][rr] = v;
-            }
-        }
-    }
+    for (int r = 0; r < MAXM; r++) xw[r][lane] = acc[r];
     __syncthreads();
-    const int t = threadIdx.x;
-    if (t < MAXM * GEMV_ROWS) {
-        const int r = t / GEMV_ROWS, rr = t % GEMV_ROWS, n = n0 + rr;
+    for (int t = threadIdx.x; t < MAXM * 32; t += blockDim.x) {
+        const int r = t >> 5, l = t & 31;
+        const int n = (int)tile * 32 + l;
         if (r < m && n < N) {
-            float v = red[0][r][rr];
-#pragma unroll
-            for (int w = 1; w < GEMV_WARPS; w++) v += red[w][r][rr];
+            float v = xs[0][r][l];
+            for (int w = 1; w < nw; w++) v += xs[w][r][l];
             out[(size_t)r * N + n] = v;
         }
     }
 }
 
-// One kernel per format and per bound on m (1, 2, 4, 8): the accumulators are registers, and a
-// smaller bound leaves room for more resident warps.
-#define GEMV_Q(NAME, FMT, MT, ST)                                                                   \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                   \
-    NAME(const u32* qs, const ST* sc, const float* x, float* out, int N, int K, int S, int m,     \
-         int xvec) {                                                                                \
-        gemv_impl<FMT, MT>(qs, sc, x, out, N, K, S, m, xvec);                                       \
+// One kernel per format and per bound on m (1, 2, 4, 8, 12, 16, 24, 32): the accumulators are
+// registers, and a smaller bound wastes no multiply on rows past m. GW (warps per block at most)
+// is 16 up to 16 rows and 8 above (the shared memory holds GW · MAXM · 32 floats, ≤ 32 KB).
+#define GEMV_Q(NAME, FMT, MT, GWN, ST)                                                             \
+    extern "C" __global__ void __launch_bounds__(GWN * 32)                                         \
+    NAME(const u32* qs, const ST* sc, const float* x, float* out, int N, int K, int KB, int m) {  \
+        gemv_impl<FMT, MT, GWN>(qs, sc, x, out, N, K, KB, m);                                      \
     }
-#define GEMV_F(NAME, MT)                                                                            \
-    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                   \
-    NAME(const float* w, const float* x, float* out, int N, int K, int S, int m, int xvec) {      \
-        gemv_impl<FMT_F32, MT>(w, nullptr, x, out, N, K, S, m, xvec);                               \
+#define GEMV_F(NAME, MT, GWN)                                                                      \
+    extern "C" __global__ void __launch_bounds__(GWN * 32)                                         \
+    NAME(const float* w, const float* x, float* out, int N, int K, int KB, int m) {               \
+        gemv_impl<FMT_F32, MT, GWN>(w, nullptr, x, out, N, K, KB, m);                              \
     }
-GEMV_Q(gemv_q4zp_m1, FMT_Q4ZP, 1, u32)
-GEMV_Q(gemv_q4zp_m2, FMT_Q4ZP, 2, u32)
-GEMV_Q(gemv_q4zp_m4, FMT_Q4ZP, 4, u32)
-GEMV_Q(gemv_q4zp_m8, FMT_Q4ZP, 8, u32)
-GEMV_Q(gemv_q4af_m1, FMT_Q4AF, 1, u32)
-GEMV_Q(gemv_q4af_m2, FMT_Q4AF, 2, u32)
-GEMV_Q(gemv_q4af_m4, FMT_Q4AF, 4, u32)
-GEMV_Q(gemv_q4af_m8, FMT_Q4AF, 8, u32)
-GEMV_Q(gemv_q8_m1, FMT_Q8, 1, u16)
-GEMV_Q(gemv_q8_m2, FMT_Q8, 2, u16)
-GEMV_Q(gemv_q8_m4, FMT_Q8, 4, u16)
-GEMV_Q(gemv_q8_m8, FMT_Q8, 8, u16)
-GEMV_F(gemv_f32_m1, 1)
-GEMV_F(gemv_f32_m2, 2)
-GEMV_F(gemv_f32_m4, 4)
-GEMV_F(gemv_f32_m8, 8)
+#define GEMV_ALL(SUF, FMT, ST)                                                                     \
+    GEMV_Q(gemv_##SUF##_m1, FMT, 1, 16, ST)                                                        \
+    GEMV_Q(gemv_##SUF##_m2, FMT, 2, 16, ST)                                                        \
+    GEMV_Q(gemv_##SUF##_m4, FMT, 4, 16, ST)                                                        \
+    GEMV_Q(gemv_##SUF##_m8, FMT, 8, 16, ST)                                                        \
+    GEMV_Q(gemv_##SUF##_m12, FMT, 12, 16, ST)                                                      \
+    GEMV_Q(gemv_##SUF##_m16, FMT, 16, 16, ST)                                                      \
+    GEMV_Q(gemv_##SUF##_m24, FMT, 24, 8, ST)                                                       \
+    GEMV_Q(gemv_##SUF##_m32, FMT, 32, 8, ST)
+GEMV_ALL(q4zp, FMT_Q4ZP, u32)
+GEMV_ALL(q4af, FMT_Q4AF, u32)
+GEMV_ALL(q8, FMT_Q8, u16)
+GEMV_F(gemv_f32_m1, 1, 16)
+GEMV_F(gemv_f32_m2, 2, 16)
+GEMV_F(gemv_f32_m4, 4, 16)
+GEMV_F(gemv_f32_m8, 8, 16)
+GEMV_F(gemv_f32_m12, 12, 16)
+GEMV_F(gemv_f32_m16, 16, 16)
+GEMV_F(gemv_f32_m24, 24, 8)
+GEMV_F(gemv_f32_m32, 32, 8)
 
 // ---- GEMM (larger m): 64 activation rows × 128 output rows per block, 32 columns per stage ----
 // The weight tile is dequantized into shared memory once and used by all 64 rows. Thread
 // (tx, ty) = (t % 16, t / 16) owns rows ty·4 .. +4 and output columns tx·4 .. +4, 64 + tx·4 .. +4.
 // grid = (ceil(N / 128), ceil(m / 64)), 256 threads.
 
-// 16 weights of output row n, block b (global), columns 32·b + 16·q .. +16.
+// 16 weights of output row n, block b, columns 16·q .. +16 of the block.
 template <int FMT>
 __device__ __forceinline__ void gemm_wtile(const void* __restrict__ wq_, const void* __restrict__ ws_,
-                                           int n, int b, int q, int S, float v[16]) {
-    const int s = b >> 5, bi = b & 31, w = bi >> 2, g = bi & 3;
-    const size_t rs = (size_t)n * S + s;
+                                           int n, int b, int q, int KB, float v[16]) {
+    const size_t tb = (size_t)(n >> 5) * KB + b;
+    const int lane = n & 31;
     if (FMT == FMT_Q4ZP || FMT == FMT_Q4AF) {
-        const u32* qs = (const u32*)wq_;
-        const u32 dm = __ldg((const u32*)ws_ + (rs * 4 + g) * 8 + w);
+        const u32* qs = (const u32*)wq_ + (tb * 32 + lane) * 4;
+        const u32 dm = __ldg((const u32*)ws_ + tb * 32 + lane);
 #pragma unroll
-        for (int l = 0; l < 4; l++) {
-            const int L = 8 * g + 4 * q + l;
-            const u32 word = __ldg(qs + (rs * 32 + L) * 4 + (w >> 1)) >> ((w & 1) * 16);
+        for (int jj = 0; jj < 2; jj++) {
+            const u32 word = __ldg(qs + 2 * q + jj);
 #pragma unroll
-            for (int e = 0; e < 4; e++) v[4 * l + e] = deq4<FMT>((word >> (4 * e)) & 0xFu, dm);
+            for (int i = 0; i < 8; i++) v[8 * jj + i] = deq4<FMT>((word >> (4 * i)) & 0xFu, dm);
         }
     } else if (FMT == FMT_Q8) {
-        const u32* qs = (const u32*)wq_;
-        const float d = h2f(__ldg((const u16*)ws_ + (rs * 4 + g) * 8 + w));
+        const uint4 c = __ldg((const uint4*)wq_ + (tb * 2 + q) * 32 + lane);
+        const float d = h2f(__ldg((const u16*)ws_ + tb * 32 + lane));
 #pragma unroll
-        for (int l = 0; l < 4; l++) {
-            const int L = 8 * g + 4 * q + l;
-            const u32 word = __ldg(qs + ((rs * 2 + (w >> 2)) * 32 + L) * 4 + (w & 3));
+        for (int j = 0; j < 4; j++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) v[4 * l + e] = deq8(word, e, d);
-        }
+            for (int e = 0; e < 4; e++) v[4 * j + e] = deq8(u4c(c, j), e, d);
     } else {
-        const float4* wf = (const float4*)((const float*)wq_ + (size_t)n * S * STEP + b * 32 + q * 16);
 #pragma unroll
         for (int l = 0; l < 4; l++) {
-            const float4 f = __ldg(wf + l);
+            const float4 f = __ldg((const float4*)wq_ + (tb * 8 + 4 * q + l) * 32 + lane);
             v[4 * l] = f.x;
             v[4 * l + 1] = f.y;
             v[4 * l + 2] = f.z;
@@ -252,7 +239,7 @@ __device__ __forceinline__ void gemm_wtile(const void* __restrict__ wq_, const v
 template <int FMT>
 __device__ __forceinline__ void gemm_impl(const void* __restrict__ wq_, const void* __restrict__ ws_,
                                           const float* __restrict__ x, float* __restrict__ out,
-                                          int N, int K, int S, int m) {
+                                          int N, int K, int KB, int m) {
     __shared__ __align__(16) float xs[GM_BK][GM_BM + 4];
     __shared__ __align__(16) float wsm[GM_BK][GM_BN + 4];
     const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
@@ -263,8 +250,7 @@ __device__ __forceinline__ void gemm_impl(const void* __restrict__ wq_, const vo
 #pragma unroll
         for (int j = 0; j < 8; j++) acc[i][j] = 0.f;
 
-    const int nb = (K + 31) >> 5;
-    for (int b = 0; b < nb; b++) {
+    for (int b = 0; b < KB; b++) {
         {
             const int r = t >> 2, kq = (t & 3) * 8, row = m0 + r;
             const float* xr = x + (size_t)row * K;
@@ -278,7 +264,7 @@ __device__ __forceinline__ void gemm_impl(const void* __restrict__ wq_, const vo
             const int rr = t >> 1, q = t & 1, n = n0 + rr;
             float v[16];
             if (n < N) {
-                gemm_wtile<FMT>(wq_, ws_, n, b, q, S, v);
+                gemm_wtile<FMT>(wq_, ws_, n, b, q, KB, v);
             } else {
 #pragma unroll
                 for (int i = 0; i < 16; i++) v[i] = 0.f;
@@ -315,59 +301,60 @@ __device__ __forceinline__ void gemm_impl(const void* __restrict__ wq_, const vo
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-gemm_q4zp(const u32* qs, const u32* dm, const float* x, float* out, int N, int K, int S, int m) {
-    gemm_impl<FMT_Q4ZP>(qs, dm, x, out, N, K, S, m);
+gemm_q4zp(const u32* qs, const u32* dm, const float* x, float* out, int N, int K, int KB, int m) {
+    gemm_impl<FMT_Q4ZP>(qs, dm, x, out, N, K, KB, m);
 }
 extern "C" __global__ void __launch_bounds__(256)
-gemm_q4af(const u32* qs, const u32* dm, const float* x, float* out, int N, int K, int S, int m) {
-    gemm_impl<FMT_Q4AF>(qs, dm, x, out, N, K, S, m);
+gemm_q4af(const u32* qs, const u32* dm, const float* x, float* out, int N, int K, int KB, int m) {
+    gemm_impl<FMT_Q4AF>(qs, dm, x, out, N, K, KB, m);
 }
 extern "C" __global__ void __launch_bounds__(256)
-gemm_q8(const u32* qs, const u16* d, const float* x, float* out, int N, int K, int S, int m) {
-    gemm_impl<FMT_Q8>(qs, d, x, out, N, K, S, m);
+gemm_q8(const u32* qs, const u16* d, const float* x, float* out, int N, int K, int KB, int m) {
+    gemm_impl<FMT_Q8>(qs, d, x, out, N, K, KB, m);
 }
 extern "C" __global__ void __launch_bounds__(256)
-gemm_f32(const float* w, const float* x, float* out, int N, int K, int S, int m) {
-    gemm_impl<FMT_F32>(w, nullptr, x, out, N, K, S, m);
+gemm_f32(const float* w, const float* x, float* out, int N, int K, int KB, int m) {
+    gemm_impl<FMT_F32>(w, nullptr, x, out, N, K, KB, m);
 }
 
 // ---- Embedding gather: out[i × K] = row ids[i] dequantized (zeros for an id ≥ N) ----
 // grid.x = n ids, block 256 threads striding the columns.
 template <int FMT>
 __device__ __forceinline__ float deq_at(const void* __restrict__ wq_, const void* __restrict__ ws_,
-                                        size_t n, int c, int S) {
-    const int s = c >> 10, kk = c & 1023, w = kk >> 7, L = (kk & 127) >> 2, e = kk & 3, g = L >> 3;
-    const size_t rs = n * S + s;
+                                        size_t n, int c, int KB) {
+    const int kb = c >> 5, kk = c & 31, lane = (int)(n & 31);
+    const size_t tb = (n >> 5) * KB + kb;
     if (FMT == FMT_Q4ZP || FMT == FMT_Q4AF) {
-        const u32 word = ((const u32*)wq_)[(rs * 32 + L) * 4 + (w >> 1)];
-        const u32 q = (word >> ((w & 1) * 16 + 4 * e)) & 0xFu;
-        return deq4<FMT>(q, ((const u32*)ws_)[(rs * 4 + g) * 8 + w]);
+        const u32 word = ((const u32*)wq_)[(tb * 32 + lane) * 4 + (kk >> 3)];
+        const u32 q = (word >> (4 * (kk & 7))) & 0xFu;
+        return deq4<FMT>(q, ((const u32*)ws_)[tb * 32 + lane]);
     } else if (FMT == FMT_Q8) {
-        const u32 word = ((const u32*)wq_)[((rs * 2 + (w >> 2)) * 32 + L) * 4 + (w & 3)];
-        return deq8(word, e, h2f(((const u16*)ws_)[(rs * 4 + g) * 8 + w]));
+        const int h = kk >> 4, j = (kk >> 2) & 3, e = kk & 3;
+        const u32 word = ((const u32*)wq_)[((tb * 2 + h) * 32 + lane) * 4 + j];
+        return deq8(word, e, h2f(((const u16*)ws_)[tb * 32 + lane]));
     } else {
-        return ((const float*)wq_)[n * S * STEP + c];
+        return ((const float*)wq_)[((tb * 8 + (kk >> 2)) * 32 + lane) * 4 + (kk & 3)];
     }
 }
 
 template <int FMT>
 __device__ __forceinline__ void gather_impl(const void* wq_, const void* ws_, const u32* ids, float* out,
-                                            int N, int K, int S) {
+                                            int N, int K, int KB) {
     const u32 id = ids[blockIdx.x];
     float* o = out + (size_t)blockIdx.x * K;
     for (int c = threadIdx.x; c < K; c += blockDim.x)
-        o[c] = id < (u32)N ? deq_at<FMT>(wq_, ws_, id, c, S) : 0.f;
+        o[c] = id < (u32)N ? deq_at<FMT>(wq_, ws_, id, c, KB) : 0.f;
 }
 
-extern "C" __global__ void gather_q4zp(const u32* qs, const u32* dm, const u32* ids, float* out, int N, int K, int S) {
-    gather_impl<FMT_Q4ZP>(qs, dm, ids, out, N, K, S);
+extern "C" __global__ void gather_q4zp(const u32* qs, const u32* dm, const u32* ids, float* out, int N, int K, int KB) {
+    gather_impl<FMT_Q4ZP>(qs, dm, ids, out, N, K, KB);
 }
-extern "C" __global__ void gather_q4af(const u32* qs, const u32* dm, const u32* ids, float* out, int N, int K, int S) {
-    gather_impl<FMT_Q4AF>(qs, dm, ids, out, N, K, S);
+extern "C" __global__ void gather_q4af(const u32* qs, const u32* dm, const u32* ids, float* out, int N, int K, int KB) {
+    gather_impl<FMT_Q4AF>(qs, dm, ids, out, N, K, KB);
 }
-extern "C" __global__ void gather_q8(const u32* qs, const u16* d, const u32* ids, float* out, int N, int K, int S) {
-    gather_impl<FMT_Q8>(qs, d, ids, out, N, K, S);
+extern "C" __global__ void gather_q8(const u32* qs, const u16* d, const u32* ids, float* out, int N, int K, int KB) {
+    gather_impl<FMT_Q8>(qs, d, ids, out, N, K, KB);
 }
-extern "C" __global__ void gather_f32(const float* w, const u32* ids, float* out, int N, int K, int S) {
-    gather_impl<FMT_F32>(w, nullptr, ids, out, N, K, S);
+extern "C" __global__ void gather_f32(const float* w, const u32* ids, float* out, int N, int K, int KB) {
+    gather_impl<FMT_F32>(w, nullptr, ids, out, N, K, KB);
 }

@@ -29,6 +29,26 @@ extern "C" __global__ void rms_norm_rows(const float* __restrict__ x, const floa
     for (int i = threadIdx.x; i < cols; i += blockDim.x) orow[i] = __fmul_rn(__fmul_rn(xr[i], inv), w[i]);
 }
 
+// x[row] += y[row], then out[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w (the residual add and
+// the next RMSNorm in one pass); one block per row. Each thread re-reads only the elements of x it
+// wrote itself, so no barrier is needed between the add and the scaling beyond block_sum's.
+extern "C" __global__ void add_rms_norm_rows(float* __restrict__ x, const float* __restrict__ y,
+                                             const float* __restrict__ w, float* __restrict__ out,
+                                             int cols, float eps) {
+    float* xr = x + (size_t)blockIdx.x * cols;
+    const float* yr = y + (size_t)blockIdx.x * cols;
+    float* orow = out + (size_t)blockIdx.x * cols;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float v = __fadd_rn(xr[i], yr[i]);
+        xr[i] = v;
+        ss = fmaf(v, v, ss);
+    }
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) orow[i] = __fmul_rn(__fmul_rn(xr[i], inv), w[i]);
+}
+
 // NeoX rotary embedding in place: row r (n_heads × head_dim) at position pos[r]; dim i pairs with
 // i + head_dim / 2. grid = (rows, ceil(n_heads · head_dim / 2 / 256)).
 extern "C" __global__ void rope_rows(float* __restrict__ x, const u32* __restrict__ pos,

@@ -221,7 +221,7 @@ fn int8_activation_fast_path_stays_close_on_log_probabilities() {
 }
 
 /// The CUDA backend reproduces the same 120 greedy tokens as transformers (and so as the CPU):
-/// f32 activations, f16 KV pages. Skipped without a GPU or without the model.
+/// f32 activations and KV pages, as the CPU test above. Skipped without a GPU or without the model.
 #[test]
 fn cuda_greedy_generation_reproduces_all_golden_continuations() {
     if !cuda_or_skip("cuda_greedy_generation_reproduces_all_golden_continuations") {
@@ -241,7 +241,7 @@ fn cuda_greedy_generation_reproduces_all_golden_continuations() {
         let mut backend = edgelora_daemon::engine::cuda::CudaBackend::new(
             gpu.clone(),
             &m,
-            KvDtype::F16,
+            KvDtype::F32,
             16,
             pages,
         )

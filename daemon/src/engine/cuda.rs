@@ -8,12 +8,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, PinnedHostSlice};
 use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, PageId};
-use edgelora_kernels::cuda::attention::{GpuKvPool, GpuQuery, paged_attention_rows};
+use edgelora_kernels::cuda::attention::{
+    GpuKvPool, GpuQuery, attention_plan, paged_attention_planned,
+};
 use edgelora_kernels::cuda::linear::GpuWeight;
-use edgelora_kernels::cuda::lora::{GpuLora, GpuLoraSegment, sgmv};
-use edgelora_kernels::cuda::ops::{add_assign, add_bias_rows, rms_norm_rows, rope_rows, swiglu};
+use edgelora_kernels::cuda::lora::{GpuLora, GpuLoraSegment, SgmvPlan, sgmv_plan, sgmv_planned};
+use edgelora_kernels::cuda::ops::{
+    add_assign, add_bias_rows, add_rms_norm_rows, rms_norm_rows, rope_rows, swiglu,
+};
 use edgelora_kernels::cuda::sample::argmax_rows;
 use edgelora_kernels::cuda::{CudaError, Gpu};
 
@@ -39,9 +43,46 @@ struct GpuLayer {
     proj: Vec<GpuLinear>,
 }
 
-/// An adapter's pairs in device memory, `[layer][proj]`.
+/// An adapter's pairs in device memory, `[layer][proj]`, uploaded on the upload stream.
 struct GpuAdapter {
     pairs: Vec<[Option<GpuLora>; 7]>,
+    /// Recorded on the upload stream after the last copy; the compute stream waits on it.
+    ready: CudaEvent,
+    /// Pinned buffers the copies read from, kept until `ready` has passed.
+    staging: Vec<PinnedHostSlice<f32>>,
+}
+
+/// Activation buffers of a step, kept across steps; `rows` is their capacity.
+struct Scratch {
+    rows: usize,
+    x: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    o: CudaSlice<f32>,
+    gate: CudaSlice<f32>,
+    up: CudaSlice<f32>,
+}
+
+impl Scratch {
+    fn new(g: &Gpu, rows: usize, c: &crate::model::ModelConfig) -> Result<Self, CudaError> {
+        let s = g.stream();
+        let (qd, kvd, hidden, inter) = (c.q_dim(), c.kv_dim(), c.hidden_size, c.intermediate_size);
+        Ok(Self {
+            rows,
+            x: s.alloc_zeros(rows * hidden)?,
+            h: s.alloc_zeros(rows * hidden)?,
+            q: s.alloc_zeros(rows * qd)?,
+            k: s.alloc_zeros(rows * kvd)?,
+            v: s.alloc_zeros(rows * kvd)?,
+            att: s.alloc_zeros(rows * qd)?,
+            o: s.alloc_zeros(rows * hidden)?,
+            gate: s.alloc_zeros(rows * inter)?,
+            up: s.alloc_zeros(rows * inter)?,
+        })
+    }
 }
 
 /// A model on a CUDA device with its KV pool: a [`Backend`].
@@ -54,10 +95,13 @@ pub struct CudaBackend {
     lm_head: Option<GpuWeight>,
     inv_freq: CudaSlice<f32>,
     pool: GpuKvPool,
+    /// Adapter uploads run here, beside the compute stream, from pinned staging memory.
+    upload: Arc<CudaStream>,
     /// Adapters uploaded so far, by address of the host adapter (the registry keeps them alive).
     adapters: HashMap<usize, (Arc<str>, GpuAdapter)>,
     /// Device bytes of the weights a decode step reads.
     weight_bytes: usize,
+    scratch: Option<Scratch>,
 }
 
 fn upload_f32(gpu: &Gpu, v: &[f32]) -> Result<CudaSlice<f32>, CudaError> {
@@ -115,7 +159,9 @@ impl CudaBackend {
             head_dim: c.head_dim,
         };
         let pool = GpuKvPool::new(g, geom, kv, n_pages)?;
+        let upload = gpu.context().new_stream().map_err(CudaError::from)?;
         Ok(Self {
+            upload,
             embed,
             layers,
             norm: upload_f32(g, &w.norm)?,
@@ -124,6 +170,7 @@ impl CudaBackend {
             pool,
             adapters: HashMap::new(),
             weight_bytes,
+            scratch: None,
             gpu,
         })
     }
@@ -141,7 +188,10 @@ impl CudaBackend {
         &self.pool
     }
 
-    fn ensure_adapter(&mut self, a: &LoraAdapter) -> Result<(), EngineError> {
+    /// Starts copying an adapter to the device on the upload stream and returns without
+    /// waiting: steps that use it make the compute stream wait for the copy on the device, so a
+    /// load overlaps the steps that do not need it. A no-op when it is already resident.
+    pub fn prefetch_adapter(&mut self, a: &LoraAdapter) -> Result<(), EngineError> {
         let key = a as *const LoraAdapter as usize;
         if let Some((name, _)) = self.adapters.get(&key)
             && **name == *a.name
@@ -149,32 +199,61 @@ impl CudaBackend {
             return Ok(());
         }
         let mut pairs = Vec::with_capacity(a.layers.len());
+        let mut staging = Vec::new();
         for (li, layer) in a.layers.iter().enumerate() {
             let mut slot: [Option<GpuLora>; 7] = Default::default();
             for (pi, pair) in layer.iter().enumerate() {
                 if let Some(pair) = pair {
                     let w = &self.layers[li].proj[pi].weight;
-                    slot[pi] = Some(GpuLora::upload(
-                        &self.gpu,
+                    let (lora, stage) = GpuLora::upload_staged(
+                        &self.upload,
                         &pair.a,
                         &pair.b,
                         pair.rank,
                         w.cols(),
                         w.rows(),
                         a.scaling,
-                    )?);
+                    )?;
+                    slot[pi] = Some(lora);
+                    staging.extend(stage);
                 }
             }
             pairs.push(slot);
         }
-        self.adapters
-            .insert(key, (Arc::from(a.name.as_str()), GpuAdapter { pairs }));
+        let ready = self
+            .gpu
+            .context()
+            .new_event(None)
+            .map_err(CudaError::from)?;
+        ready.record(&self.upload).map_err(CudaError::from)?;
+        self.adapters.insert(
+            key,
+            (
+                Arc::from(a.name.as_str()),
+                GpuAdapter {
+                    pairs,
+                    ready,
+                    staging,
+                },
+            ),
+        );
         Ok(())
     }
 
+    /// Resident adapters whose upload has not finished yet.
+    pub fn adapters_in_flight(&self) -> usize {
+        self.adapters
+            .values()
+            .filter(|(_, ga)| !ga.ready.is_complete())
+            .count()
+    }
+
     /// Forgets an adapter's device copy (the residency manager calls this on eviction).
-    pub fn evict_adapter(&mut self, a: &LoraAdapter) {
+    pub fn evict_adapter(&mut self, a: &LoraAdapter) -> Result<(), EngineError> {
+        // Steps already queued may still read it: let them finish before its memory is freed.
+        self.gpu.stream().synchronize().map_err(CudaError::from)?;
         self.adapters.remove(&(a as *const LoraAdapter as usize));
+        Ok(())
     }
 }
 
@@ -237,7 +316,16 @@ impl CudaBackend {
     ) -> Result<CudaSlice<f32>, EngineError> {
         for s in seqs.iter() {
             if let Some(a) = s.adapter {
-                self.ensure_adapter(a)?;
+                self.prefetch_adapter(a)?;
+                let (_, ga) = &self.adapters[&(a as *const LoraAdapter as usize)];
+                // A device-side wait: the host goes on queueing the step.
+                self.gpu.stream().wait(&ga.ready).map_err(CudaError::from)?;
+            }
+        }
+        // Staging memory of finished uploads goes back.
+        for (_, ga) in self.adapters.values_mut() {
+            if !ga.staging.is_empty() && ga.ready.is_complete() {
+                ga.staging.clear();
             }
         }
         let plan = plan_step(model, &mut self.pool, seqs)?;
@@ -297,21 +385,32 @@ impl CudaBackend {
 
         let ids: Vec<u32> = seqs.iter().flat_map(|q| q.tokens.iter().copied()).collect();
         let pos32: Vec<u32> = plan.pos.iter().map(|&p| p as u32).collect();
-        let d_ids = s.clone_htod(&ids).map_err(CudaError::from)?;
-        let d_pos = s.clone_htod(&pos32).map_err(CudaError::from)?;
+        // Token ids and positions travel in one copy.
+        let mut meta = ids;
+        meta.extend_from_slice(&pos32);
+        let d_meta = s.clone_htod(&meta).map_err(CudaError::from)?;
+        let d_ids = d_meta.slice(0..rows);
+        let d_pos = d_meta.slice(rows..2 * rows);
 
-        let alloc = |n: usize| -> Result<CudaSlice<f32>, CudaError> { Ok(s.alloc_zeros(n)?) };
-        let mut x = alloc(rows * hidden)?;
-        let mut h = alloc(rows * hidden)?;
-        let mut q = alloc(rows * qd)?;
-        let mut k = alloc(rows * kvd)?;
-        let mut v = alloc(rows * kvd)?;
-        let mut att = alloc(rows * qd)?;
-        let mut o = alloc(rows * hidden)?;
-        let mut gate = alloc(rows * inter)?;
-        let mut up = alloc(rows * inter)?;
+        // Activations live in buffers kept across steps (grown when a step has more rows).
+        let mut scr = match self.scratch.take() {
+            Some(sc) if sc.rows >= rows => sc,
+            _ => Scratch::new(g, rows.next_power_of_two().max(16), c)?,
+        };
+        let Scratch {
+            x,
+            h,
+            q,
+            k,
+            v,
+            att,
+            o,
+            gate,
+            up,
+            ..
+        } = &mut scr;
         self.embed
-            .gather_rows(g, &d_ids.as_view(), rows, &mut x.as_view_mut())?;
+            .gather_rows(g, &d_ids, rows, &mut x.as_view_mut())?;
 
         // Where each row's key and value go, and which pages seal after it.
         let mut pages = Vec::with_capacity(rows);
@@ -333,19 +432,28 @@ impl CudaBackend {
             })
             .collect();
 
-        for li in 0..self.layers.len() {
-            let layer = &self.layers[li];
-            rms_norm_rows(
-                g,
-                &x.as_view(),
-                &layer.attn_norm.as_view(),
-                rows,
-                hidden,
-                c.rms_norm_eps,
-                &mut h.as_view_mut(),
-            )?;
-            for (p, out) in [(Proj::Q, &mut q), (Proj::K, &mut k), (Proj::V, &mut v)] {
-                self.project(li, p, &h, rows, out, plan)?;
+        // Page tables, page selection scratch and split-K layout: once per step, for every layer.
+        let att_plan = attention_plan(g, &self.pool, &queries, c.n_heads, opts.sparse.as_ref())?;
+        // Every LoRA delta of the step, (layer, projection) by (layer, projection): one upload.
+        let (lora_plan, lora_call) = Self::lora_plan(g, &self.adapters, self.layers.len(), plan)?;
+        let lora = LoraStep {
+            plan: &lora_plan,
+            call: &lora_call,
+        };
+
+        rms_norm_rows(
+            g,
+            &x.as_view(),
+            &self.layers[0].attn_norm.as_view(),
+            rows,
+            hidden,
+            c.rms_norm_eps,
+            &mut h.as_view_mut(),
+        )?;
+        let n_layers = self.layers.len();
+        for li in 0..n_layers {
+            for (p, out) in [(Proj::Q, &mut *q), (Proj::K, &mut *k), (Proj::V, &mut *v)] {
+                self.project(li, p, h, rows, out, &lora)?;
             }
             rope_rows(
                 g,
@@ -353,7 +461,7 @@ impl CudaBackend {
                 rows,
                 c.n_heads,
                 hd,
-                &d_pos.as_view(),
+                &d_pos,
                 &self.inv_freq.as_view(),
                 1.0,
             )?;
@@ -363,74 +471,129 @@ impl CudaBackend {
                 rows,
                 c.n_kv_heads,
                 hd,
-                &d_pos.as_view(),
+                &d_pos,
                 &self.inv_freq.as_view(),
                 1.0,
             )?;
-            self.pool
-                .write_rows(g, li, &k.as_view(), &v.as_view(), &pages, &slots)?;
+            self.pool.write_rows(
+                g,
+                li,
+                &k.slice(0..rows * kvd),
+                &v.slice(0..rows * kvd),
+                &pages,
+                &slots,
+            )?;
             for &p in &seal {
                 self.pool.seal(g, li, p)?;
             }
-            paged_attention_rows(
+            paged_attention_planned(
                 g,
                 &self.pool,
+                &att_plan,
                 li,
-                &queries,
-                &q.as_view(),
-                c.n_heads,
+                &q.slice(0..rows * qd),
                 scale,
-                opts.sparse.as_ref(),
-                &mut att.as_view_mut(),
+                &mut att.slice_mut(0..rows * qd),
             )?;
-            self.project(li, Proj::O, &att, rows, &mut o, plan)?;
-            add_assign(g, &mut x.as_view_mut(), &o.as_view(), rows * hidden)?;
-            let layer = &self.layers[li];
-            rms_norm_rows(
+            self.project(li, Proj::O, att, rows, o, &lora)?;
+            // x += attention output; h = ffn_norm(x), in one pass.
+            add_rms_norm_rows(
                 g,
-                &x.as_view(),
-                &layer.ffn_norm.as_view(),
+                &mut x.as_view_mut(),
+                &o.as_view(),
+                &self.layers[li].ffn_norm.as_view(),
                 rows,
                 hidden,
                 c.rms_norm_eps,
                 &mut h.as_view_mut(),
             )?;
-            self.project(li, Proj::Gate, &h, rows, &mut gate, plan)?;
-            self.project(li, Proj::Up, &h, rows, &mut up, plan)?;
+            self.project(li, Proj::Gate, h, rows, gate, &lora)?;
+            self.project(li, Proj::Up, h, rows, up, &lora)?;
             swiglu(g, &mut gate.as_view_mut(), &up.as_view(), rows * inter)?;
-            self.project(li, Proj::Down, &gate, rows, &mut o, plan)?;
-            add_assign(g, &mut x.as_view_mut(), &o.as_view(), rows * hidden)?;
+            self.project(li, Proj::Down, gate, rows, o, &lora)?;
+            if li + 1 < n_layers {
+                // x += MLP output; h = the next layer's attn_norm(x).
+                add_rms_norm_rows(
+                    g,
+                    &mut x.as_view_mut(),
+                    &o.as_view(),
+                    &self.layers[li + 1].attn_norm.as_view(),
+                    rows,
+                    hidden,
+                    c.rms_norm_eps,
+                    &mut h.as_view_mut(),
+                )?;
+            } else {
+                add_assign(g, &mut x.as_view_mut(), &o.as_view(), rows * hidden)?;
+            }
         }
 
         // Final norm and the output head over the rows whose logits are wanted.
         let m = plan.logit_rows.len();
-        let mut sel = alloc(m * hidden)?;
-        for (i, &rr) in plan.logit_rows.iter().enumerate() {
-            s.memcpy_dtod(
-                &x.slice(rr * hidden..(rr + 1) * hidden),
-                &mut sel.slice_mut(i * hidden..(i + 1) * hidden),
-            )
-            .map_err(CudaError::from)?;
+        // Decode steps want every row in order: norm straight from x; otherwise gather the rows.
+        let contiguous = plan.logit_rows.iter().enumerate().all(|(i, &r)| i == r);
+        if !contiguous {
+            for (i, &rr) in plan.logit_rows.iter().enumerate() {
+                s.memcpy_dtod(
+                    &x.slice(rr * hidden..(rr + 1) * hidden),
+                    &mut o.slice_mut(i * hidden..(i + 1) * hidden),
+                )
+                .map_err(CudaError::from)?;
+            }
         }
-        let mut hn = alloc(m * hidden)?;
         rms_norm_rows(
             g,
-            &sel.as_view(),
+            &if contiguous { x.as_view() } else { o.as_view() },
             &self.norm.as_view(),
             m,
             hidden,
             c.rms_norm_eps,
-            &mut hn.as_view_mut(),
+            &mut h.as_view_mut(),
         )?;
         let vocab = c.vocab_size;
-        let mut logits = alloc(m * vocab)?;
+        let mut logits = s.alloc_zeros::<f32>(m * vocab).map_err(CudaError::from)?;
         self.lm_head.as_ref().unwrap_or(&self.embed).matmul(
             g,
-            &hn.as_view(),
+            &h.as_view(),
             m,
             &mut logits.as_view_mut(),
         )?;
+        self.scratch = Some(scr);
         Ok(logits)
+    }
+
+    /// The step's LoRA work as one plan: a call per (layer, projection) that has segments.
+    fn lora_plan<'s>(
+        gpu: &Gpu,
+        adapters: &'s HashMap<usize, (Arc<str>, GpuAdapter)>,
+        n_layers: usize,
+        plan: &StepPlan<'_>,
+    ) -> Result<(SgmvPlan<'s>, Vec<CallIndex>), EngineError> {
+        let mut calls: Vec<Vec<GpuLoraSegment<'s>>> = Vec::new();
+        let mut index = vec![[None; 7]; n_layers];
+        if !plan.segments.is_empty() {
+            for (li, slot) in index.iter_mut().enumerate() {
+                for (pi, call) in slot.iter_mut().enumerate() {
+                    let segs: Vec<GpuLoraSegment<'s>> = plan
+                        .segments
+                        .iter()
+                        .filter_map(|(range, a)| {
+                            let key = *a as *const LoraAdapter as usize;
+                            let (_, ga) = adapters.get(&key)?;
+                            ga.pairs[li][pi].as_ref().map(|l| GpuLoraSegment {
+                                rows: range.clone(),
+                                lora: l,
+                            })
+                        })
+                        .collect();
+                    if !segs.is_empty() {
+                        *call = Some(calls.len());
+                        calls.push(segs);
+                    }
+                }
+            }
+        }
+        Ok((sgmv_plan(gpu, &calls)?, index))
     }
 
     /// out = input · Wᵀ (+ bias) + the LoRA deltas of the step's adapter segments.
@@ -441,7 +604,7 @@ impl CudaBackend {
         input: &CudaSlice<f32>,
         rows: usize,
         out: &mut CudaSlice<f32>,
-        plan: &StepPlan<'_>,
+        lora: &LoraStep<'_, '_>,
     ) -> Result<(), EngineError> {
         let g = &*self.gpu;
         let lin = &self.layers[li].proj[p.index()];
@@ -456,28 +619,26 @@ impl CudaBackend {
                 lin.weight.rows(),
             )?;
         }
-        let segs: Vec<GpuLoraSegment<'_>> = plan
-            .segments
-            .iter()
-            .filter_map(|(range, a)| {
-                let key = *a as *const LoraAdapter as usize;
-                let (_, ga) = self.adapters.get(&key)?;
-                ga.pairs[li][p.index()].as_ref().map(|l| GpuLoraSegment {
-                    rows: range.clone(),
-                    lora: l,
-                })
-            })
-            .collect();
-        if !segs.is_empty() {
-            sgmv(
+        if let Some(call) = lora.call[li][p.index()] {
+            sgmv_planned(
                 g,
+                lora.plan,
+                call,
                 &input.as_view(),
                 lin.weight.cols(),
                 &mut out.as_view_mut(),
                 lin.weight.rows(),
-                &segs,
             )?;
         }
         Ok(())
     }
+}
+
+/// Per projection of a layer, the SGMV plan call that adds its LoRA deltas (if any).
+type CallIndex = [Option<usize>; 7];
+
+/// The LoRA plan of a step and which call serves each (layer, projection).
+struct LoraStep<'p, 'a> {
+    plan: &'p SgmvPlan<'a>,
+    call: &'p [CallIndex],
 }

@@ -1,8 +1,9 @@
 //! Paged attention on the device (`attention.cu`): the CUDA twin of [`crate::cpu::attention`].
 //!
-//! # Kernels and data flow of one [`paged_attention_rows`] call
+//! # Plan once per step, launch per layer
 //!
-//! The host builds one `i32` *meta* array and uploads it once per call:
+//! [`attention_plan`] builds one `i32` *meta* array on the host and uploads it once per step (it
+//! does not depend on the layer), with the scratch buffers every layer reuses:
 //!
 //! * rows section (8 ints per query row): offset of the row's page table entries, visible pages,
 //!   `n_tokens`, first work item, number of work items, sparse index (-1 when dense);
@@ -10,28 +11,36 @@
 //! * sparse section (8 ints per row whose visible pages exceed the budget): row, candidates `C`
 //!   (pages `1..recent_start`), `k` to pick, `recent_start`, offsets of its bounds, masks and list,
 //!   list capacity;
-//! * entries: `(page id, INT4 staging slot or -1)` per visible page, one table per distinct page
-//!   table (rows of one sequence share it: prefill uploads its table once).
+//! * entries: the page id of each visible page, one table per distinct page table (rows of one
+//!   sequence share it: prefill uploads its table once).
 //!
-//! Sparse rows then run three small kernels: `attn_page_bounds` (one thread per candidate page,
-//! all query heads of the group, [`crate::cpu::attention::page_bound`]'s exact summation order so the
-//! bounds are bit-identical), `attn_select_pages` (one block per (row, query head): MSB radix select
-//! over `f32::total_cmp` keys for the `k`-th largest bound, then ties by lower page index — the CPU's
-//! rule — writing a per-page bit mask of the group's heads), and `attn_compact_pages` (per (row,
-//! kv head), the ascending list of pages any head of the group keeps, with their head masks). The
-//! selection is entirely on the device.
+//! INT4 staging slots are not in the plan: the kernels read the pool's device staging table
+//! (kept by `write_rows` / `seal` / reopen / `free` in stream order), so one plan serves every
+//! layer while pages are written and sealed between layers ([`AttentionPlan`] states the rule).
+//! [`paged_attention_planned`] only launches kernels.
+//!
+//! Sparse rows run three small kernels: `attn_page_bounds` (one warp per candidate page; lanes
+//! (head, u) sum channels `u, u+8, ...` in order and xor shuffles pair the eight lanes exactly as
+//! [`crate::cpu::attention::page_bound`]'s `reduce8`, so the bounds are bit-identical),
+//! `attn_select_pages` (one block per (row, query head): MSB radix select over `f32::total_cmp` keys
+//! with shared-memory histograms and warp-aggregated atomics for the `k`-th largest bound, then ties
+//! by lower page index — the CPU's rule — writing a per-page bit mask of the group's heads), and
+//! `attn_compact_pages` (per (row, kv head), the ascending list of pages any head of the group
+//! keeps, with their head masks; it clears the masks for the next layer). The selection is entirely
+//! on the device.
 //!
 //! `attn_paged` is flash-decoding with split-K: one block per (work item, kv head); a work item is a
 //! range of a row's entries (visible pages when dense, the compacted kept-page list when sparse).
-//! The block decodes up to 32 tokens at a time into shared memory (INT4 keys per channel, values per
-//! token, exactly as the CPU), shared by the group's query heads (warp `g` owns query head
-//! `kv·G + g`) which each keep an online softmax. Rows with one work item are written directly;
-//! others leave partial (max, sum, accumulator) and `attn_reduce` merges them. Splits are sized so
-//! the grid has about four blocks per SM, so one sequence at 32K context fills the GPU.
+//! The block decodes up to 32 tokens at a time into shared memory (INT4: one 16-byte code load per
+//! thread and item, 16-byte scale loads; keys per channel, values per token, exactly as the CPU),
+//! shared by the group's query heads (warp `g` owns query head `kv·G + g`, float4 dot products)
+//! which each keep an online softmax. Rows with one work item are written directly; others leave
+//! partial (max, sum, accumulator) and `attn_reduce` merges them. Splits are sized so the grid has
+//! about eight blocks per SM, so one sequence at 4K context already fills the GPU.
 
 use std::collections::HashMap;
 
-use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
 use super::{CudaError, Gpu, KernelModule};
 use crate::cpu::attention::SparseConfig;
@@ -77,7 +86,13 @@ const ROW_INTS: usize = 8;
 const SPARSE_INTS: usize = 8;
 const WORK_INTS: usize = 3;
 const SEL_THREADS: u32 = 256;
-const BOUND_THREADS: usize = 128;
+/// Warps per attn_page_bounds block and candidate pages per block (attention.cu).
+const BOUND_WARPS: u32 = 8;
+const BOUND_PAGES: usize = 32;
+/// Split-K target: blocks per SM over the whole grid.
+const WAVES_PER_SM: usize = 8;
+/// Warps per attention block (at least the group size): all decode, G compute.
+const ATTN_MIN_WARPS: usize = 8;
 /// Candidate keys cached in shared memory by the selection kernel (32 KiB).
 const KEY_CAP: usize = 8192;
 const SMEM_LIMIT: usize = 48 * 1024;
@@ -87,6 +102,9 @@ const SMEM_LIMIT: usize = 48 * 1024;
 /// (query head `h` reads KV head `h / (n_heads / n_kv_heads)`), softmax scale `scale`. With
 /// `sparse`, each query head attends to the pages [`crate::cpu::attention::select_pages`] picks
 /// (same pages, same sink / recent / tie rules). An empty context writes zeros.
+///
+/// Plans and runs in one go (one upload per call); a decode step with several layers should build
+/// one [`AttentionPlan`] with [`attention_plan`] and call [`paged_attention_planned`] per layer.
 #[allow(clippy::too_many_arguments)]
 pub fn paged_attention_rows(
     gpu: &Gpu,
@@ -113,6 +131,24 @@ pub fn paged_attention_rows(
     )
 }
 
+/// [`paged_attention_rows`] with an explicit [`SplitPlan`].
+#[allow(clippy::too_many_arguments)]
+pub fn paged_attention_rows_with(
+    gpu: &Gpu,
+    pool: &GpuKvPool,
+    layer: usize,
+    queries: &[GpuQuery<'_>],
+    q: &CudaView<'_, f32>,
+    n_heads: usize,
+    scale: f32,
+    sparse: Option<&SparseConfig>,
+    out: &mut CudaViewMut<'_, f32>,
+    split: SplitPlan,
+) -> Result<(), CudaError> {
+    let plan = attention_plan_with(gpu, pool, queries, n_heads, sparse, split)?;
+    paged_attention_planned(gpu, pool, &plan, layer, q, scale, out)
+}
+
 struct SparseRow {
     row: usize,
     cand: usize,
@@ -129,27 +165,110 @@ fn to_i32(x: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(x).map_err(|_| shape(format!("attention: {what} = {x} exceeds i32")))
 }
 
-/// [`paged_attention_rows`] with an explicit [`SplitPlan`].
-#[allow(clippy::too_many_arguments)]
-pub fn paged_attention_rows_with(
+/// Everything one step's attention needs on the device, for every layer: the per-row records,
+/// split-K work items, sparse records and page tables (one upload), plus the scratch buffers
+/// (page bounds, head masks, kept-page lists, split-K partials) its launches reuse layer after
+/// layer.
+///
+/// # Validity rule
+///
+/// A plan depends only on the queries' page ids (the first `ceil(n_tokens / page_size)` of each
+/// table), their `n_tokens`, `n_heads`, the sparse config and the pool's geometry — never on page
+/// contents or on which INT4 pages are open. Staging slots of open INT4 pages are looked up at run
+/// time from a device table that [`GpuKvPool::write_rows`], [`GpuKvPool::seal`] (and reopen / free)
+/// update in stream order. So a step may build its plan once, before the first layer's
+/// `write_rows`, and between layers write rows, seal and reopen pages freely: each
+/// [`paged_attention_planned`] sees exactly the pool state its launch follows on the stream. What
+/// the caller must not do while a plan is in use: free a page the plan reads, or change a query's
+/// page table / `n_tokens` (build a new plan for that). All launches must stay on the pool's stream
+/// (the [`Gpu`]'s), and plans are not to be shared by concurrently running steps (their scratch
+/// buffers are reused by each run).
+pub struct AttentionPlan {
+    rows: usize,
+    n_heads: usize,
+    group: usize,
+    geom: crate::cpu::kv::KvGeometry,
+    capacity: usize,
+    n_work: usize,
+    n_sparse: usize,
+    max_cand: usize,
+    split: bool,
+    work_off: i32,
+    sp_off: i32,
+    ch: usize,
+    meta: CudaSlice<i32>,
+    counts: CudaSlice<i32>,
+    lists: CudaSlice<i32>,
+    bounds: CudaSlice<f32>,
+    masks: CudaSlice<u32>,
+    part: CudaSlice<f32>,
+}
+
+impl AttentionPlan {
+    /// Query rows the plan covers.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Query heads per row.
+    pub fn n_heads(&self) -> usize {
+        self.n_heads
+    }
+
+    /// Split-K work items (blocks per kv head).
+    pub fn work_items(&self) -> usize {
+        self.n_work
+    }
+
+    /// Rows whose visible pages exceed the sparse budget (they run the selection kernels).
+    pub fn sparse_rows(&self) -> usize {
+        self.n_sparse
+    }
+}
+
+/// Uploads everything a step's attention needs (one host-to-device copy), for every layer. See
+/// [`AttentionPlan`] for when it stays valid.
+pub fn attention_plan(
     gpu: &Gpu,
     pool: &GpuKvPool,
-    layer: usize,
     queries: &[GpuQuery<'_>],
-    q: &CudaView<'_, f32>,
     n_heads: usize,
-    scale: f32,
     sparse: Option<&SparseConfig>,
-    out: &mut CudaViewMut<'_, f32>,
-    plan: SplitPlan,
-) -> Result<(), CudaError> {
-    let g = *pool.geometry();
-    let (ps, n_layers, n_kv, d) = (g.page_size, g.n_layers, g.n_kv_heads, g.head_dim);
-    let rows = queries.len();
-    let width = n_heads * d;
-    if layer >= n_layers {
-        return Err(shape(format!("attention: layer {layer} of {n_layers}")));
+) -> Result<AttentionPlan, CudaError> {
+    attention_plan_with(gpu, pool, queries, n_heads, sparse, SplitPlan::default())
+}
+
+/// Tokens per attention chunk for head_dim `d` and group `group`: 32 (one per lane) unless shared
+/// memory is short.
+fn chunk_tokens(d: usize, group: usize) -> Result<usize, CudaError> {
+    let mut ch = 32usize;
+    while attn_smem(ch, d, group) > SMEM_LIMIT && ch > 1 {
+        ch /= 2;
     }
+    if attn_smem(ch, d, group) > SMEM_LIMIT {
+        return Err(shape(format!(
+            "attention: head_dim {d} × group {group} exceeds shared memory"
+        )));
+    }
+    Ok(ch)
+}
+
+fn attn_smem(ch: usize, d: usize, group: usize) -> usize {
+    (2 * ch * (d + 4) + group * d) * 4 + 4 * ch * 4
+}
+
+/// [`attention_plan`] with an explicit [`SplitPlan`].
+pub fn attention_plan_with(
+    gpu: &Gpu,
+    pool: &GpuKvPool,
+    queries: &[GpuQuery<'_>],
+    n_heads: usize,
+    sparse: Option<&SparseConfig>,
+    split_plan: SplitPlan,
+) -> Result<AttentionPlan, CudaError> {
+    let g = *pool.geometry();
+    let (ps, n_kv, d) = (g.page_size, g.n_kv_heads, g.head_dim);
+    let rows = queries.len();
     if n_heads == 0 || !n_heads.is_multiple_of(n_kv) {
         return Err(shape(format!(
             "attention: n_heads {n_heads} is not a multiple of n_kv_heads {n_kv}"
@@ -164,16 +283,12 @@ pub fn paged_attention_rows_with(
     if d > MAX_HEAD_DIM {
         return Err(shape(format!("attention: head_dim {d} > {MAX_HEAD_DIM}")));
     }
-    if q.len() != rows * width || out.len() != rows * width {
+    if group * (d + 8) * 4 > SMEM_LIMIT {
         return Err(shape(format!(
-            "attention: q has {} and out {} elements, want {rows} rows × {width}",
-            q.len(),
-            out.len()
+            "attention: head_dim {d} × group {group} exceeds shared memory"
         )));
     }
-    if rows == 0 {
-        return Ok(());
-    }
+    let ch = chunk_tokens(d, group)?;
 
     // Visible pages per row, page tables deduplicated by identity, sparse rows.
     let mut npages = Vec::with_capacity(rows);
@@ -235,13 +350,13 @@ pub fn paged_attention_rows_with(
         entries.push(n_entries);
     }
 
-    // Split-K plan.
-    let per_split = match plan.entries_per_split {
+    // Split-K: about WAVES_PER_SM blocks per SM over all rows and kv heads.
+    let per_split = match split_plan.entries_per_split {
         Some(e) => e.max(1),
         None => {
             let total: usize = entries.iter().sum::<usize>() * n_kv;
-            let target = 4 * pool.sm_count();
-            let min_entries = 64usize.div_ceil(ps).max(1);
+            let target = WAVES_PER_SM * pool.sm_count();
+            let min_entries = 32usize.div_ceil(ps).max(1);
             total.div_ceil(target.max(1)).max(min_entries)
         }
     };
@@ -256,8 +371,12 @@ pub fn paged_attention_rows_with(
     }
     let n_work = work.len();
     let split = row_work.iter().any(|&(_, nw)| nw > 1);
+    to_i32(n_work, "work items")?;
+    if n_work > i32::MAX as usize / n_heads.max(1) {
+        return Err(shape(format!("attention: {n_work} work items")));
+    }
 
-    // Meta array: rows, work, sparse, entries.
+    // Meta array: rows, work, sparse, entries (one page id per visible page).
     let work_off = rows * ROW_INTS;
     let sp_off = work_off + n_work * WORK_INTS;
     let ent_base = sp_off + sparse_rows.len() * SPARSE_INTS;
@@ -265,11 +384,11 @@ pub fn paged_attention_rows_with(
     let mut at = ent_base;
     for &(_, np) in &tables {
         table_off.push(at);
-        at += 2 * np;
+        at += np;
     }
     let meta_len = at;
     to_i32(meta_len, "meta length")?;
-    let mut meta = vec![0i32; meta_len];
+    let mut meta = vec![0i32; meta_len.max(1)];
     for r in 0..rows {
         let rec = &mut meta[r * ROW_INTS..(r + 1) * ROW_INTS];
         rec[0] = table_off[table_of[r]] as i32;
@@ -306,54 +425,113 @@ pub fn paged_attention_rows_with(
     to_i32(masks_len, "masks length")?;
     to_i32(lists_len, "lists length")?;
     to_i32(n_work * n_heads * (d + 2), "partials length")?;
+    if max_cand.div_ceil(BOUND_PAGES) > 65535 {
+        return Err(shape(format!("attention: {max_cand} candidate pages")));
+    }
     for (t, &(pages, np)) in tables.iter().enumerate() {
-        let dst = &mut meta[table_off[t]..table_off[t] + 2 * np];
-        for (pair, &p) in dst.chunks_exact_mut(2).zip(&pages[..np]) {
-            pair[0] = p as i32;
-            pair[1] = pool.stage_of(layer, p);
+        for (dst, &p) in meta[table_off[t]..table_off[t] + np]
+            .iter_mut()
+            .zip(&pages[..np])
+        {
+            *dst = p as i32;
         }
     }
 
     let s = gpu.stream();
-    let d_meta = s.clone_htod(&meta)?;
     let n_sparse = sparse_rows.len();
-    let mut counts = s.alloc_zeros::<i32>((n_sparse * n_kv).max(1))?;
-    let mut lists = s.alloc_zeros::<i32>(lists_len.max(1))?;
-    let (work_off_i, sp_off_i) = (work_off as i32, sp_off as i32);
+    Ok(AttentionPlan {
+        rows,
+        n_heads,
+        group,
+        geom: g,
+        capacity: pool.capacity(),
+        n_work,
+        n_sparse,
+        max_cand,
+        split,
+        work_off: work_off as i32,
+        sp_off: sp_off as i32,
+        ch,
+        meta: s.clone_htod(&meta)?,
+        counts: s.alloc_zeros::<i32>((n_sparse * n_kv).max(1))?,
+        lists: s.alloc_zeros::<i32>(lists_len.max(1))?,
+        bounds: s.alloc_zeros::<f32>(bounds_len.max(1))?,
+        // Zero here; attn_compact_pages clears what attn_select_pages set, layer after layer.
+        masks: s.alloc_zeros::<u32>(masks_len.max(1))?,
+        part: s.alloc_zeros::<f32>(if split { n_work * n_heads * (d + 2) } else { 1 })?,
+    })
+}
+
+/// Attention of one layer under `plan`: no host-device copy, only launches (3 selection kernels
+/// when some row is sparse, the attention kernel, and the split-K merge when some row is split).
+/// `q` and `out` are `[plan.rows() × n_heads·head_dim]`.
+pub fn paged_attention_planned(
+    gpu: &Gpu,
+    pool: &GpuKvPool,
+    plan: &AttentionPlan,
+    layer: usize,
+    q: &CudaView<'_, f32>,
+    scale: f32,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<(), CudaError> {
+    let g = *pool.geometry();
+    let (ps, n_layers, n_kv, d) = (g.page_size, g.n_layers, g.n_kv_heads, g.head_dim);
+    if g != plan.geom || pool.capacity() != plan.capacity {
+        return Err(shape(format!(
+            "attention: plan made for {:?} × {} pages, pool is {g:?} × {}",
+            plan.geom,
+            plan.capacity,
+            pool.capacity()
+        )));
+    }
+    let (rows, n_heads, group) = (plan.rows, plan.n_heads, plan.group);
+    let width = n_heads * d;
+    if layer >= n_layers {
+        return Err(shape(format!("attention: layer {layer} of {n_layers}")));
+    }
+    if q.len() != rows * width || out.len() != rows * width {
+        return Err(shape(format!(
+            "attention: q has {} and out {} elements, want {rows} rows × {width}",
+            q.len(),
+            out.len()
+        )));
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let s = gpu.stream();
+    let st = &pool.store;
+    let (work_off_i, sp_off_i) = (plan.work_off, plan.sp_off);
     let (n_layers_i, n_kv_i, d_i, n_heads_i) =
         (n_layers as i32, n_kv as i32, d as i32, n_heads as i32);
     let layer_i = layer as i32;
+    let n_sparse = plan.n_sparse;
 
     if n_sparse > 0 {
-        let mut bounds = s.alloc_zeros::<f32>(bounds_len.max(1))?;
-        let mut masks = s.alloc_zeros::<u32>(masks_len.max(1))?;
-        let st = &pool.store;
         let cfg = LaunchConfig {
             grid_dim: (
                 n_sparse as u32,
-                max_cand.div_ceil(BOUND_THREADS).clamp(1, 65535) as u32,
+                plan.max_cand.div_ceil(BOUND_PAGES).max(1) as u32,
                 n_kv as u32,
             ),
-            block_dim: (BOUND_THREADS as u32, 1, 1),
-            shared_mem_bytes: (group * d * 4) as u32,
+            block_dim: (32 * BOUND_WARPS, 1, 1),
+            shared_mem_bytes: (group * (d + 8) * 4) as u32,
         };
-        if max_cand.div_ceil(BOUND_THREADS) > 65535 {
-            return Err(shape(format!("attention: {max_cand} candidate pages")));
-        }
         let f = gpu.function(MODULE.name, "attn_page_bounds")?;
         // SAFETY: attn_page_bounds(const float* q, const int* meta, int sp_off,
         // const float* bmin, const float* bmax, float* bounds, int layer, int n_layers, int n_kv,
         // int d, int n_heads). Sparse records index rows < rows, candidate pages 1..recent_start of
         // tables whose page ids were checked < capacity; bounds holds every record's
-        // n_heads × C floats; shared memory holds G·d floats.
+        // n_heads × C floats; shared memory holds G·(d + 8) floats (checked <= 48 KiB at plan
+        // time). The plan's scratch is device memory used only by launches on this stream.
         unsafe {
             s.launch_builder(f)
                 .arg(q)
-                .arg(&d_meta)
+                .arg(&plan.meta)
                 .arg(&sp_off_i)
                 .arg(&st.bmin)
                 .arg(&st.bmax)
-                .arg(&mut bounds)
+                .arg(&plan.bounds)
                 .arg(&layer_i)
                 .arg(&n_layers_i)
                 .arg(&n_kv_i)
@@ -361,7 +539,7 @@ pub fn paged_attention_rows_with(
                 .arg(&n_heads_i)
                 .launch(cfg)?;
         }
-        let key_cap = max_cand.min(KEY_CAP);
+        let key_cap = plan.max_cand.min(KEY_CAP);
         let key_cap_i = key_cap as i32;
         let cfg = LaunchConfig {
             grid_dim: (n_sparse as u32, n_heads as u32, 1),
@@ -370,14 +548,15 @@ pub fn paged_attention_rows_with(
         };
         let f = gpu.function(MODULE.name, "attn_select_pages")?;
         // SAFETY: attn_select_pages(const int* meta, int sp_off, const float* bounds, u32* masks,
-        // int n_heads, int n_kv, int key_cap): masks holds n_kv × npages per record (zeroed);
-        // keys are cached only when C <= key_cap, which the shared memory holds.
+        // int n_heads, int n_kv, int key_cap): masks holds n_kv × npages per record (zero: fresh,
+        // or cleared by the previous run's attn_compact_pages); keys are cached only when
+        // C <= key_cap, which the shared memory holds.
         unsafe {
             s.launch_builder(f)
-                .arg(&d_meta)
+                .arg(&plan.meta)
                 .arg(&sp_off_i)
-                .arg(&bounds)
-                .arg(&mut masks)
+                .arg(&plan.bounds)
+                .arg(&plan.masks)
                 .arg(&n_heads_i)
                 .arg(&n_kv_i)
                 .arg(&key_cap_i)
@@ -389,61 +568,50 @@ pub fn paged_attention_rows_with(
             shared_mem_bytes: 0,
         };
         let f = gpu.function(MODULE.name, "attn_compact_pages")?;
-        // SAFETY: attn_compact_pages(const int* meta, int sp_off, const u32* masks, int* lists,
+        // SAFETY: attn_compact_pages(const int* meta, int sp_off, u32* masks, int* lists,
         // int* counts, int n_kv): lists hold n_kv × cap pairs per record (writes are capped),
-        // counts n_sparse × n_kv.
+        // counts n_sparse × n_kv; it zeroes the masks it read.
         unsafe {
             s.launch_builder(f)
-                .arg(&d_meta)
+                .arg(&plan.meta)
                 .arg(&sp_off_i)
-                .arg(&masks)
-                .arg(&mut lists)
-                .arg(&mut counts)
+                .arg(&plan.masks)
+                .arg(&plan.lists)
+                .arg(&plan.counts)
                 .arg(&n_kv_i)
                 .launch(cfg)?;
         }
     }
 
-    // Tokens per chunk: 32 (one per lane) unless shared memory is short.
-    let smem = |ch: usize| (2 * ch * (d + 1) + group * d) * 4 + 4 * ch * 4;
-    let mut ch = 32usize;
-    while smem(ch) > SMEM_LIMIT && ch > 1 {
-        ch /= 2;
-    }
-    if smem(ch) > SMEM_LIMIT {
-        return Err(shape(format!(
-            "attention: head_dim {d} × group {group} exceeds shared memory"
-        )));
-    }
-    to_i32(n_work, "work items")?;
-    let mut part = s.alloc_zeros::<f32>(if split { n_work * n_heads * (d + 2) } else { 1 })?;
-    let st = &pool.store;
-    let warps = group.max(4);
+    let ch = plan.ch;
+    let warps = group.max(ATTN_MIN_WARPS);
     let cfg = LaunchConfig {
-        grid_dim: (n_work as u32, n_kv as u32, 1),
+        grid_dim: (plan.n_work as u32, n_kv as u32, 1),
         block_dim: ((32 * warps) as u32, 1, 1),
-        shared_mem_bytes: smem(ch) as u32,
+        shared_mem_bytes: attn_smem(ch, d, group) as u32,
     };
-    let (dt, ps_i, ch_i, n_work_i) = (pool.dtype_code(), ps as i32, ch as i32, n_work as i32);
+    let (dt, ps_i, ch_i, n_work_i) = (pool.dtype_code(), ps as i32, ch as i32, plan.n_work as i32);
     let f = gpu.function(MODULE.name, "attn_paged")?;
     // SAFETY: attn_paged(const float* q, float* out, float* part, const int* meta, int work_off,
-    // int sp_off, const int* lists, const int* counts, kf, vf, kh, vh, kq, vq, ksc, kmn, vsc, vmn,
-    // stg, int dtype, int layer, int n_layers, int n_kv, int ps, int d, int n_heads, float scale,
-    // int ch, int n_work). q / out hold rows × n_heads·d (checked); every work item's entries are
-    // < the row's visible pages (dense) or < its list count (sparse); page ids < capacity and
-    // staging slots < staging capacity come from the pool; part holds n_work × n_heads × (d + 2)
-    // floats whenever some row has several work items (only then is it written); ch <= 32 and
-    // shared memory is smem(ch).
+    // int sp_off, const int* lists, const int* counts, const int* stage_tab, kf, vf, kh, vh, kq,
+    // vq, ksc, kmn, vsc, vmn, stg, int dtype, int layer, int n_layers, int n_kv, int ps, int d,
+    // int n_heads, float scale, int ch, int n_work). q / out hold rows × n_heads·d (checked);
+    // every work item's entries are < the row's visible pages (dense) or < its list count
+    // (sparse); page ids < capacity (checked at plan time, same pool geometry and capacity);
+    // the staging table holds n_pages × n_layers slots + 1 of slots < staging capacity; part
+    // holds n_work × n_heads × (d + 2) floats whenever some row has several work items (only then
+    // is it written); ch <= 32 and shared memory is attn_smem(ch).
     unsafe {
         s.launch_builder(f)
             .arg(q)
             .arg(&mut *out)
-            .arg(&mut part)
-            .arg(&d_meta)
+            .arg(&plan.part)
+            .arg(&plan.meta)
             .arg(&work_off_i)
             .arg(&sp_off_i)
-            .arg(&lists)
-            .arg(&counts)
+            .arg(&plan.lists)
+            .arg(&plan.counts)
+            .arg(&st.stage)
             .arg(&st.kf)
             .arg(&st.vf)
             .arg(&st.kh)
@@ -467,7 +635,7 @@ pub fn paged_attention_rows_with(
             .arg(&n_work_i)
             .launch(cfg)?;
     }
-    if split {
+    if plan.split {
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, n_heads as u32, 1),
             block_dim: (128, 1, 1),
@@ -478,9 +646,9 @@ pub fn paged_attention_rows_with(
         // int n_heads, int d): rows with nw > 1 read partials w0..w0+nw < n_work, written above.
         unsafe {
             s.launch_builder(f)
-                .arg(&part)
+                .arg(&plan.part)
                 .arg(&mut *out)
-                .arg(&d_meta)
+                .arg(&plan.meta)
                 .arg(&n_work_i)
                 .arg(&n_heads_i)
                 .arg(&d_i)
@@ -490,8 +658,9 @@ pub fn paged_attention_rows_with(
     Ok(())
 }
 
-/// Device seconds per [`paged_attention_rows`] call (CUDA events around `iters` calls after one
-/// warm-up call; includes the per-call table upload, as the engine pays it).
+/// Device seconds per layer of attention: one [`attention_plan`] (not timed), then CUDA events
+/// around `iters` [`paged_attention_planned`] calls after one warm-up call. The plan's upload is
+/// paid once per step, not per layer; time it separately if needed.
 #[allow(clippy::too_many_arguments)]
 pub fn time_attention(
     gpu: &Gpu,
@@ -505,8 +674,9 @@ pub fn time_attention(
     out: &mut CudaViewMut<'_, f32>,
     iters: usize,
 ) -> Result<f64, CudaError> {
+    let plan = attention_plan(gpu, pool, queries, n_heads, sparse)?;
     let run = |out: &mut CudaViewMut<'_, f32>| {
-        paged_attention_rows(gpu, pool, layer, queries, q, n_heads, scale, sparse, out)
+        paged_attention_planned(gpu, pool, &plan, layer, q, scale, out)
     };
     run(out)?;
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);

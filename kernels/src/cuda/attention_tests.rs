@@ -700,3 +700,168 @@ fn bench_attention_one_sequence() {
         }
     }
 }
+
+/// One [`AttentionPlan`] per step serves every layer while, as the engine does, each layer first
+/// writes the step's rows, then seals the pages that just filled, then attends: prefill and decode
+/// steps of two sequences over three layers, INT4 (staging slots taken and released between
+/// layers) and F16, dense and sparse, each layer against the CPU.
+#[test]
+fn plan_serves_every_layer_with_writes_and_seals_between() {
+    let Some(gpu) = gpu_or_skip("attention::plan_serves_every_layer_with_writes_and_seals_between")
+    else {
+        return;
+    };
+    let (ps, n_layers, n_kv, n_heads, d) = (4, 3, 2, 8, 64);
+    let geom = KvGeometry {
+        page_size: ps,
+        n_layers,
+        n_kv_heads: n_kv,
+        head_dim: d,
+    };
+    let w = n_kv * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    for dtype in [KvDtype::Int4, KvDtype::F16] {
+        for sparse in [None, Some(SparseConfig::new(5 * ps))] {
+            let mut cpu = KvPool::new(geom, dtype, 64).unwrap();
+            let mut gp = GpuKvPool::new(&gpu, geom, dtype, 64).unwrap();
+            assert_eq!(cpu.alloc(), gp.alloc()); // tables do not start at page 0
+            let mut tables: Vec<Vec<PageId>> = vec![Vec::new(), Vec::new()];
+            let mut lens = [0usize; 2];
+            let mut rng = Rng::new(55);
+            let s = gpu.stream();
+            // Step 0: prefill 45 and 30 tokens; then 7 decode steps of one token each.
+            let mut steps: Vec<[usize; 2]> = vec![[45, 30]];
+            steps.extend(std::iter::repeat_n([1, 1], 7));
+            for (step, add) in steps.iter().enumerate() {
+                // Rows of this step: (sequence, position).
+                let mut rows = Vec::new();
+                for (sq, &n) in add.iter().enumerate() {
+                    for pos in lens[sq]..lens[sq] + n {
+                        if pos % ps == 0 {
+                            let (a, b) = (cpu.alloc().unwrap(), gp.alloc().unwrap());
+                            assert_eq!(a, b);
+                            tables[sq].push(a);
+                        }
+                        rows.push((sq, pos));
+                    }
+                }
+                for (sq, &n) in add.iter().enumerate() {
+                    lens[sq] += n;
+                }
+                let pages: Vec<PageId> = rows.iter().map(|&(sq, p)| tables[sq][p / ps]).collect();
+                let slots: Vec<usize> = rows.iter().map(|&(_, p)| p % ps).collect();
+                // As the engine: a row that fills a page seals the page before it (one recent
+                // page stays open), never the sink page.
+                let seal: Vec<PageId> = rows
+                    .iter()
+                    .filter(|&&(_, p)| p % ps == ps - 1 && p / ps >= 2)
+                    .map(|&(sq, p)| tables[sq][p / ps - 1])
+                    .collect();
+                let gq: Vec<GpuQuery<'_>> = rows
+                    .iter()
+                    .map(|&(sq, p)| GpuQuery {
+                        pages: &tables[sq],
+                        n_tokens: p + 1,
+                    })
+                    .collect();
+                let cq: Vec<Query<'_>> = rows
+                    .iter()
+                    .map(|&(sq, p)| Query {
+                        pages: &tables[sq],
+                        n_tokens: p + 1,
+                    })
+                    .collect();
+                // Built before any of the step's writes, as the engine may.
+                let plan = attention_plan_with(
+                    &gpu,
+                    &gp,
+                    &gq,
+                    n_heads,
+                    sparse.as_ref(),
+                    SplitPlan {
+                        entries_per_split: if step % 2 == 0 { None } else { Some(2) },
+                    },
+                )
+                .unwrap();
+                assert_eq!(plan.rows(), rows.len());
+                let n = rows.len();
+                let q = Rng::new(600 + step as u64).vec(n * n_heads * d);
+                let dq = s.clone_htod(&q).unwrap();
+                for layer in 0..n_layers {
+                    let (k, v) = (rng.vec(n * w), rng.vec(n * w));
+                    for (r, (&p, &sl)) in pages.iter().zip(&slots).enumerate() {
+                        cpu.write(layer, p, sl, &k[r * w..(r + 1) * w], &v[r * w..(r + 1) * w]);
+                    }
+                    let (dk, dv) = (s.clone_htod(&k).unwrap(), s.clone_htod(&v).unwrap());
+                    gp.write_rows(&gpu, layer, &dk.as_view(), &dv.as_view(), &pages, &slots)
+                        .unwrap();
+                    for &p in &seal {
+                        cpu.seal(layer, p);
+                        gp.seal(&gpu, layer, p).unwrap();
+                    }
+                    let mut want = vec![f32::NAN; n * n_heads * d];
+                    cpu_rows(
+                        &cpu,
+                        layer,
+                        &cq,
+                        &q,
+                        n_heads,
+                        scale,
+                        sparse.as_ref(),
+                        &mut want,
+                    );
+                    let mut dout = s.clone_htod(&vec![f32::NAN; want.len()]).unwrap();
+                    paged_attention_planned(
+                        &gpu,
+                        &gp,
+                        &plan,
+                        layer,
+                        &dq.as_view(),
+                        scale,
+                        &mut dout.as_view_mut(),
+                    )
+                    .unwrap();
+                    let got = s.clone_dtoh(&dout).unwrap();
+                    let err = rel_err(&got, &want);
+                    assert!(
+                        err <= TOL,
+                        "{dtype} {sparse:?} step {step} layer {layer}: err {err}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A plan is tied to its pool's geometry and to its row count.
+#[test]
+fn plan_rejects_other_pools_and_shapes() {
+    let Some(gpu) = gpu_or_skip("attention::plan_rejects_other_pools_and_shapes") else {
+        return;
+    };
+    let b = build(&gpu, KvDtype::Int4, 4, 2, 64, &[9], Seal::All, 3);
+    let other = build(&gpu, KvDtype::Int4, 4, 2, 64, &[9, 9], Seal::All, 3);
+    let (n_heads, d) = (4, 64);
+    let s = gpu.stream();
+    let queries = [GpuQuery {
+        pages: &b.tables[0],
+        n_tokens: 9,
+    }];
+    let plan = attention_plan(&gpu, &b.gpu, &queries, n_heads, None).unwrap();
+    let q = s.clone_htod(&Rng::new(4).vec(n_heads * d)).unwrap();
+    let mut out = s.alloc_zeros::<f32>(n_heads * d).unwrap();
+    let mut run = |pool: &GpuKvPool, layer: usize| {
+        paged_attention_planned(
+            &gpu,
+            pool,
+            &plan,
+            layer,
+            &q.as_view(),
+            0.125,
+            &mut out.as_view_mut(),
+        )
+    };
+    run(&b.gpu, 1).unwrap();
+    assert!(matches!(run(&other.gpu, 1), Err(CudaError::Shape(_))));
+    assert!(matches!(run(&b.gpu, LAYERS), Err(CudaError::Shape(_))));
+}

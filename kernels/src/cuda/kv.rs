@@ -8,8 +8,11 @@
 //! Given the same writes and seals, the device pool holds bit-identical contents.
 //!
 //! Open INT4 pages live in f32 *staging slots* (`[K|V][kv_head][slot][channel]`, as the CPU's staging
-//! copy); the slot of each open (page, layer) is tracked on the host and handed to the kernels in
-//! each call's tables. The staging buffer grows (doubling) when every slot is taken, so only open
+//! copy); the slot of each open (page, layer) is tracked on the host (to allocate slots) and mirrored
+//! in a device table `stage[page][layer]` (slot + 1, 0 = none) that the write / seal / reopen kernels
+//! update themselves and `free` clears, in stream order. Attention reads the table on the device, so
+//! an attention plan built once per step stays valid while pages are written and sealed between
+//! layers, with no upload. The staging buffer grows (doubling) when every slot is taken, so only open
 //! pages pay for it. Page bookkeeping (free list, filled / sealed flags) is on the host.
 
 use std::sync::Arc;
@@ -41,6 +44,8 @@ pub(crate) struct DevStore {
     pub vmn: CudaSlice<u16>,
     /// INT4 staging slots, `staging_cap × slot_len` f32.
     pub stg: CudaSlice<f32>,
+    /// Per (page, layer): INT4 staging slot + 1 (0: none), kept by the kernels.
+    pub stage: CudaSlice<i32>,
     /// Key bounds, `[tile][channel]`.
     pub bmin: CudaSlice<f32>,
     pub bmax: CudaSlice<f32>,
@@ -175,6 +180,7 @@ impl GpuKvPool {
             } else {
                 one_f32()?
             },
+            stage: s.alloc_zeros((n_pages * l).max(1))?,
             bmin: s.alloc_zeros((tiles * d).max(1))?,
             bmax: s.alloc_zeros((tiles * d).max(1))?,
         };
@@ -263,6 +269,13 @@ impl GpuKvPool {
         }
         if let Err(e) = self.reset_bounds(chans) {
             self.deferred.get_or_insert(e);
+        }
+        let stages = p * l..(p + 1) * l;
+        if let Err(e) = self
+            .stream
+            .memset_zeros(&mut self.store.stage.slice_mut(stages))
+        {
+            self.deferred.get_or_insert(CudaError::Driver(e));
         }
         for pl in p * l..(p + 1) * l {
             if let Some(slot) = self.staging_of[pl].take() {
@@ -366,8 +379,8 @@ impl GpuKvPool {
         }
     }
 
-    /// The staging slot of (layer, page) for the kernels: -1 when the page is sealed, not INT4 or
-    /// never written.
+    /// The staging slot of (layer, page) (host copy of the device table): -1 when the page is
+    /// sealed, not INT4 or never written.
     pub(crate) fn stage_of(&self, layer: usize, page: PageId) -> i32 {
         self.staging_of[self.pl(layer, page)].map_or(-1, |s| s as i32)
     }
@@ -504,9 +517,10 @@ impl GpuKvPool {
         };
         let f = gpu.function(MODULE.name, "kv_write_rows")?;
         // SAFETY: kv_write_rows(const float* k, const float* v, const int* rowinfo, float* kf,
-        // float* vf, u16* kh, u16* vh, float* stg, float* bmin, float* bmax, int dtype, int layer,
-        // int n_layers, int n_kv, int ps, int d). Every page is allocated (< capacity), every slot
-        // < ps, every INT4 row has a staging slot < staging_cap, k / v hold rows × n_kv·d.
+        // float* vf, u16* kh, u16* vh, float* stg, int* stage_tab, float* bmin, float* bmax,
+        // int dtype, int layer, int n_layers, int n_kv, int ps, int d). Every page is allocated
+        // (< capacity), every slot < ps, every INT4 row has a staging slot < staging_cap, k / v
+        // hold rows × n_kv·d, stage_tab n_pages × n_layers.
         unsafe {
             s.launch_builder(f)
                 .arg(k)
@@ -517,6 +531,7 @@ impl GpuKvPool {
                 .arg(&mut st.kh)
                 .arg(&mut st.vh)
                 .arg(&mut st.stg)
+                .arg(&mut st.stage)
                 .arg(&mut st.bmin)
                 .arg(&mut st.bmax)
                 .arg(&dt)
@@ -577,13 +592,15 @@ impl GpuKvPool {
             d as i32,
             n as i32,
         ];
-        // SAFETY: kv_seal_int4(const float* stg, int stage, u8* kq, u8* vq, u16* ksc, u16* kmn,
-        // u16* vsc, u16* vmn, int page, int layer, int n_layers, int n_kv, int ps, int d, int n);
-        // stage < staging_cap, page < capacity, n <= ps; shared memory holds 2d + 2ps floats.
+        // SAFETY: kv_seal_int4(const float* stg, int stage, int* stage_tab, u8* kq, u8* vq,
+        // u16* ksc, u16* kmn, u16* vsc, u16* vmn, int page, int layer, int n_layers, int n_kv,
+        // int ps, int d, int n); stage < staging_cap, page < capacity, n <= ps; shared memory holds
+        // 2d + 2ps floats.
         unsafe {
             s.launch_builder(f)
                 .arg(&st.stg)
                 .arg(&args[0])
+                .arg(&mut st.stage)
                 .arg(&mut st.kq)
                 .arg(&mut st.vq)
                 .arg(&mut st.ksc)
@@ -634,8 +651,8 @@ impl GpuKvPool {
             n as i32,
         ];
         // SAFETY: kv_reopen_int4(const u8* kq, const u8* vq, const u16* ksc, const u16* kmn,
-        // const u16* vsc, const u16* vmn, float* stg, int stage, int page, int layer,
-        // int n_layers, int n_kv, int ps, int d, int n); indices in range as for seal.
+        // const u16* vsc, const u16* vmn, float* stg, int* stage_tab, int stage, int page,
+        // int layer, int n_layers, int n_kv, int ps, int d, int n); indices in range as for seal.
         unsafe {
             s.launch_builder(f)
                 .arg(&st.kq)
@@ -645,6 +662,7 @@ impl GpuKvPool {
                 .arg(&st.vsc)
                 .arg(&st.vmn)
                 .arg(&mut st.stg)
+                .arg(&mut st.stage)
                 .arg(&args[0])
                 .arg(&args[1])
                 .arg(&args[2])

@@ -4,8 +4,12 @@
 //! segment's A / B pointers, rank and scaling, so ranks may differ between segments).
 
 use std::ops::Range;
+use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PinnedHostSlice,
+    PushKernelArg,
+};
 
 use super::{CudaError, Gpu, KernelModule};
 
@@ -57,6 +61,64 @@ impl GpuLora {
         out_dim: usize,
         scaling: f32,
     ) -> Result<Self, CudaError> {
+        let bt = Self::check_and_transpose(a, b, rank, cols, out_dim)?;
+        let s = gpu.stream();
+        Ok(Self {
+            a: s.clone_htod(a)?,
+            bt: s.clone_htod(&bt)?,
+            rank,
+            cols,
+            out_dim,
+            scaling,
+        })
+    }
+
+    /// As [`GpuLora::upload`], but through pinned staging buffers on `stream` (an upload stream
+    /// beside the compute stream), so the copy overlaps compute. Returns the staging buffers,
+    /// which must live until the copy is done: record an event on `stream` after the uploads,
+    /// make the compute stream wait on it before first use, and drop the staging once it passed.
+    pub fn upload_staged(
+        stream: &Arc<CudaStream>,
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        cols: usize,
+        out_dim: usize,
+        scaling: f32,
+    ) -> Result<(Self, [PinnedHostSlice<f32>; 2]), CudaError> {
+        let bt = Self::check_and_transpose(a, b, rank, cols, out_dim)?;
+        let ctx = stream.context();
+        let stage = |v: &[f32]| -> Result<PinnedHostSlice<f32>, CudaError> {
+            // SAFETY: the buffer is fully written below before any copy reads it.
+            let mut p = unsafe { ctx.alloc_pinned::<f32>(v.len())? };
+            p.as_mut_slice()?.copy_from_slice(v);
+            Ok(p)
+        };
+        let (pa, pb) = (stage(a)?, stage(&bt)?);
+        let mut da = stream.alloc_zeros::<f32>(a.len())?;
+        let mut db = stream.alloc_zeros::<f32>(bt.len())?;
+        stream.memcpy_htod(&pa, &mut da)?;
+        stream.memcpy_htod(&pb, &mut db)?;
+        Ok((
+            Self {
+                a: da,
+                bt: db,
+                rank,
+                cols,
+                out_dim,
+                scaling,
+            },
+            [pa, pb],
+        ))
+    }
+
+    fn check_and_transpose(
+        a: &[f32],
+        b: &[f32],
+        rank: usize,
+        cols: usize,
+        out_dim: usize,
+    ) -> Result<Vec<f32>, CudaError> {
         if rank == 0 || rank > MAX_RANK || cols == 0 || out_dim == 0 {
             return Err(CudaError::Shape(format!(
                 "LoRA rank {rank} (1..={MAX_RANK}), cols {cols}, out {out_dim}: unsupported"
@@ -82,15 +144,7 @@ impl GpuLora {
                 bt[j * out_dim + n] = b[n * rank + j];
             }
         }
-        let s = gpu.stream();
-        Ok(Self {
-            a: s.clone_htod(a)?,
-            bt: s.clone_htod(&bt)?,
-            rank,
-            cols,
-            out_dim,
-            scaling,
-        })
+        Ok(bt)
     }
 
     pub fn nbytes(&self) -> usize {
@@ -117,9 +171,238 @@ pub struct GpuLoraSegment<'a> {
     pub lora: &'a GpuLora,
 }
 
+/// One call of an [`SgmvPlan`]: its work items and what it was validated for.
+#[derive(Clone, Debug)]
+struct PlanCall {
+    /// First work item of the call in the plan's table, and how many.
+    first: usize,
+    items: usize,
+    /// Largest rank among its segments (the shrink grid and the scratch stride).
+    max_rank: usize,
+    /// The projection's shape, `None` for a call without rows (nothing to run or check).
+    dims: Option<(usize, usize)>,
+    /// One past the last row any segment touches.
+    max_row: usize,
+}
+
+/// The work items of several SGMV calls (e.g. one per (layer, projection) of a decode step) in
+/// one device buffer, uploaded once by [`sgmv_plan`]; [`sgmv_planned`] then runs call `i` with
+/// no host-device copy. It holds the adapters' device pointers, so it borrows them.
+pub struct SgmvPlan<'a> {
+    items: Option<CudaSlice<u64>>,
+    /// Scratch for the shrink results, sized for the largest call (calls run in stream order).
+    t: Option<CudaSlice<f32>>,
+    calls: Vec<PlanCall>,
+    _adapters: std::marker::PhantomData<&'a GpuLora>,
+}
+
+impl std::fmt::Debug for SgmvPlan<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SgmvPlan")
+            .field("calls", &self.calls)
+            .finish()
+    }
+}
+
+impl SgmvPlan<'_> {
+    /// Calls in the plan.
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.calls.is_empty()
+    }
+    /// Work items of call `i` (0 when it has no rows).
+    pub fn items(&self, call: usize) -> usize {
+        self.calls.get(call).map_or(0, |c| c.items)
+    }
+}
+
+/// Validates every call's segments (same projection shape within a call, ranks, no overlaps,
+/// row counts that fit the kernels), cuts them into work items and uploads all items with one
+/// host-to-device copy. `calls[i]` are the segments of call `i`.
+pub fn sgmv_plan<'a>(
+    gpu: &Gpu,
+    calls: &[Vec<GpuLoraSegment<'a>>],
+) -> Result<SgmvPlan<'a>, CudaError> {
+    let s = gpu.stream();
+    let mut items: Vec<u64> = Vec::new();
+    let mut planned = Vec::with_capacity(calls.len());
+    let mut scratch = 0usize;
+    for (ci, segs) in calls.iter().enumerate() {
+        let shape = |m: String| CudaError::Shape(format!("sgmv call {ci}: {m}"));
+        let mut dims: Option<(usize, usize)> = None;
+        let mut ranges: Vec<Range<usize>> = Vec::with_capacity(segs.len());
+        for sg in segs {
+            if sg.rows.start > sg.rows.end {
+                return Err(shape(format!("rows {:?} are reversed", sg.rows)));
+            }
+            if sg.rows.is_empty() {
+                continue;
+            }
+            let l = sg.lora;
+            if l.rank == 0 || l.rank > MAX_RANK {
+                return Err(shape(format!("rank {} outside 1..={MAX_RANK}", l.rank)));
+            }
+            match dims {
+                None => dims = Some((l.cols, l.out_dim)),
+                Some((c, o)) if (c, o) != (l.cols, l.out_dim) => {
+                    return Err(shape(format!(
+                        "adapter [{} → {}] in a call on [{c} → {o}]",
+                        l.cols, l.out_dim
+                    )));
+                }
+                Some(_) => {}
+            }
+            ranges.push(sg.rows.clone());
+        }
+        ranges.sort_by_key(|r| r.start);
+        if let Some(w) = ranges.windows(2).find(|w| w[1].start < w[0].end) {
+            return Err(shape(format!("segments {:?} and {:?} overlap", w[0], w[1])));
+        }
+        let max_row = ranges.last().map_or(0, |r| r.end);
+        if let Some((c, o)) = dims
+            && i32::try_from(max_row.saturating_mul(c.max(o))).is_err()
+        {
+            return Err(shape(format!("{max_row} rows are too many")));
+        }
+        let first = items.len() / 4;
+        let mut max_rank = 0usize;
+        for sg in segs.iter().filter(|sg| !sg.rows.is_empty()) {
+            let l = sg.lora;
+            // The pointers are read on the plan's stream, the only stream of the engine.
+            let (a_ptr, _ga) = l.a.device_ptr(s);
+            let (b_ptr, _gb) = l.bt.device_ptr(s);
+            max_rank = max_rank.max(l.rank);
+            let mut r0 = sg.rows.start;
+            while r0 < sg.rows.end {
+                let r1 = (r0 + ITEM_ROWS).min(sg.rows.end);
+                items.extend_from_slice(&[
+                    a_ptr,
+                    b_ptr,
+                    r0 as u64 | (r1 as u64) << 32,
+                    l.rank as u64 | (l.scaling.to_bits() as u64) << 32,
+                ]);
+                r0 = r1;
+            }
+        }
+        let n = items.len() / 4 - first;
+        if n > 65_535 {
+            return Err(shape(format!("{n} work items exceed one launch")));
+        }
+        scratch = scratch.max(n * ITEM_ROWS * max_rank);
+        planned.push(PlanCall {
+            first,
+            items: n,
+            max_rank,
+            dims: if n == 0 { None } else { dims },
+            max_row,
+        });
+    }
+    let (d_items, t) = if items.is_empty() {
+        (None, None)
+    } else {
+        // SAFETY: every scratch entry the expand kernel reads, (item, r < rows of item,
+        // j < rank of item), is written by the same call's shrink kernel first (same stream).
+        let t = unsafe { s.alloc::<f32>(scratch) }?;
+        (Some(s.clone_htod(&items)?), Some(t))
+    };
+    Ok(SgmvPlan {
+        items: d_items,
+        t,
+        calls: planned,
+        _adapters: std::marker::PhantomData,
+    })
+}
+
+/// Runs call `call` of `plan`: `out[r] += scaling · B·(A·x[r])` for the rows of its segments
+/// (`x` `[rows × cols]`, `out` `[rows × out_dim]`, rows outside every segment untouched). One
+/// shrink and one expand launch, no host-device copy; `cols` / `out_dim` must be the call's.
+pub fn sgmv_planned(
+    gpu: &Gpu,
+    plan: &SgmvPlan<'_>,
+    call: usize,
+    x: &CudaView<'_, f32>,
+    cols: usize,
+    out: &mut CudaViewMut<'_, f32>,
+    out_dim: usize,
+) -> Result<(), CudaError> {
+    let shape = |m: String| CudaError::Shape(format!("sgmv call {call}: {m}"));
+    let c = plan
+        .calls
+        .get(call)
+        .ok_or_else(|| shape(format!("the plan has {} calls", plan.calls.len())))?;
+    let Some((pc, po)) = c.dims else {
+        return Ok(()); // no rows
+    };
+    if (pc, po) != (cols, out_dim) {
+        return Err(shape(format!(
+            "planned for [{pc} → {po}], run on [{cols} → {out_dim}]"
+        )));
+    }
+    if c.max_row * cols > x.len() || c.max_row * out_dim > out.len() {
+        return Err(shape(format!(
+            "rows up to {} outside x ({} elements) or out ({} elements)",
+            c.max_row,
+            x.len(),
+            out.len()
+        )));
+    }
+    let (Some(all_items), Some(t)) = (&plan.items, &plan.t) else {
+        return Ok(());
+    };
+    let s = gpu.stream();
+    let items = all_items.slice(4 * c.first..4 * (c.first + c.items));
+    let (ci, od, ts) = (cols as i32, out_dim as i32, c.max_rank as i32);
+    let shrink = gpu.function(MODULE.name, "lora_shrink")?;
+    let cfg = LaunchConfig {
+        grid_dim: (c.items as u32, c.max_rank.div_ceil(SHRINK_WARPS) as u32, 1),
+        block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: (items, x, t, cols, t_stride) as the kernel; the items are this call's (validated
+    // at plan time against adapters of [cols → out_dim], which the plan borrows), their rows lie
+    // inside x (max_row checked above), A has rank × cols values, t has at least
+    // items × 8 × max_rank (the plan's largest call). Calls run in stream order, so the shared
+    // scratch is never used by two launches at once.
+    unsafe {
+        s.launch_builder(shrink)
+            .arg(&items)
+            .arg(x)
+            .arg(t)
+            .arg(&ci)
+            .arg(&ts)
+            .launch(cfg)?;
+    }
+    let expand = gpu.function(MODULE.name, "lora_expand")?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            out_dim.div_ceil(EXPAND_THREADS as usize) as u32,
+            c.items as u32,
+            1,
+        ),
+        block_dim: (EXPAND_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: (items, t, out, out_dim, t_stride) as the kernel; rank ≤ MAX_RANK (checked at plan
+    // time), Bᵀ has rank × out_dim values, item rows lie inside out, and no two items share a
+    // row (no overlaps), so no two threads update the same element.
+    unsafe {
+        s.launch_builder(expand)
+            .arg(&items)
+            .arg(t)
+            .arg(out)
+            .arg(&od)
+            .arg(&ts)
+            .launch(cfg)?;
+    }
+    Ok(())
+}
+
 /// `out[r] += scaling · B·(A·x[r])` for each row `r` of each segment (rows outside every segment
 /// untouched). `x` is `[rows × cols]`, `out` is `[rows × out_dim]`; segments must not overlap.
-/// One shrink and one expand launch whatever the number of segments and their ranks.
+/// One shrink and one expand launch whatever the number of segments and their ranks. A one-call
+/// [`sgmv_plan`] (one upload per call); a decode step should plan all its calls at once.
 pub fn sgmv(
     gpu: &Gpu,
     x: &CudaView<'_, f32>,
@@ -128,119 +411,17 @@ pub fn sgmv(
     out_dim: usize,
     segs: &[GpuLoraSegment<'_>],
 ) -> Result<(), CudaError> {
-    let shape = |m: String| CudaError::Shape(format!("sgmv: {m}"));
-    let mut ranges: Vec<Range<usize>> = Vec::with_capacity(segs.len());
-    for s in segs {
-        let l = s.lora;
+    for sg in segs.iter().filter(|sg| !sg.rows.is_empty()) {
+        let l = sg.lora;
         if l.cols != cols || l.out_dim != out_dim {
-            return Err(shape(format!(
-                "adapter [{} → {}] on a [{cols} → {out_dim}] projection",
+            return Err(CudaError::Shape(format!(
+                "sgmv: adapter [{} → {}] on a [{cols} → {out_dim}] projection",
                 l.cols, l.out_dim
             )));
         }
-        if s.rows.start > s.rows.end
-            || s.rows.end * cols > x.len()
-            || s.rows.end * out_dim > out.len()
-        {
-            return Err(shape(format!(
-                "rows {:?} outside x ({} elements) or out ({} elements)",
-                s.rows,
-                x.len(),
-                out.len()
-            )));
-        }
-        if !s.rows.is_empty() {
-            ranges.push(s.rows.clone());
-        }
     }
-    ranges.sort_by_key(|r| r.start);
-    if let Some(w) = ranges.windows(2).find(|w| w[1].start < w[0].end) {
-        return Err(shape(format!("segments {:?} and {:?} overlap", w[0], w[1])));
-    }
-    let max_row = ranges.last().map_or(0, |r| r.end);
-    if i32::try_from(max_row * cols.max(out_dim)).is_err() {
-        return Err(shape(format!("{max_row} rows are too many")));
-    }
-
-    let s = gpu.stream();
-    // The work items: pointers are read while the guards are alive (they order the stream
-    // after any pending write of the factors).
-    let mut items: Vec<u64> = Vec::new();
-    let mut max_rank = 0usize;
-    let mut guards = Vec::with_capacity(2 * segs.len());
-    for seg in segs.iter().filter(|s| !s.rows.is_empty()) {
-        let l = seg.lora;
-        let (a_ptr, ga) = l.a.device_ptr(s);
-        let (b_ptr, gb) = l.bt.device_ptr(s);
-        guards.push(ga);
-        guards.push(gb);
-        max_rank = max_rank.max(l.rank);
-        let mut r0 = seg.rows.start;
-        while r0 < seg.rows.end {
-            let r1 = (r0 + ITEM_ROWS).min(seg.rows.end);
-            items.extend_from_slice(&[
-                a_ptr,
-                b_ptr,
-                r0 as u64 | (r1 as u64) << 32,
-                l.rank as u64 | (l.scaling.to_bits() as u64) << 32,
-            ]);
-            r0 = r1;
-        }
-    }
-    let n_items = items.len() / 4;
-    if n_items == 0 {
-        return Ok(());
-    }
-    if n_items > 65_535 {
-        return Err(shape(format!("{n_items} work items exceed one launch")));
-    }
-    let d_items = s.clone_htod(&items)?;
-    // SAFETY: every entry the expand kernel reads, (item, r < rows of item, j < rank of item),
-    // is written by the shrink kernel first (same stream).
-    let mut t = unsafe { s.alloc::<f32>(n_items * ITEM_ROWS * max_rank) }?;
-    let (c, od, ts) = (cols as i32, out_dim as i32, max_rank as i32);
-
-    let shrink = gpu.function(MODULE.name, "lora_shrink")?;
-    let cfg = LaunchConfig {
-        grid_dim: (n_items as u32, max_rank.div_ceil(SHRINK_WARPS) as u32, 1),
-        block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: (items, x, t, cols, t_stride) as the kernel; item rows lie inside x (checked
-    // above), A has rank × cols values, t has items × 8 × max_rank.
-    unsafe {
-        s.launch_builder(shrink)
-            .arg(&d_items)
-            .arg(x)
-            .arg(&mut t)
-            .arg(&c)
-            .arg(&ts)
-            .launch(cfg)?;
-    }
-    let expand = gpu.function(MODULE.name, "lora_expand")?;
-    let cfg = LaunchConfig {
-        grid_dim: (
-            out_dim.div_ceil(EXPAND_THREADS as usize) as u32,
-            n_items as u32,
-            1,
-        ),
-        block_dim: (EXPAND_THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: (items, t, out, out_dim, t_stride) as the kernel; rank ≤ MAX_RANK (upload checks),
-    // Bᵀ has rank × out_dim values, item rows lie inside out, and no two items share a row, so
-    // no two threads update the same element.
-    unsafe {
-        s.launch_builder(expand)
-            .arg(&d_items)
-            .arg(&t)
-            .arg(out)
-            .arg(&od)
-            .arg(&ts)
-            .launch(cfg)?;
-    }
-    drop(guards);
-    Ok(())
+    let plan = sgmv_plan(gpu, &[segs.to_vec()])?;
+    sgmv_planned(gpu, &plan, 0, x, cols, out, out_dim)
 }
 
 #[cfg(test)]
@@ -376,6 +557,220 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The CPU reference for one call, and the bound of the ragged-segments test per element.
+    fn reference_and_bound(
+        x: &[f32],
+        cols: usize,
+        base: &[f32],
+        out_dim: usize,
+        segs: &[(Range<usize>, &HostLora)],
+    ) -> (Vec<f32>, Vec<f64>) {
+        let mut want = base.to_vec();
+        let cpu_segs: Vec<LoraSegment<'_>> = segs
+            .iter()
+            .map(|(r, h)| LoraSegment {
+                rows: r.clone(),
+                a: &h.a,
+                b: &h.b,
+                rank: h.rank,
+                scaling: h.scaling,
+            })
+            .collect();
+        sgmv_reference(x, cols, &mut want, out_dim, &cpu_segs);
+        let mut bound: Vec<f64> = base.iter().map(|v| 1e-5 * v.abs() as f64 + 1e-30).collect();
+        for (rows, h) in segs {
+            for r in rows.clone() {
+                let xr = &x[r * cols..(r + 1) * cols];
+                let at: Vec<f64> = (0..h.rank)
+                    .map(|j| {
+                        (0..cols)
+                            .map(|k| (h.a[j * cols + k] as f64 * xr[k] as f64).abs())
+                            .sum()
+                    })
+                    .collect();
+                for n in 0..out_dim {
+                    let d: f64 = (0..h.rank)
+                        .map(|j| (h.b[n * h.rank + j] as f64).abs() * at[j])
+                        .sum();
+                    bound[r * out_dim + n] += 1e-5 * h.scaling.abs() as f64 * d;
+                }
+            }
+        }
+        (want, bound)
+    }
+
+    #[test]
+    fn sgmv_plan_runs_many_calls_from_one_upload() {
+        let Some(gpu) = gpu_or_skip("lora::sgmv_plan_runs_many_calls_from_one_upload") else {
+            return;
+        };
+        let s = gpu.stream();
+        let mut rng = Rng(0x5eed_1234_abcd_0002);
+        let rows = 21;
+        // Calls of different shapes and ranks (one projection each), an empty call, a call
+        // listed twice with other rows; one plan, one upload.
+        let shapes = [(96, 40), (576, 192), (70, 1536), (1000, 576)];
+        let ranks = [(16, 2.0f32), (8, 0.5), (64, 1.0), (3, -1.5)];
+        let host: Vec<Vec<HostLora>> = shapes
+            .iter()
+            .map(|&(cols, out_dim)| {
+                ranks
+                    .iter()
+                    .map(|&(rank, scaling)| HostLora {
+                        a: rng.vec(rank * cols, 0.1),
+                        b: rng.vec(out_dim * rank, 0.1),
+                        rank,
+                        scaling,
+                    })
+                    .collect()
+            })
+            .collect();
+        let dev: Vec<Vec<GpuLora>> = shapes
+            .iter()
+            .zip(&host)
+            .map(|(&(cols, out_dim), hs)| {
+                hs.iter()
+                    .map(|h| {
+                        GpuLora::upload(&gpu, &h.a, &h.b, h.rank, cols, out_dim, h.scaling).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        // (shape index, [(rows, adapter index)])
+        type Call = (usize, Vec<(Range<usize>, usize)>);
+        let calls: Vec<Call> = vec![
+            (0, vec![(0..3, 0), (5..14, 2), (14..21, 1)]),
+            (1, vec![(2..19, 3), (0..2, 0)]),
+            (2, vec![]),
+            (3, vec![(20..21, 2), (0..9, 1), (9..10, 3)]),
+            (2, vec![(4..6, 3), (6..20, 2), (3..3, 0)]),
+            (1, vec![(1..2, 1)]),
+        ];
+        let seg_lists: Vec<Vec<GpuLoraSegment<'_>>> = calls
+            .iter()
+            .map(|(si, segs)| {
+                segs.iter()
+                    .map(|(r, ai)| GpuLoraSegment {
+                        rows: r.clone(),
+                        lora: &dev[*si][*ai],
+                    })
+                    .collect()
+            })
+            .collect();
+        let plan = sgmv_plan(&gpu, &seg_lists).unwrap();
+        assert_eq!(plan.len(), calls.len());
+        assert_eq!(plan.items(2), 0);
+        assert_eq!(plan.items(0), 1 + 2 + 1);
+        for (ci, (si, segs)) in calls.iter().enumerate() {
+            let (cols, out_dim) = shapes[*si];
+            let x = rng.vec(rows * cols, 1.0);
+            let base = rng.vec(rows * out_dim, 1.0);
+            let dx = s.clone_htod(&x).unwrap();
+            let mut planned = s.clone_htod(&base).unwrap();
+            sgmv_planned(
+                &gpu,
+                &plan,
+                ci,
+                &dx.as_view(),
+                cols,
+                &mut planned.as_view_mut(),
+                out_dim,
+            )
+            .unwrap();
+            let mut single = s.clone_htod(&base).unwrap();
+            sgmv(
+                &gpu,
+                &dx.as_view(),
+                cols,
+                &mut single.as_view_mut(),
+                out_dim,
+                &seg_lists[ci],
+            )
+            .unwrap();
+            let (got, one) = (
+                s.clone_dtoh(&planned).unwrap(),
+                s.clone_dtoh(&single).unwrap(),
+            );
+            // The same kernels on the same items: bit for bit.
+            assert!(
+                got.iter()
+                    .zip(&one)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "call {ci}: planned and single-call sgmv differ"
+            );
+            let hs: Vec<(Range<usize>, &HostLora)> = segs
+                .iter()
+                .map(|(r, ai)| (r.clone(), &host[*si][*ai]))
+                .collect();
+            let (want, bound) = reference_and_bound(&x, cols, &base, out_dim, &hs);
+            for i in 0..rows * out_dim {
+                assert!(
+                    ((got[i] - want[i]).abs() as f64) <= bound[i],
+                    "call {ci} [{cols}→{out_dim}] element {i}: gpu {} cpu {} bound {}",
+                    got[i],
+                    want[i],
+                    bound[i]
+                );
+            }
+            // The wrong shape for the call is refused.
+            if !segs.iter().all(|(r, _)| r.is_empty()) {
+                assert!(matches!(
+                    sgmv_planned(
+                        &gpu,
+                        &plan,
+                        ci,
+                        &dx.as_view(),
+                        cols,
+                        &mut planned.as_view_mut(),
+                        out_dim + 1
+                    ),
+                    Err(CudaError::Shape(_))
+                ));
+            }
+        }
+        // Out of range call, too-short buffers.
+        let x = s.alloc_zeros::<f32>(rows * 96).unwrap();
+        let mut out = s.alloc_zeros::<f32>(rows * 40).unwrap();
+        assert!(
+            sgmv_planned(
+                &gpu,
+                &plan,
+                99,
+                &x.as_view(),
+                96,
+                &mut out.as_view_mut(),
+                40
+            )
+            .is_err()
+        );
+        let short = x.slice(..20 * 96);
+        assert!(sgmv_planned(&gpu, &plan, 0, &short, 96, &mut out.as_view_mut(), 40).is_err());
+    }
+
+    #[test]
+    fn sgmv_plan_validates_every_call() {
+        let Some(gpu) = gpu_or_skip("lora::sgmv_plan_validates_every_call") else {
+            return;
+        };
+        let l = GpuLora::upload(&gpu, &[0.1; 8], &[0.2; 6], 2, 4, 3, 1.0).unwrap();
+        let other = GpuLora::upload(&gpu, &[0.1; 10], &[0.2; 6], 2, 5, 3, 1.0).unwrap();
+        let seg = |rows: Range<usize>, lora| GpuLoraSegment { rows, lora };
+        // A good call followed by a bad one: the whole plan is refused.
+        for bad in [
+            vec![seg(0..2, &l), seg(1..3, &l)],
+            vec![seg(0..2, &l), seg(2..3, &other)],
+            vec![seg(Range { start: 3, end: 2 }, &l)],
+        ] {
+            assert!(matches!(
+                sgmv_plan(&gpu, &[vec![seg(0..1, &l)], bad]),
+                Err(CudaError::Shape(_))
+            ));
+        }
+        let plan = sgmv_plan(&gpu, &[vec![], vec![seg(0..1, &other)]]).unwrap();
+        assert_eq!(plan.items(1), 1);
+        assert!(sgmv_plan(&gpu, &[]).unwrap().is_empty());
     }
 
     #[test]

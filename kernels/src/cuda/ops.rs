@@ -14,6 +14,7 @@ pub const MODULE: KernelModule = KernelModule {
     source: include_str!("../../cuda/ops.cu"),
     functions: &[
         "rms_norm_rows",
+        "add_rms_norm_rows",
         "rope_rows",
         "swiglu",
         "add_assign",
@@ -80,6 +81,51 @@ pub fn rms_norm_rows(
         gpu.stream()
             .launch_builder(f)
             .arg(x)
+            .arg(w)
+            .arg(out)
+            .arg(&c)
+            .arg(&eps)
+            .launch(cfg)?;
+    }
+    Ok(())
+}
+
+/// The residual add and the next RMSNorm in one launch: `x[r] += y[r]`, then
+/// `out[r] = x[r] · rsqrt(mean(x[r]²) + eps) · w` for each of `rows` rows of `cols`.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_rows(
+    gpu: &Gpu,
+    x: &mut CudaViewMut<'_, f32>,
+    y: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+    out: &mut CudaViewMut<'_, f32>,
+) -> Result<(), CudaError> {
+    need("add_rms_norm_rows x", x.len(), rows * cols)?;
+    need("add_rms_norm_rows y", y.len(), rows * cols)?;
+    need("add_rms_norm_rows w", w.len(), cols)?;
+    need("add_rms_norm_rows out", out.len(), rows * cols)?;
+    as_i32(rows * cols, "rows · cols")?;
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let c = cols as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let f = gpu.function(MODULE.name, "add_rms_norm_rows")?;
+    // SAFETY: (x, y, w, out, cols, eps) as the kernel; block r touches x/y/out[r·cols ..
+    // (r+1)·cols] and w[..cols], all within the checked lengths; x and out are distinct
+    // (two mutable views cannot alias).
+    unsafe {
+        gpu.stream()
+            .launch_builder(f)
+            .arg(x)
+            .arg(y)
             .arg(w)
             .arg(out)
             .arg(&c)
@@ -283,6 +329,58 @@ mod tests {
             // 1e-7 in the mean, half of it in the inverse root; 1e-5 relative leaves a margin.
             close(
                 &format!("rms_norm [{rows}, {cols}]"),
+                &got,
+                &want,
+                1e-5,
+                1e-30,
+            );
+        }
+    }
+
+    #[test]
+    fn add_rms_norm_rows_matches_an_add_then_the_cpu_norm() {
+        let Some(gpu) = gpu_or_skip("ops::add_rms_norm_rows_matches_an_add_then_the_cpu_norm")
+        else {
+            return;
+        };
+        let s = gpu.stream();
+        let mut rng = Rng(0x2234_5678_9abc_def3);
+        for (rows, cols) in [(1, 4096), (3, 70), (17, 1), (5, 8192), (16, 576)] {
+            let x = rng.vec(rows * cols, 3.0);
+            let y = rng.vec(rows * cols, 2.0);
+            let w = rng.vec(cols, 1.5);
+            let sum: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a + b).collect();
+            let mut want = vec![0f32; rows * cols];
+            cpu::rms_norm_rows(&sum, &w, 1e-5, &mut want);
+            let (mut dx, dy, dw) = (
+                s.clone_htod(&x).unwrap(),
+                s.clone_htod(&y).unwrap(),
+                s.clone_htod(&w).unwrap(),
+            );
+            let mut dout = s.clone_htod(&vec![f32::NAN; rows * cols]).unwrap();
+            add_rms_norm_rows(
+                &gpu,
+                &mut dx.as_view_mut(),
+                &dy.as_view(),
+                &dw.as_view(),
+                rows,
+                cols,
+                1e-5,
+                &mut dout.as_view_mut(),
+            )
+            .unwrap();
+            // The add is one rounding on both sides: bit for bit.
+            let got_x = s.clone_dtoh(&dx).unwrap();
+            assert!(
+                got_x
+                    .iter()
+                    .zip(&sum)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "add [{rows}, {cols}]"
+            );
+            let got = s.clone_dtoh(&dout).unwrap();
+            close(
+                &format!("add_rms_norm [{rows}, {cols}]"),
                 &got,
                 &want,
                 1e-5,

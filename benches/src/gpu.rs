@@ -206,7 +206,8 @@ pub fn run(a: GpuArgs) -> Result<()> {
                 .collect();
             let opts = ForwardOptions::exact();
             for &b in &batch {
-                let bound = copy / 2.0 / bytes as f64 * b as f64;
+                // A read-only stream can use the copy's whole rate (reads + writes).
+                let bound = copy / bytes as f64 * b as f64;
                 let mut configs: Vec<(String, Vec<Option<&LoraAdapter>>)> =
                     vec![("no adapter".into(), vec![None; b])];
                 if adapters > 0 {

@@ -55,6 +55,10 @@ pub struct DecodeArgs {
     /// Also measure llama.cpp (llama-cpp-python) on the same GGUF with the same threads.
     #[arg(long)]
     pub vs_llamacpp: bool,
+    /// With --batch B > 1: also decode one sequence, alternating with the batch in each round, and
+    /// report the batch's tokens/s against it.
+    #[arg(long)]
+    pub vs_batch1: bool,
     /// Bandwidth buffer size in MiB.
     #[arg(long, default_value_t = 1024)]
     pub membw_mib: usize,
@@ -205,10 +209,23 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         let none: Vec<Option<&LoraAdapter>> = vec![None; a.batch];
         let prompt = text_tokens(model, a.prompt.max(1))?;
         let mut ours = 0f64;
+        let mut single = 0f64;
         let mut theirs: Option<llamacpp::Speed> = None;
         let mut info = String::new();
         for _ in 0..a.rounds.max(1) {
             ours = ours.max(measure(&mut pool, &none, "base model")?);
+            if a.vs_batch1 && a.batch > 1 {
+                eprintln!("decoding: base model, batch 1 ...");
+                single = single.max(run_once(
+                    model,
+                    &mut pool,
+                    &none[..1],
+                    a.prompt,
+                    a.warmup,
+                    a.steps,
+                    &l.opts,
+                )?);
+            }
             if let Some(lc) = &llama {
                 eprintln!("decoding: llama.cpp, batch 1 ...");
                 let m = lc.measure(&llamacpp::Request {
@@ -245,6 +262,12 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             Row::new("decode", "tokens/s", ours, "tok/s")
                 .vs("compute bound", compute_bound(base_macs)),
         );
+        if single > 0.0 {
+            report.push(
+                Row::new("decode", format!("tokens/s (batch {})", a.batch), ours, "tok/s")
+                    .vs("batch 1, same run", single),
+            );
+        }
         if let Some(t) = theirs {
             let b1 = bw.all_gbs * 1e9 / base_bytes as f64;
             report.push(

@@ -7,7 +7,7 @@ use std::ops::Range;
 use crate::Q8Matrix;
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
-use crate::cpu::q4::TILE_ROWS;
+use crate::cpu::q4::{QK, TILE_ROWS};
 use crate::cpu::qdot::{Isa, TileOut, q8q8_tiles};
 use crate::cpu::threads::SharedOut;
 
@@ -59,6 +59,8 @@ pub struct LoraSegmentQ8<'a> {
 
 /// Rows per task: the shrink reuses each A tile for up to four rows.
 const ROWS_PER_TASK: usize = 4;
+/// Blocks of 32 output columns the expand updates at a time (a 1 KiB chunk of each row).
+const EXPAND_BLOCKS: usize = 8;
 
 /// SGMV on the int8 path in one parallel region whatever the number of adapters: segments are cut
 /// into pieces of at most four rows (so one adapter shared by a whole batch still uses every
@@ -115,16 +117,35 @@ pub fn sgmv_q8(
                 }
             }
         }
-        let mut bt_row = vec![0f32; out_dim];
-        for j in 0..rank {
-            seg.bt.dequantize_row(j, &mut bt_row);
+        // Expand, a chunk of output columns at a time: the chunk of B^T (every rank row) is
+        // dequantized once and each output row's chunk is updated rank times while it sits in
+        // L1, instead of streaming whole output rows rank times.
+        let coef: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let t = &t;
+                (0..rank).map(move |j| seg.scaling * t[i * groups + j / TILE_ROWS][j % TILE_ROWS])
+            })
+            .collect();
+        let bpr = seg.bt.blocks_per_row();
+        let chunk_cols = EXPAND_BLOCKS * QK;
+        let mut wchunk = vec![0f32; rank * chunk_cols];
+        for b0 in (0..bpr).step_by(EXPAND_BLOCKS) {
+            let b1 = (b0 + EXPAND_BLOCKS).min(bpr);
+            let c0 = b0 * QK;
+            let w = (b1 * QK).min(out_dim) - c0;
+            for j in 0..rank {
+                seg.bt
+                    .dequantize_row_blocks(j, b0..b1, &mut wchunk[j * chunk_cols..][..w]);
+            }
             for i in 0..n {
-                let c = seg.scaling * t[i * groups + j / TILE_ROWS][j % TILE_ROWS];
                 let r = rows.start + i;
                 // SAFETY: row r belongs to this piece only; in bounds by the asserts.
-                let orow = unsafe { op.slice_mut(r * out_dim, out_dim) };
-                for (o, &b) in orow.iter_mut().zip(&bt_row) {
-                    *o += c * b;
+                let orow = unsafe { op.slice_mut(r * out_dim + c0, w) };
+                for j in 0..rank {
+                    let c = coef[i * rank + j];
+                    for (o, &b) in orow.iter_mut().zip(&wchunk[j * chunk_cols..][..w]) {
+                        *o += c * b;
+                    }
                 }
             }
         }
@@ -137,7 +158,14 @@ mod tests {
 
     #[test]
     fn int8_sgmv_follows_the_reference_for_every_isa() {
-        let (in_dim, out_dim, rank, rows) = (96, 40, 16, 5);
+        // 40: one partial chunk of the expand; 300: a whole chunk, then a partial block.
+        for out_dim in [40, 300] {
+            int8_sgmv_case(out_dim);
+        }
+    }
+
+    fn int8_sgmv_case(out_dim: usize) {
+        let (in_dim, rank, rows) = (96, 16, 5);
         let x: Vec<f32> = (0..rows * in_dim)
             .map(|i| ((i * 7919 % 211) as f32 / 105.0 - 1.0) * 0.5)
             .collect();

@@ -157,12 +157,19 @@ impl Q8Matrix {
     }
 
     pub fn dequantize_row(&self, n: usize, out: &mut [f32]) {
-        for bi in 0..self.blocks_per_row() {
+        self.dequantize_row_blocks(n, 0..self.blocks_per_row(), out);
+    }
+
+    /// Blocks `blocks` of row `n` (columns `32 * start ..`, clipped to the width) into `out`,
+    /// which starts at the first of those columns.
+    pub fn dequantize_row_blocks(&self, n: usize, blocks: std::ops::Range<usize>, out: &mut [f32]) {
+        let base = blocks.start * QK;
+        for bi in blocks {
             let b = self.block(n, bi);
             let d = f16::from_bits(b.d).to_f32();
             let k0 = bi * QK;
             let k1 = (k0 + QK).min(self.cols);
-            for (o, &q) in out[k0..k1].iter_mut().zip(b.qs.iter()) {
+            for (o, &q) in out[k0 - base..k1 - base].iter_mut().zip(b.qs.iter()) {
                 *o = q as f32 * d;
             }
         }

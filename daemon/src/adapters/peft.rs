@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use edgelora_kernels::Q8Matrix;
+use edgelora_kernels::cpu::q8::Q8Rows;
 use serde_json::Value;
 
 use crate::model::st::TensorStore;
@@ -28,7 +29,7 @@ pub struct LoraPair {
     pub a: Vec<f32>,
     pub b: Vec<f32>,
     pub a_q8: Q8Matrix,
-    pub bt_q8: Q8Matrix,
+    pub bt_q8: Q8Rows,
 }
 
 impl LoraPair {
@@ -40,7 +41,8 @@ impl LoraPair {
         let bt: Vec<f32> = (0..rank * out)
             .map(|i| b[(i % out) * rank + i / out])
             .collect();
-        let bt_q8 = Q8Matrix::quantize(&bt, rank, out).map_err(|e| e.to_string())?;
+        let bt_q8 =
+            Q8Rows::from_matrix(&Q8Matrix::quantize(&bt, rank, out).map_err(|e| e.to_string())?);
         Ok(Self {
             rank,
             a,

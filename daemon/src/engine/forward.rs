@@ -9,7 +9,7 @@ use edgelora_kernels::Weight;
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::attention::{Query, SparseConfig, paged_attention_rows};
 use edgelora_kernels::cpu::kv::KvPool;
-use edgelora_kernels::cpu::lora::{LoraSegment, LoraSegmentQ8, sgmv_q8, sgmv_reference};
+use edgelora_kernels::cpu::lora::{LoraSegment, LoraSegmentQ8, sgmv_q8_many, sgmv_reference};
 use edgelora_kernels::cpu::matmul::Input;
 use edgelora_kernels::cpu::ops::{Rope, rms_norm, rms_norm_rows, swiglu};
 use edgelora_kernels::cpu::qdot::best_isa;
@@ -238,40 +238,60 @@ pub fn forward(
             xq.quantize_from(input, rows, cols);
         }
     };
-    // The LoRA deltas of one projection, added per segment of rows sharing an adapter.
-    let lora = |xq: &ActQ8, layer: usize, p: Proj, input: &[f32], out: &mut [f32]| {
-        let lin = w.layers[layer].get(p);
-        let (cols, out_dim) = (lin.weight.cols(), lin.weight.rows());
+    // The LoRA deltas of projections that read the same input, added per segment of rows
+    // sharing an adapter (all of them in one parallel region on the int8 path).
+    let lora = |xq: &ActQ8, layer: usize, input: &[f32], outs: &mut [(Proj, &mut [f32])]| {
+        if segments.is_empty() {
+            return;
+        }
         if int8 {
-            let segs: Vec<LoraSegmentQ8<'_>> = segments
+            let segs: Vec<Vec<LoraSegmentQ8<'_>>> = outs
                 .iter()
-                .filter_map(|(range, a)| {
-                    a.get(layer, p).map(|pair| LoraSegmentQ8 {
-                        rows: range.clone(),
-                        a: &pair.a_q8,
-                        bt: &pair.bt_q8,
-                        scaling: a.scaling,
-                    })
+                .map(|(p, _)| {
+                    segments
+                        .iter()
+                        .filter_map(|(range, a)| {
+                            a.get(layer, *p).map(|pair| LoraSegmentQ8 {
+                                rows: range.clone(),
+                                a: &pair.a_q8,
+                                bt: &pair.bt_q8,
+                                scaling: a.scaling,
+                            })
+                        })
+                        .collect()
                 })
                 .collect();
-            if !segs.is_empty() {
-                sgmv_q8(xq, out, out_dim, &segs, best_isa());
+            let mut jobs: Vec<(&mut [f32], usize, &[LoraSegmentQ8<'_>])> = outs
+                .iter_mut()
+                .zip(&segs)
+                .filter(|(_, sg)| !sg.is_empty())
+                .map(|((p, o), sg)| {
+                    let out_dim = w.layers[layer].get(*p).weight.rows();
+                    (&mut **o, out_dim, sg.as_slice())
+                })
+                .collect();
+            if !jobs.is_empty() {
+                sgmv_q8_many(xq, &mut jobs, best_isa());
             }
         } else {
-            let segs: Vec<LoraSegment<'_>> = segments
-                .iter()
-                .filter_map(|(range, a)| {
-                    a.get(layer, p).map(|pair| LoraSegment {
-                        rows: range.clone(),
-                        a: &pair.a,
-                        b: &pair.b,
-                        rank: pair.rank,
-                        scaling: a.scaling,
+            for (p, out) in outs.iter_mut() {
+                let lin = w.layers[layer].get(*p);
+                let (cols, out_dim) = (lin.weight.cols(), lin.weight.rows());
+                let segs: Vec<LoraSegment<'_>> = segments
+                    .iter()
+                    .filter_map(|(range, a)| {
+                        a.get(layer, *p).map(|pair| LoraSegment {
+                            rows: range.clone(),
+                            a: &pair.a,
+                            b: &pair.b,
+                            rank: pair.rank,
+                            scaling: a.scaling,
+                        })
                     })
-                })
-                .collect();
-            if !segs.is_empty() {
-                sgmv_reference(input, cols, out, out_dim, &segs);
+                    .collect();
+                if !segs.is_empty() {
+                    sgmv_reference(input, cols, out, out_dim, &segs);
+                }
             }
         }
     };
@@ -303,9 +323,7 @@ pub fn forward(
                 );
             }
         }
-        for (p, o) in outs.iter_mut() {
-            lora(xq, layer, *p, input, o);
-        }
+        lora(xq, layer, input, outs);
     };
 
     for (li, lw) in w.layers.iter().enumerate() {

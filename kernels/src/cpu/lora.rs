@@ -8,6 +8,7 @@ use crate::Q8Matrix;
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::{QK, TILE_ROWS};
+use crate::cpu::q8::Q8Rows;
 use crate::cpu::qdot::{Isa, TileOut, q8q8_tiles};
 use crate::cpu::threads::SharedOut;
 
@@ -53,14 +54,12 @@ pub fn sgmv_reference(
 pub struct LoraSegmentQ8<'a> {
     pub rows: Range<usize>,
     pub a: &'a Q8Matrix,
-    pub bt: &'a Q8Matrix,
+    pub bt: &'a Q8Rows,
     pub scaling: f32,
 }
 
 /// Rows per task: the shrink reuses each A tile for up to four rows.
 const ROWS_PER_TASK: usize = 4;
-/// Blocks of 32 output columns the expand updates at a time (a 1 KiB chunk of each row).
-const EXPAND_BLOCKS: usize = 8;
 
 /// SGMV on the int8 path in one parallel region whatever the number of adapters: segments are cut
 /// into pieces of at most four rows (so one adapter shared by a whole batch still uses every
@@ -74,27 +73,43 @@ pub fn sgmv_q8(
     segments: &[LoraSegmentQ8<'_>],
     isa: Isa,
 ) {
-    assert_eq!(out.len(), x.rows() * out_dim, "output shape");
+    sgmv_q8_many(x, &mut [(out, out_dim, segments)], isa);
+}
+
+/// The LoRA deltas of several projections of the same input (q, k and v; gate and up) in one
+/// parallel region: `jobs[i] = (out, out_dim, segments)`. A region costs a wake-up and a barrier
+/// of the pool, which for a small model's narrow projections is as much as the work.
+pub fn sgmv_q8_many(x: &ActQ8, jobs: &mut [(&mut [f32], usize, &[LoraSegmentQ8<'_>])], isa: Isa) {
     let mut pieces = Vec::new();
-    for (si, s) in segments.iter().enumerate() {
-        assert!(
-            s.rows.end <= x.rows() && s.a.cols() == x.cols(),
-            "segment rows or input width"
-        );
-        assert!(
-            s.bt.cols() == out_dim && s.bt.rows() == s.a.rows(),
-            "B^T shape"
-        );
-        let mut r = s.rows.start;
-        while r < s.rows.end {
-            let e = (r + ROWS_PER_TASK).min(s.rows.end);
-            pieces.push((si, r..e));
-            r = e;
+    for (ji, (out, out_dim, segments)) in jobs.iter().enumerate() {
+        assert_eq!(out.len(), x.rows() * out_dim, "output shape");
+        for (si, s) in segments.iter().enumerate() {
+            assert!(
+                s.rows.end <= x.rows() && s.a.cols() == x.cols(),
+                "segment rows or input width"
+            );
+            assert!(
+                s.bt.cols() == *out_dim && s.bt.rows() == s.a.rows(),
+                "B^T shape"
+            );
+            let mut r = s.rows.start;
+            while r < s.rows.end {
+                let e = (r + ROWS_PER_TASK).min(s.rows.end);
+                pieces.push((ji, si, r..e));
+                r = e;
+            }
         }
     }
-    let op = SharedOut::new(out);
+    if pieces.is_empty() {
+        return;
+    }
+    let ops: Vec<(SharedOut, usize, &[LoraSegmentQ8<'_>])> = jobs
+        .iter_mut()
+        .map(|(o, d, segs)| (SharedOut::new(o), *d, *segs))
+        .collect();
     crate::cpu::threads::global().run(pieces.len(), &|pi| {
-        let (si, rows) = &pieces[pi];
+        let (ji, si, rows) = &pieces[pi];
+        let (op, out_dim, segments) = ops[*ji];
         let seg = &segments[*si];
         let rank = seg.a.rows();
         let groups = seg.a.row_groups();
@@ -117,35 +132,36 @@ pub fn sgmv_q8(
                 }
             }
         }
-        // Expand, a chunk of output columns at a time: the chunk of B^T (every rank row) is
-        // dequantized once and each output row's chunk is updated rank times while it sits in
-        // L1, instead of streaming whole output rows rank times.
+        // Expand: per output row and block of 32 columns, the rank updates are summed in
+        // registers straight from the int8 codes of B^T (plain row order), then added once.
         let coef: Vec<f32> = (0..n)
             .flat_map(|i| {
                 let t = &t;
                 (0..rank).map(move |j| seg.scaling * t[i * groups + j / TILE_ROWS][j % TILE_ROWS])
             })
             .collect();
-        let bpr = seg.bt.blocks_per_row();
-        let chunk_cols = EXPAND_BLOCKS * QK;
-        let mut wchunk = vec![0f32; rank * chunk_cols];
-        for b0 in (0..bpr).step_by(EXPAND_BLOCKS) {
-            let b1 = (b0 + EXPAND_BLOCKS).min(bpr);
-            let c0 = b0 * QK;
-            let w = (b1 * QK).min(out_dim) - c0;
-            for j in 0..rank {
-                seg.bt
-                    .dequantize_row_blocks(j, b0..b1, &mut wchunk[j * chunk_cols..][..w]);
-            }
-            for i in 0..n {
-                let r = rows.start + i;
-                // SAFETY: row r belongs to this piece only; in bounds by the asserts.
-                let orow = unsafe { op.slice_mut(r * out_dim + c0, w) };
-                for j in 0..rank {
-                    let c = coef[i * rank + j];
-                    for (o, &b) in orow.iter_mut().zip(&wchunk[j * chunk_cols..][..w]) {
-                        *o += c * b;
+        let bt = seg.bt;
+        let bpr = bt.blocks_per_row();
+        for i in 0..n {
+            let r = rows.start + i;
+            // SAFETY: row r belongs to this piece only; in bounds by the asserts.
+            let orow = unsafe { op.slice_mut(r * out_dim, out_dim) };
+            let c = &coef[i * rank..(i + 1) * rank];
+            for b in 0..bpr {
+                let mut acc = [0f32; QK];
+                for (j, &cj) in c.iter().enumerate() {
+                    let cd = cj * bt.d[j * bpr + b];
+                    let q: &[i8; QK] = bt.q[(j * bpr + b) * QK..][..QK]
+                        .try_into()
+                        .expect("32 codes");
+                    for (a, &v) in acc.iter_mut().zip(q) {
+                        *a += cd * v as f32;
                     }
+                }
+                let k0 = b * QK;
+                let k1 = (k0 + QK).min(out_dim);
+                for (o, a) in orow[k0..k1].iter_mut().zip(acc) {
+                    *o += a;
                 }
             }
         }
@@ -199,7 +215,7 @@ mod tests {
             .collect();
         let (aq, bq) = (
             Q8Matrix::quantize(&a, rank, in_dim).unwrap(),
-            Q8Matrix::quantize(&bt, rank, out_dim).unwrap(),
+            Q8Rows::from_matrix(&Q8Matrix::quantize(&bt, rank, out_dim).unwrap()),
         );
         let segs_q8 = [
             LoraSegmentQ8 {

@@ -264,8 +264,13 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         );
         if single > 0.0 {
             report.push(
-                Row::new("decode", format!("tokens/s (batch {})", a.batch), ours, "tok/s")
-                    .vs("batch 1, same run", single),
+                Row::new(
+                    "decode",
+                    format!("tokens/s (batch {})", a.batch),
+                    ours,
+                    "tok/s",
+                )
+                .vs("batch 1, same run", single),
             );
         }
         if let Some(t) = theirs {

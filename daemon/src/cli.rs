@@ -42,6 +42,9 @@ pub enum Command {
     /// CUDA kernels.
     #[command(subcommand)]
     Kernels(KernelsCommand),
+    /// Serve the OpenAI-compatible HTTP API (completions, chat, models) for the base model and
+    /// every adapter in --adapters-dir.
+    Serve(Box<crate::api::ServeArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -184,14 +187,14 @@ pub struct PerplexityArgs {
     pub json: bool,
 }
 
-struct Loaded {
-    model: Model,
-    adapter: Option<LoraAdapter>,
-    opts: ForwardOptions,
+pub(crate) struct Loaded {
+    pub(crate) model: Model,
+    pub(crate) adapter: Option<LoraAdapter>,
+    pub(crate) opts: ForwardOptions,
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Loaded> {
+    pub(crate) fn load(&self) -> Result<Loaded> {
         let path = match &self.model {
             Some(p) => p.clone(),
             None => crate::default_model::ensure()
@@ -242,7 +245,7 @@ impl ModelArgs {
     }
 
     /// The step backend on the chosen device, with KV pages for `tokens` tokens.
-    fn backend(&self, model: &Model, tokens: usize) -> Result<Box<dyn Backend>> {
+    pub(crate) fn backend(&self, model: &Model, tokens: usize) -> Result<Box<dyn Backend>> {
         match crate::device::open(self.device)? {
             Device::Cpu { .. } => Ok(Box::new(self.pool(model, tokens)?)),
             Device::Cuda { gpu, .. } => {
@@ -277,6 +280,7 @@ impl ModelArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => cmd_generate(a),
+        Command::Serve(a) => crate::api::serve(*a),
         Command::Eval(EvalCommand::Logits(a)) => cmd_logits(a),
         Command::Eval(EvalCommand::Perplexity(a)) => cmd_perplexity(a),
         Command::Kernels(KernelsCommand::Build { arch, out }) => {

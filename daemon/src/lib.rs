@@ -1,6 +1,7 @@
 //! edgelorad's library: model loading, adapters, the multi-LoRA engine and the command line.
 
 pub mod adapters;
+pub mod api;
 pub mod cli;
 pub mod default_model;
 pub mod device;

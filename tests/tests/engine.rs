@@ -369,3 +369,160 @@ fn int8_fast_path_mixed_batch_equals_alone_and_stays_near_the_int4_goldens() {
     assert!(d <= 0.3, "int8 + gamma-all vs golden: {d}");
     assert!(d > 0.0);
 }
+
+mod scheduler {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use edgelora_daemon::engine::generate::{FinishReason, GenerateParams, generate};
+    use edgelora_daemon::engine::sampler::SamplingParams;
+    use edgelora_daemon::engine::scheduler::{Event, GenRequest, Limits, Scheduler};
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    use super::*;
+
+    fn request(
+        prompt: Vec<u32>,
+        adapter: Option<Arc<LoraAdapter>>,
+        max_tokens: usize,
+    ) -> (GenRequest, UnboundedReceiver<Event>, Arc<AtomicBool>) {
+        let (tx, rx) = unbounded_channel();
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let req = GenRequest {
+            prompt,
+            adapter,
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop_ids: Vec::new(),
+            top_logprobs: 0,
+            want_logprobs: false,
+            prompt_logprobs: false,
+            cancelled: cancelled.clone(),
+            events: tx,
+        };
+        (req, rx, cancelled)
+    }
+
+    fn tokens_of(rx: &mut UnboundedReceiver<Event>) -> (Vec<u32>, Option<FinishReason>) {
+        let mut toks = Vec::new();
+        let mut finish = None;
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                Event::Token(t) => toks.push(t.id),
+                Event::Done { finish: f, .. } => finish = Some(f),
+                Event::Error(e) => panic!("request failed: {e}"),
+                Event::PromptLogprobs(_) => {}
+            }
+        }
+        (toks, finish)
+    }
+
+    #[test]
+    fn staggered_requests_through_a_small_pool_each_yield_what_generate_gives_alone() {
+        let m = Arc::new(model(WeightDtype::F32));
+        let names = [None, Some("alpha-qv"), Some("beta-attn"), Some("gamma-all")];
+        let adapters: Vec<Option<Arc<LoraAdapter>>> = names
+            .iter()
+            .map(|n| n.map(|n| Arc::new(adapter(&m, n))))
+            .collect();
+        let opts = ForwardOptions::exact();
+        let max_tokens = 12;
+        // (prompt, adapter, step at which it is submitted)
+        let reqs: Vec<(Vec<u32>, usize, usize)> = vec![
+            (prompt(3), 0, 0),
+            (prompt(1), 1, 0),
+            (prompt(2), 2, 1),
+            (prompt(3), 3, 3),
+            (prompt(0), 1, 5),
+            (prompt(2), 0, 9),
+        ];
+        let mut alone_pool = pool(&m, KvDtype::F32, 4, 64);
+        let want: Vec<Vec<u32>> = reqs
+            .iter()
+            .map(|(p, a, _)| {
+                let params = GenerateParams {
+                    max_tokens,
+                    ..GenerateParams::default()
+                };
+                generate(
+                    &m,
+                    &mut alone_pool,
+                    adapters[*a].as_deref(),
+                    p,
+                    &params,
+                    &opts,
+                    |_| {},
+                )
+                .unwrap()
+                .tokens
+            })
+            .collect();
+        // 30 pages of 4 tokens: the longest sequence needs 18, all six together about 70.
+        let p = pool(&m, KvDtype::F32, 4, 30);
+        let capacity = p.capacity();
+        let mut sched = Scheduler::new(
+            m.clone(),
+            Box::new(p),
+            opts,
+            Limits {
+                max_step_tokens: 16,
+                max_running: 8,
+            },
+        );
+        let mut rxs = Vec::new();
+        let mut step = 0;
+        loop {
+            for (p, a, at) in &reqs {
+                if *at == step {
+                    let (r, rx, _) = request(p.clone(), adapters[*a].clone(), max_tokens);
+                    sched.submit(r);
+                    rxs.push(rx);
+                }
+            }
+            sched.step().unwrap();
+            step += 1;
+            if sched.is_idle() && rxs.len() == reqs.len() {
+                break;
+            }
+            assert!(step < 10_000, "the scheduler makes progress");
+        }
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            let (got, finish) = tokens_of(rx);
+            assert_eq!(got, want[i], "request {i}");
+            assert_eq!(finish, Some(FinishReason::Length), "request {i}");
+        }
+        assert!(
+            sched.stats.preemptions > 0,
+            "the pool is small enough that some sequence was preempted"
+        );
+        assert_eq!(sched.backend.free_count(), capacity, "every page returned");
+    }
+
+    #[test]
+    fn a_cancelled_request_frees_its_pages_and_the_others_go_on() {
+        let m = Arc::new(model(WeightDtype::F32));
+        let opts = ForwardOptions::exact();
+        let p = pool(&m, KvDtype::F32, 4, 64);
+        let capacity = p.capacity();
+        let mut sched = Scheduler::new(m.clone(), Box::new(p), opts, Limits::default());
+        let (a, mut rx_a, cancel_a) = request(prompt(3), None, 40);
+        let (b, mut rx_b, _) = request(prompt(1), None, 5);
+        sched.submit(a);
+        sched.submit(b);
+        for _ in 0..3 {
+            sched.step().unwrap();
+        }
+        assert!(sched.backend.free_count() < capacity);
+        cancel_a.store(true, Ordering::Relaxed);
+        while !sched.is_idle() {
+            sched.step().unwrap();
+        }
+        assert_eq!(sched.backend.free_count(), capacity, "every page returned");
+        let (got_a, finish_a) = tokens_of(&mut rx_a);
+        assert!(finish_a.is_none() && got_a.len() < 40, "a stopped early");
+        assert!(rx_a.is_closed() || rx_a.try_recv().is_err());
+        let (got_b, finish_b) = tokens_of(&mut rx_b);
+        assert_eq!(got_b.len(), 5);
+        assert_eq!(finish_b, Some(FinishReason::Length));
+    }
+}

@@ -42,6 +42,10 @@ pub trait Backend {
     ) -> Result<Vec<Vec<f32>>, EngineError>;
     /// Returns a finished sequence's pages.
     fn release(&mut self, kv: &mut SeqKv);
+    /// Tokens per KV page.
+    fn page_size(&self) -> usize;
+    /// KV pages free now.
+    fn free_pages(&self) -> usize;
     /// "cpu" or "cuda:0 (NVIDIA H100 80GB HBM3, sm_90)".
     fn describe(&self) -> String;
 }
@@ -57,6 +61,12 @@ impl Backend for KvPool {
     }
     fn release(&mut self, kv: &mut SeqKv) {
         kv.release(self)
+    }
+    fn page_size(&self) -> usize {
+        KvPool::geometry(self).page_size
+    }
+    fn free_pages(&self) -> usize {
+        KvPool::free_count(self)
     }
     fn describe(&self) -> String {
         "cpu".into()

@@ -300,6 +300,14 @@ impl Backend for CudaBackend {
         kv.release(&mut self.pool)
     }
 
+    fn page_size(&self) -> usize {
+        self.pool.geometry().page_size
+    }
+
+    fn free_pages(&self) -> usize {
+        self.pool.free_count()
+    }
+
     fn describe(&self) -> String {
         let i = self.gpu.info();
         format!("cuda:{} ({}, {})", i.ordinal, i.name, i.arch)

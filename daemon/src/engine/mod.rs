@@ -8,6 +8,7 @@ pub mod generate;
 pub mod kv;
 pub mod perplexity;
 pub mod sampler;
+pub mod scheduler;
 
 pub use backend::{Backend, PagePool};
 pub use edgelora_kernels::cpu::attention::SparseConfig;

@@ -1,0 +1,523 @@
+//! `edgelorad serve`: the OpenAI-compatible HTTP API over the continuous-batching scheduler.
+//!
+//! One engine thread owns the [`Scheduler`] and the step backend (built on that thread, so the
+//! backend never crosses threads); HTTP handlers on a small tokio runtime validate requests,
+//! turn them into [`GenRequest`]s sent over a channel, and stream the engine's events back.
+//! `/health` answers 503 until the model and adapters are loaded.
+
+mod errors;
+mod handlers;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use serde::Deserialize;
+
+use crate::adapters::LoraAdapter;
+use crate::cli::ModelArgs;
+use crate::device::DeviceSpec;
+use crate::engine::forward::ActMode;
+use crate::engine::scheduler::{GenRequest, Limits, SchedStats, Scheduler};
+use crate::engine::{ForwardOptions, KvDtype};
+use crate::model::{Model, WeightDtype};
+
+pub use errors::ApiError;
+
+/// `edgelorad serve` flags; each overrides the same key of `--config`.
+#[derive(Args, Debug, Default)]
+pub struct ServeArgs {
+    /// A TOML file with any of the keys below (snake_case, e.g. `listen = "0.0.0.0:8080"`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// A Hugging Face folder, a GPTQ folder or a GGUF file (default: SmolLM2-135M-Instruct Q4_1).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A folder whose subfolders are PEFT adapters; each is served as model `<folder name>`.
+    #[arg(long)]
+    pub adapters_dir: Option<PathBuf>,
+    /// Address to listen on (default 127.0.0.1:8080). Any non-loopback address needs an API key.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Compute threads (default: every core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Projection weights: int4 or f32.
+    #[arg(long)]
+    pub dtype: Option<WeightDtype>,
+    /// INT4 group size for quantize-at-load.
+    #[arg(long)]
+    pub group_size: Option<usize>,
+    /// Activations against quantized weights: int8 or f32.
+    #[arg(long)]
+    pub act: Option<ActMode>,
+    /// KV cache element type: f32, f16 or int4.
+    #[arg(long)]
+    pub kv: Option<KvDtype>,
+    /// Tokens per KV page (default 16).
+    #[arg(long)]
+    pub page_size: Option<usize>,
+    /// KV budget in tokens across every running sequence (default 16384).
+    #[arg(long)]
+    pub kv_tokens: Option<usize>,
+    /// Rows per forward step, prefill chunks included (default 512).
+    #[arg(long)]
+    pub max_step_tokens: Option<usize>,
+    /// Sequences running at once (default 64).
+    #[arg(long)]
+    pub max_running: Option<usize>,
+    /// Compute device: auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    pub device: Option<DeviceSpec>,
+    /// Bearer token clients must send (else $EDGELORA_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Allow a non-loopback --listen without an API key.
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Largest request body accepted (default 1 MiB); larger ones get 413.
+    #[arg(long)]
+    pub max_body_bytes: Option<usize>,
+    /// Seconds to finish running requests after SIGTERM/SIGINT (default 30).
+    #[arg(long)]
+    pub shutdown_grace_secs: Option<u64>,
+}
+
+/// The `--config` file.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    model: Option<PathBuf>,
+    adapters_dir: Option<PathBuf>,
+    listen: Option<String>,
+    threads: Option<usize>,
+    dtype: Option<String>,
+    group_size: Option<usize>,
+    act: Option<String>,
+    kv: Option<String>,
+    page_size: Option<usize>,
+    kv_tokens: Option<usize>,
+    max_step_tokens: Option<usize>,
+    max_running: Option<usize>,
+    device: Option<String>,
+    api_key: Option<String>,
+    insecure_no_auth: Option<bool>,
+    max_body_bytes: Option<usize>,
+    shutdown_grace_secs: Option<u64>,
+}
+
+/// Flags over the file over the defaults.
+#[derive(Debug)]
+pub struct ServeConfig {
+    pub m: ModelArgs,
+    pub adapters_dir: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub kv_tokens: usize,
+    pub limits: Limits,
+    pub api_key: Option<String>,
+    pub insecure_no_auth: bool,
+    pub max_body_bytes: usize,
+    pub grace: Duration,
+}
+
+fn parse_opt<T: std::str::FromStr>(v: Option<String>, key: &str) -> Result<Option<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    v.map(|s| {
+        s.parse::<T>()
+            .map_err(|e| anyhow::anyhow!("config key `{key}`: {e}"))
+    })
+    .transpose()
+}
+
+impl ServeArgs {
+    pub fn resolve(self) -> Result<ServeConfig> {
+        let file: ConfigFile = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => ConfigFile::default(),
+        };
+        let rel = |p: PathBuf| match &self.config {
+            // Paths in the file are relative to the file.
+            Some(c) if p.is_relative() => c.parent().unwrap_or(Path::new(".")).join(p),
+            _ => p,
+        };
+        let listen = match self.listen {
+            Some(a) => a,
+            None => match file.listen {
+                Some(s) => s
+                    .parse()
+                    .with_context(|| format!("config key `listen`: {s:?}"))?,
+                None => "127.0.0.1:8080".parse().expect("valid default"),
+            },
+        };
+        let page_size = self.page_size.or(file.page_size).unwrap_or(16);
+        if page_size == 0 {
+            bail!("--page-size must be at least 1");
+        }
+        let m = ModelArgs {
+            model: self.model.or(file.model.map(rel)),
+            adapter: None,
+            dtype: match self.dtype {
+                Some(d) => d,
+                None => parse_opt(file.dtype, "dtype")?.unwrap_or(WeightDtype::Int4),
+            },
+            group_size: self.group_size.or(file.group_size).unwrap_or(32),
+            kv: match self.kv {
+                Some(k) => k,
+                None => parse_opt(file.kv, "kv")?.unwrap_or(KvDtype::F32),
+            },
+            page_size,
+            sparse_budget: None,
+            sparse_recent: 4,
+            act: match self.act {
+                Some(a) => a,
+                None => parse_opt(file.act, "act")?.unwrap_or(ActMode::Int8),
+            },
+            threads: self.threads.or(file.threads),
+            device: match self.device {
+                Some(d) => d,
+                None => parse_opt(file.device, "device")?.unwrap_or(DeviceSpec::Auto),
+            },
+        };
+        let api_key = self
+            .api_key
+            .or(file.api_key)
+            .or_else(|| std::env::var("EDGELORA_API_KEY").ok())
+            .filter(|k| !k.is_empty());
+        let insecure_no_auth = self.insecure_no_auth || file.insecure_no_auth.unwrap_or(false);
+        if !listen.ip().is_loopback() && api_key.is_none() && !insecure_no_auth {
+            bail!(
+                "listening on {listen} (not loopback) needs an API key: --api-key, `api_key` in the \
+                 config or $EDGELORA_API_KEY (or --insecure-no-auth)"
+            );
+        }
+        let limits = Limits {
+            max_step_tokens: self
+                .max_step_tokens
+                .or(file.max_step_tokens)
+                .unwrap_or(512)
+                .max(1),
+            max_running: self.max_running.or(file.max_running).unwrap_or(64).max(1),
+        };
+        Ok(ServeConfig {
+            m,
+            adapters_dir: self.adapters_dir.or(file.adapters_dir.map(rel)),
+            listen,
+            kv_tokens: self.kv_tokens.or(file.kv_tokens).unwrap_or(16384).max(1),
+            limits,
+            api_key,
+            insecure_no_auth,
+            max_body_bytes: self
+                .max_body_bytes
+                .or(file.max_body_bytes)
+                .unwrap_or(1 << 20),
+            grace: Duration::from_secs(
+                self.shutdown_grace_secs
+                    .or(file.shutdown_grace_secs)
+                    .unwrap_or(30),
+            ),
+        })
+    }
+}
+
+/// What the handlers need once the engine is up.
+pub struct Ready {
+    pub model: Arc<Model>,
+    /// Served name of the base model.
+    pub base_id: String,
+    pub adapters: BTreeMap<String, Arc<LoraAdapter>>,
+    /// Longest prompt + completion a request may ask for.
+    pub context: usize,
+    pub tx: std::sync::mpsc::Sender<GenRequest>,
+}
+
+/// The engine's counters as of its last step (what `/health` reports).
+#[derive(Clone, Debug, Default)]
+pub struct EngineStatus {
+    pub running: usize,
+    pub waiting: usize,
+    pub stats: SchedStats,
+}
+
+pub struct AppState {
+    pub ready: OnceLock<Ready>,
+    pub status: Mutex<EngineStatus>,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    pub created: u64,
+}
+
+/// Loads every adapter folder under `dir` (sorted by name).
+fn load_adapters(
+    dir: &Path,
+    model: &Model,
+    base_id: &str,
+) -> Result<BTreeMap<String, Arc<LoraAdapter>>> {
+    let mut out = BTreeMap::new();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
+    entries.sort();
+    for p in entries {
+        let id = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if id == base_id || id.contains(':') {
+            bail!("adapter folder name {id:?} clashes with the model naming (base {base_id:?})");
+        }
+        let a = LoraAdapter::load_peft(&p, &model.config)
+            .with_context(|| format!("loading adapter {}", p.display()))?;
+        out.insert(id, Arc::new(a));
+    }
+    Ok(out)
+}
+
+/// The engine thread: loads the model, publishes [`Ready`], then steps while there is work and
+/// blocks on the request channel when idle.
+fn engine_thread(
+    cfg_m: ModelArgs,
+    adapters_dir: Option<PathBuf>,
+    kv_tokens: usize,
+    limits: Limits,
+    state: Arc<AppState>,
+) -> Result<()> {
+    let loaded = cfg_m.load()?;
+    let model = Arc::new(loaded.model);
+    let base_id = model.name.clone();
+    let adapters = match &adapters_dir {
+        Some(d) => load_adapters(d, &model, &base_id)?,
+        None => BTreeMap::new(),
+    };
+    let backend = cfg_m.backend(&model, kv_tokens)?;
+    let capacity = backend.free_pages().saturating_sub(1) * backend.page_size();
+    let context = model.config.max_position_embeddings.min(capacity.max(1));
+    let opts: ForwardOptions = loaded.opts;
+    let device = backend.describe();
+    let mut sched = Scheduler::new(model.clone(), backend, opts, limits);
+    let (tx, rx) = std::sync::mpsc::channel::<GenRequest>();
+    eprintln!(
+        "edgelorad: {} loaded on {device} with {} adapter(s){}; context {context} tokens",
+        base_id,
+        adapters.len(),
+        if adapters.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                adapters.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        },
+    );
+    let _ = state.ready.set(Ready {
+        model,
+        base_id,
+        adapters,
+        context,
+        tx,
+    });
+    loop {
+        if sched.is_idle() {
+            match rx.recv() {
+                Ok(r) => sched.submit(r),
+                Err(_) => return Ok(()),
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            sched.submit(r);
+        }
+        match sched.step() {
+            Ok(true) => {}
+            // Work that cannot run now (should not happen): do not spin.
+            Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+            Err(e) => tracing::error!("engine step failed: {e}"),
+        }
+        if let Ok(mut st) = state.status.lock() {
+            *st = EngineStatus {
+                running: sched.running(),
+                waiting: sched.waiting(),
+                stats: sched.stats.clone(),
+            };
+        }
+    }
+}
+
+pub fn serve(args: ServeArgs) -> Result<()> {
+    let cfg = args.resolve()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve_async(cfg))
+}
+
+async fn serve_async(cfg: ServeConfig) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(AppState {
+        ready: OnceLock::new(),
+        status: Mutex::new(EngineStatus::default()),
+        api_key: cfg.api_key.clone(),
+        max_body_bytes: cfg.max_body_bytes,
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    });
+    eprintln!(
+        "edgelorad: listening on http://{addr} (loading the model; /health answers 503 until ready)"
+    );
+    if cfg.insecure_no_auth && cfg.api_key.is_none() && !addr.ip().is_loopback() {
+        eprintln!("edgelorad: WARNING: serving {addr} without authentication (--insecure-no-auth)");
+    }
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+    {
+        let state = state.clone();
+        let m = cfg.m.clone();
+        let dir = cfg.adapters_dir.clone();
+        let (kv_tokens, limits) = (cfg.kv_tokens, cfg.limits.clone());
+        std::thread::Builder::new()
+            .name("edgelora-engine".into())
+            .spawn(move || {
+                let mut ready_tx = Some(ready_tx);
+                let r = engine_thread(m, dir, kv_tokens, limits, state.clone());
+                if let Err(e) = r {
+                    if state.ready.get().is_none()
+                        && let Some(tx) = ready_tx.take()
+                    {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                    eprintln!("edgelorad: engine stopped: {e:#}");
+                    std::process::exit(1);
+                }
+            })?;
+    }
+    let app = handlers::router(state.clone());
+    let curl_key = match &cfg.api_key {
+        Some(_) => " -H \"Authorization: Bearer $EDGELORA_API_KEY\"",
+        None => "",
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal(cfg.grace));
+    let server = tokio::spawn(async move { server.await });
+    // Announce readiness (or fail) once the engine has loaded.
+    let announce = {
+        let state = state.clone();
+        async move {
+            loop {
+                if let Some(r) = state.ready.get() {
+                    eprintln!(
+                        "edgelorad: ready; try:\n  curl -s http://{addr}/v1/completions{curl_key} \
+                         -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
+                        r.adapters.keys().next().unwrap_or(&r.base_id)
+                    );
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    tokio::select! {
+        r = ready_rx => {
+            if let Ok(Err(e)) = r {
+                return Err(e);
+            }
+        }
+        () = announce => {}
+    }
+    server.await??;
+    eprintln!("edgelorad: stopped");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C; past the grace period the process exits even with requests
+/// still running.
+async fn shutdown_signal(grace: Duration) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    eprintln!(
+        "edgelorad: shutting down: no new requests; finishing running ones for up to {}s",
+        grace.as_secs()
+    );
+    std::thread::spawn(move || {
+        std::thread::sleep(grace);
+        eprintln!("edgelorad: grace period over; exiting");
+        std::process::exit(0);
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &[&str]) -> ServeArgs {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: ServeArgs,
+        }
+        let mut v = vec!["serve"];
+        v.extend(flags);
+        <P as clap::Parser>::parse_from(v).a
+    }
+
+    #[test]
+    fn flags_override_the_config_file_which_overrides_the_defaults() {
+        let dir = std::env::temp_dir().join(format!("edgelora-serve-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("serve.toml");
+        std::fs::write(
+            &f,
+            "model = \"m\"\nlisten = \"127.0.0.1:9000\"\nmax_running = 3\nkv = \"f16\"\napi_key = \"k\"\n",
+        )
+        .unwrap();
+        let c = args(&["--config", f.to_str().unwrap(), "--max-running", "5"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.m.model.as_deref(), Some(dir.join("m").as_path()));
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.limits.max_running, 5);
+        assert_eq!(c.limits.max_step_tokens, 512);
+        assert_eq!(c.m.kv, KvDtype::F16);
+        assert_eq!(c.api_key.as_deref(), Some("k"));
+        std::fs::write(&f, "bogus_key = 1\n").unwrap();
+        assert!(args(&["--config", f.to_str().unwrap()]).resolve().is_err());
+        let d = args(&[]).resolve().unwrap();
+        assert_eq!(d.listen.to_string(), "127.0.0.1:8080");
+        assert!(
+            args(&["--listen", "0.0.0.0:8080", "--api-key", "x"])
+                .resolve()
+                .is_ok()
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,484 @@
+//! `edgelorad serve` end to end: the real binary on the tiny-llama fixture and its adapters,
+//! spoken to over plain HTTP/1.1.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use edgelora_tests::*;
+use serde_json::{Value, json};
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(extra: &[&str]) -> Server {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let tiny_s = tiny().display().to_string();
+    let adapters = tiny().join("adapters").display().to_string();
+    let mut args = vec![
+        "serve",
+        "--model",
+        &tiny_s,
+        "--adapters-dir",
+        &adapters,
+        "--listen",
+        &listen,
+        "--device",
+        "cpu",
+    ];
+    args.extend(extra);
+    let child = Command::new(edgelorad())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning edgelorad serve");
+    let mut server = Server { child, port };
+    let t0 = Instant::now();
+    loop {
+        if let Ok((200, _)) = request_on(port, "GET", "/health", None, &[]) {
+            return server;
+        }
+        if let Ok(Some(st)) = server.child.try_wait() {
+            panic!("edgelorad serve exited early: {st}");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "server never became ready"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One HTTP/1.1 request; returns (status, body), the body de-chunked.
+fn request_on(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    if let Some(b) = body {
+        s.write_all(b)?;
+    }
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut rest = raw[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        let mut out = Vec::new();
+        let mut i = 0;
+        loop {
+            let nl = rest[i..].windows(2).position(|w| w == b"\r\n").unwrap() + i;
+            let n = usize::from_str_radix(std::str::from_utf8(&rest[i..nl]).unwrap().trim(), 16)
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
+            i = nl + 2 + n + 2;
+        }
+        rest = out;
+    }
+    Ok((status, rest))
+}
+
+impl Server {
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.post_raw(path, body.to_string().as_bytes(), &[])
+    }
+
+    fn post_raw(&self, path: &str, body: &[u8], headers: &[(&str, &str)]) -> (u16, Value) {
+        let (st, b) = request_on(self.port, "POST", path, Some(body), headers).unwrap();
+        let v = serde_json::from_slice(&b)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&b)));
+        (st, v)
+    }
+
+    fn health(&self) -> Value {
+        let (st, b) = request_on(self.port, "GET", "/health", None, &[]).unwrap();
+        assert_eq!(st, 200);
+        serde_json::from_slice(&b).unwrap()
+    }
+
+    /// A streaming request: the `data:` payloads before `[DONE]` (asserted present).
+    fn stream(&self, path: &str, body: &Value) -> Vec<Value> {
+        let (st, b) = request_on(
+            self.port,
+            "POST",
+            path,
+            Some(body.to_string().as_bytes()),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+        let text = String::from_utf8(b).unwrap();
+        let datas: Vec<&str> = text
+            .split("\n\n")
+            .filter_map(|e| e.trim().strip_prefix("data: "))
+            .collect();
+        assert_eq!(datas.last(), Some(&"[DONE]"), "stream ends with [DONE]");
+        datas[..datas.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect()
+    }
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The served model name of a golden key's adapter.
+fn model_name(adapter: Option<&str>) -> String {
+    adapter.unwrap_or("tiny-llama").to_string()
+}
+
+#[test]
+fn token_prompts_reproduce_the_golden_greedy_tokens_and_logprobs_for_every_model() {
+    for quant in [false, true] {
+        let dtype = if quant { "int4" } else { "f32" };
+        let server = start(&["--dtype", dtype, "--act", "f32"]);
+        for (key, adapter, q) in MODEL_KEYS {
+            if q != quant {
+                continue;
+            }
+            for p in 0..4 {
+                let (st, v) = server.post(
+                    "/v1/completions",
+                    &json!({"model": model_name(adapter), "prompt": prompt(p), "max_tokens": 16,
+                            "temperature": 0, "ignore_eos": true, "logprobs": 1,
+                            "return_token_ids": true}),
+                );
+                assert_eq!(st, 200, "{key} p{p}: {v}");
+                let ch = &v["choices"][0];
+                let got = ids(&ch["token_ids"]);
+                let want = golden_tensor(&format!("{key}_greedy_p{p}")).ids();
+                assert_eq!(got, want, "{key} p{p}");
+                assert_eq!(ids(&ch["prompt_token_ids"]), prompt(p));
+                assert_eq!(v["usage"]["completion_tokens"], 16);
+                let g = golden_tensor(&format!("{key}_genlogits_p{p}"));
+                let vocab = g.shape[1];
+                let lps = ch["logprobs"]["token_logprobs"].as_array().unwrap();
+                assert_eq!(lps.len(), 16);
+                for (i, lp) in lps.iter().enumerate() {
+                    let row = &g.data[i * vocab..(i + 1) * vocab];
+                    let want = row[want[i] as usize] as f64 - logsumexp(row);
+                    let d = (lp.as_f64().unwrap() - want).abs();
+                    assert!(d <= 1e-4, "{key} p{p} token {i}: logprob off by {d}");
+                }
+            }
+        }
+        // "<base>:<adapter>" names the same adapter.
+        let (st, v) = server.post(
+            "/v1/completions",
+            &json!({"model": "tiny-llama:gamma-all", "prompt": prompt(1), "max_tokens": 16,
+                    "temperature": 0, "ignore_eos": true, "return_token_ids": true}),
+        );
+        assert_eq!(st, 200, "{v}");
+        let key = if quant {
+            "quant_gamma_all"
+        } else {
+            "gamma_all"
+        };
+        assert_eq!(
+            ids(&v["choices"][0]["token_ids"]),
+            golden_tensor(&format!("{key}_greedy_p1")).ids()
+        );
+    }
+}
+
+#[test]
+fn many_concurrent_streams_over_four_models_each_get_their_tokens_alone() {
+    // A small KV budget, so the concurrent requests may preempt one another.
+    let server = start(&[
+        "--dtype",
+        "f32",
+        "--act",
+        "f32",
+        "--page-size",
+        "4",
+        "--kv-tokens",
+        "400",
+        "--max-step-tokens",
+        "64",
+    ]);
+    let models = ["tiny-llama", "alpha-qv", "beta-attn", "gamma-all"];
+    let body = |i: usize, stream: bool| {
+        json!({"model": models[i % 4], "prompt": prompt((i / 4) % 4), "max_tokens": 12,
+               "temperature": 0, "ignore_eos": true, "return_token_ids": true,
+               "stream": stream, "stream_options": if stream { json!({"include_usage": true}) } else { Value::Null }})
+    };
+    let alone: Vec<Vec<u32>> = (0..16)
+        .map(|i| {
+            let (st, v) = server.post("/v1/completions", &body(i, false));
+            assert_eq!(st, 200, "{v}");
+            ids(&v["choices"][0]["token_ids"])
+        })
+        .collect();
+    let server = std::sync::Arc::new(server);
+    let handles: Vec<_> = (0..32)
+        .map(|i| {
+            let server = server.clone();
+            let b = body(i % 16, true);
+            std::thread::spawn(move || {
+                let chunks = server.stream("/v1/completions", &b);
+                let mut toks = Vec::new();
+                let mut finish = None;
+                for c in &chunks[..chunks.len() - 1] {
+                    let ch = &c["choices"][0];
+                    toks.extend(ids(&ch["token_ids"]));
+                    if !ch["finish_reason"].is_null() {
+                        finish = Some(ch["finish_reason"].as_str().unwrap().to_string());
+                    }
+                }
+                let usage = &chunks.last().unwrap()["usage"];
+                assert_eq!(usage["completion_tokens"], 12, "{usage}");
+                (toks, finish)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (toks, finish) = h.join().unwrap();
+        assert_eq!(toks, alone[i % 16], "request {i}");
+        assert_eq!(finish.as_deref(), Some("length"), "request {i}");
+    }
+    // Whether the small KV budget forced a preemption depends on how the 32 clients' arrivals
+    // overlapped; the scheduler's unit test (tests/engine.rs) forces it deterministically.
+    let h = server.health();
+    eprintln!(
+        "preemptions during the concurrent run: {}",
+        h["preemptions"]
+    );
+    assert_eq!(h["running"], 0);
+}
+
+#[test]
+fn a_client_that_goes_away_frees_its_sequence() {
+    let server = start(&["--dtype", "f32", "--act", "f32"]);
+    let body = json!({"model": "beta-attn", "prompt": prompt(0), "max_tokens": 500,
+                      "temperature": 0, "ignore_eos": true, "stream": true})
+    .to_string();
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("data: ") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "the stream started");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let t0 = Instant::now();
+    loop {
+        let h = server.health();
+        if h["running"] == 0 && h["waiting"] == 0 && h["cancelled"] == 1 {
+            let generated = h["generated_tokens"].as_u64().unwrap();
+            assert!(generated < 500, "the sequence stopped early: {h}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "never cancelled: {h}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn bad_input_gets_openai_errors_and_auth_and_body_limits_hold() {
+    let server = start(&["--api-key", "sekrit", "--max-body-bytes", "4000"]);
+    let auth = [("Authorization", "Bearer sekrit")];
+    let long: Vec<u32> = (0..600).map(|i| i % 500).collect();
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/completions", "{not json".into(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": 5}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": "a", "max_tokens": -1}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": "a", "max_tokens": 1_000_000_000u64}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": "a", "max_tokens": "ten"}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": long}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": "a", "bogus": 1}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "nope", "prompt": "a"}).to_string(), 404, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": "a", "n": 2}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": "a", "temperature": 7}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": [0, 99999]}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": []}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama", "prompt": "a", "logprobs": 50}).to_string(), 400, "invalid_request_error"),
+        ("/v1/completions", json!({"model": "tiny-llama"}).to_string(), 400, "invalid_request_error"),
+        ("/v1/chat/completions", json!({"model": "tiny-llama", "messages": []}).to_string(), 400, "invalid_request_error"),
+        ("/v1/chat/completions", json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "extra": true}).to_string(), 400, "invalid_request_error"),
+        ("/v1/chat/completions", json!({"model": "tiny-llama", "messages": [{"role": "wizard", "content": "hi"}]}).to_string(), 400, "invalid_request_error"),
+        ("/v1/chat/completions", json!({"model": "alpha-qv:x", "messages": [{"role": "user", "content": "hi"}]}).to_string(), 404, "invalid_request_error"),
+        ("/v1/completions", format!("{{\"model\": \"tiny-llama\", \"prompt\": \"{}\"}}", "a".repeat(5000)), 413, "invalid_request_error"),
+    ];
+    for (path, body, status, kind) in &cases {
+        let (st, v) = server.post_raw(path, body.as_bytes(), &auth);
+        assert_eq!(st, *status, "{body:.200}: {v}");
+        let e = &v["error"];
+        assert_eq!(e["type"], *kind, "{body:.200}: {v}");
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(e.get("param").is_some() && e.get("code").is_some(), "{v}");
+    }
+    // Authentication: none or a wrong key is 401; /health stays open.
+    let ok = json!({"model": "beta-attn", "prompt": "You may", "max_tokens": 2}).to_string();
+    for h in [vec![], vec![("Authorization", "Bearer wrong")]] {
+        let (st, v) = server.post_raw("/v1/completions", ok.as_bytes(), &h);
+        assert_eq!(st, 401, "{v}");
+        assert_eq!(v["error"]["code"], "invalid_api_key");
+    }
+    let (st, v) = server.post_raw("/v1/completions", ok.as_bytes(), &auth);
+    assert_eq!(st, 200, "{v}");
+    let (st, _) = request_on(server.port, "GET", "/v1/models", None, &[]).unwrap();
+    assert_eq!(st, 401);
+    let (st, b) = request_on(server.port, "GET", "/v1/models", None, &auth).unwrap();
+    assert_eq!(st, 200);
+    let v: Value = serde_json::from_slice(&b).unwrap();
+    let names: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tiny-llama", "alpha-qv", "beta-attn", "gamma-all"]);
+    // Chat through the template, streamed, with usage.
+    let chunks = {
+        let body = json!({"model": "gamma-all", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 4, "stream": true, "temperature": 0,
+                          "stream_options": {"include_usage": true}});
+        let (st, b) = request_on(
+            server.port,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.to_string().as_bytes()),
+            &auth,
+        )
+        .unwrap();
+        assert_eq!(st, 200);
+        String::from_utf8(b).unwrap()
+    };
+    assert!(
+        chunks.contains("chat.completion.chunk") && chunks.trim_end().ends_with("data: [DONE]")
+    );
+    assert!(chunks.contains("\"usage\""), "{chunks}");
+}
+
+#[test]
+fn a_public_address_without_a_key_is_refused() {
+    let (ok, _, err) = run_edgelorad(&[
+        "serve",
+        "--model",
+        &tiny().display().to_string(),
+        "--listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("API key"), "{err}");
+}
+
+#[test]
+fn a_stop_string_ends_the_text_before_it_and_sigterm_exits_cleanly() {
+    let mut server = start(&["--dtype", "f32", "--act", "f32"]);
+    let body = |stop: Value| {
+        json!({"model": "alpha-qv", "prompt": prompt(3), "max_tokens": 16, "temperature": 0,
+               "ignore_eos": true, "stop": stop})
+    };
+    let (st, v) = server.post("/v1/completions", &body(Value::Null));
+    assert_eq!(st, 200, "{v}");
+    let full = v["choices"][0]["text"].as_str().unwrap().to_string();
+    // A short ASCII piece from the middle of the text as the stop string.
+    let chars: Vec<(usize, char)> = full.char_indices().collect();
+    let start = chars
+        .iter()
+        .enumerate()
+        .skip(chars.len() / 3)
+        .find(|(k, (_, c))| {
+            c.is_ascii_alphanumeric()
+                && chars
+                    .get(k + 1)
+                    .is_some_and(|(_, c)| c.is_ascii_alphanumeric())
+        })
+        .map(|(_, &(b, _))| b)
+        .unwrap_or_else(|| panic!("no ASCII pair in {full:?}"));
+    let stop = &full[start..start + 2];
+    let want = &full[..full.find(stop).unwrap()];
+    let (st, v) = server.post("/v1/completions", &body(json!([stop])));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want, "stop {stop:?} in {full:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    // Streamed, the same text arrives and nothing past the stop string.
+    let chunks = server.stream("/v1/completions", &{
+        let mut b = body(json!(stop));
+        b["stream"] = json!(true);
+        b
+    });
+    let text: String = chunks
+        .iter()
+        .map(|c| c["choices"][0]["text"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(text, want);
+    let st = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status after SIGTERM: {st}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -246,19 +246,31 @@ impl ModelArgs {
 
     /// The step backend on the chosen device, with KV pages for `tokens` tokens.
     pub(crate) fn backend(&self, model: &Model, tokens: usize) -> Result<Box<dyn Backend>> {
-        match crate::device::open(self.device)? {
-            Device::Cpu { .. } => Ok(Box::new(self.pool(model, tokens)?)),
+        Ok(self.backend_why(model, tokens)?.0)
+    }
+
+    /// The backend and why its device was chosen (`--device auto` explains itself).
+    pub(crate) fn backend_why(
+        &self,
+        model: &Model,
+        tokens: usize,
+    ) -> Result<(Box<dyn Backend>, String)> {
+        let device = crate::device::open(self.device)?;
+        let why = device.why().to_string();
+        let backend: Box<dyn Backend> = match device {
+            Device::Cpu { .. } => Box::new(self.pool(model, tokens)?),
             Device::Cuda { gpu, .. } => {
                 let pages = tokens.div_ceil(self.page_size) + 1;
-                Ok(Box::new(CudaBackend::new(
+                Box::new(CudaBackend::new(
                     gpu,
                     model,
                     self.kv,
                     self.page_size,
                     pages,
-                )?))
+                )?)
             }
-        }
+        };
+        Ok((backend, why))
     }
 
     fn pool(&self, model: &Model, tokens: usize) -> Result<KvPool> {

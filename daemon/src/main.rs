@@ -7,7 +7,12 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = edgelora_daemon::cli::Cli::parse();
+    // With no arguments the appliance serves its embedded default model.
+    let cli = if std::env::args_os().len() <= 1 {
+        edgelora_daemon::cli::Cli::parse_from(["edgelorad", "serve"])
+    } else {
+        edgelora_daemon::cli::Cli::parse()
+    };
     match edgelora_daemon::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

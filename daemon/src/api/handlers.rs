@@ -44,10 +44,11 @@ async fn not_found() -> ApiError {
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {
     match s.ready.get() {
-        Some(_) => {
+        Some(r) => {
             let st = s.status.lock().map(|g| g.clone()).unwrap_or_default();
             let body = json!({
-                "status": "ok", "running": st.running, "waiting": st.waiting,
+                "status": "ok", "device": r.device, "device_why": r.device_why,
+                "running": st.running, "waiting": st.waiting,
                 "steps": st.stats.steps, "preemptions": st.stats.preemptions,
                 "cancelled": st.stats.cancelled, "prompt_tokens": st.stats.prompt_tokens,
                 "generated_tokens": st.stats.generated_tokens,

@@ -239,6 +239,9 @@ pub struct Ready {
     /// Longest prompt + completion a request may ask for.
     pub context: usize,
     pub tx: std::sync::mpsc::Sender<GenRequest>,
+    /// The compute device ("cpu", "cuda:0 (NVIDIA …, sm_90)") and why it was chosen.
+    pub device: String,
+    pub device_why: String,
 }
 
 /// The engine's counters as of its last step (what `/health` reports).
@@ -301,7 +304,7 @@ fn engine_thread(
         Some(d) => load_adapters(d, &model, &base_id)?,
         None => BTreeMap::new(),
     };
-    let backend = cfg_m.backend(&model, kv_tokens)?;
+    let (backend, device_why) = cfg_m.backend_why(&model, kv_tokens)?;
     let capacity = backend.free_pages().saturating_sub(1) * backend.page_size();
     let context = model.config.max_position_embeddings.min(capacity.max(1));
     let opts: ForwardOptions = loaded.opts;
@@ -327,6 +330,8 @@ fn engine_thread(
         adapters,
         context,
         tx,
+        device,
+        device_why,
     });
     loop {
         if sched.is_idle() {

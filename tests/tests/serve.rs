@@ -482,3 +482,36 @@ fn a_stop_string_ends_the_text_before_it_and_sigterm_exits_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn metrics_count_tokens_and_latencies_per_adapter() {
+    let server = start(&["--dtype", "f32", "--act", "f32"]);
+    let (st, v) = server.post(
+        "/v1/completions",
+        &json!({"model": "alpha-qv", "prompt": prompt(2), "max_tokens": 5, "temperature": 0,
+                "ignore_eos": true}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, body) = request_on(server.port, "GET", "/metrics", None, &[]).unwrap();
+    assert_eq!(st, 200);
+    let text = String::from_utf8(body).unwrap();
+    let has = |line: &str| {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        )
+    };
+    has("edgelora_generated_tokens_total{model=\"alpha-qv\"} 5");
+    has(&format!(
+        "edgelora_prompt_tokens_total{{model=\"alpha-qv\"}} {}",
+        prompt(2).len()
+    ));
+    has("edgelora_requests_total{model=\"alpha-qv\",finish=\"length\"} 1");
+    has("edgelora_time_to_first_token_seconds_count{model=\"alpha-qv\"} 1");
+    has("edgelora_inter_token_latency_seconds_count{model=\"alpha-qv\"} 4");
+    has("edgelora_queue_depth 0");
+    has("edgelora_running_sequences 0");
+    has("edgelora_kv_pages_used 0");
+    // The base model has served nothing: no series for it yet.
+    assert!(!text.contains("model=\"tiny-llama\""), "{text}");
+}

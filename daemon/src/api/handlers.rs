@@ -27,6 +27,7 @@ type ApiResult<T> = Result<T, ApiError>;
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -40,6 +41,24 @@ async fn not_found() -> ApiError {
         "invalid_request_error",
         "Unknown endpoint (see /v1/completions, /v1/chat/completions, /v1/models, /health)",
     )
+}
+
+/// Prometheus text format: requests, tokens, latencies by model (base or adapter), queue, KV
+/// pages, and GPU telemetry when the board has it.
+async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Response> {
+    check_auth(&s, &headers)?;
+    let mut body = String::new();
+    prometheus_client::encoding::text::encode(&mut body, &s.registry)
+        .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
+    Ok((
+        StatusCode::OK,
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn health(State(s): State<Arc<AppState>>) -> Response {

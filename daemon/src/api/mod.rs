@@ -255,6 +255,9 @@ pub struct EngineStatus {
 pub struct AppState {
     pub ready: OnceLock<Ready>,
     pub status: Mutex<EngineStatus>,
+    /// What `GET /metrics` encodes: the engine's metrics and the board's GPU telemetry.
+    pub registry: prometheus_client::registry::Registry,
+    pub metrics: crate::engine::metrics::EngineMetrics,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub created: u64,
@@ -310,6 +313,8 @@ fn engine_thread(
     let opts: ForwardOptions = loaded.opts;
     let device = backend.describe();
     let mut sched = Scheduler::new(model.clone(), backend, opts, limits);
+    sched.metrics = Some(state.metrics.clone());
+    sched.update_gauges();
     let (tx, rx) = std::sync::mpsc::channel::<GenRequest>();
     eprintln!(
         "edgelorad: {} loaded on {device} with {} adapter(s){}; context {context} tokens",
@@ -373,9 +378,19 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let metrics = crate::engine::metrics::EngineMetrics::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("edgelora");
+    metrics.register(&mut registry);
+    // GPU telemetry (NVML, or a Jetson's sysfs files) when the board has any.
+    if let Some(t) = edgelora_hal::telemetry::auto_detect(Path::new("/")) {
+        eprintln!("edgelorad: GPU telemetry from {}", t.name());
+        edgelora_hal::telemetry::metrics::register(&mut registry, Arc::from(t));
+    }
     let state = Arc::new(AppState {
         ready: OnceLock::new(),
         status: Mutex::new(EngineStatus::default()),
+        registry,
+        metrics,
         api_key: cfg.api_key.clone(),
         max_body_bytes: cfg.max_body_bytes,
         created: std::time::SystemTime::now()

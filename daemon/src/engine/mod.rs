@@ -6,6 +6,7 @@ pub mod cuda;
 pub mod forward;
 pub mod generate;
 pub mod kv;
+pub mod metrics;
 pub mod perplexity;
 pub mod sampler;
 pub mod scheduler;

@@ -13,8 +13,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use super::generate::FinishReason;
+use super::metrics::{EngineMetrics, FinishLabel, ModelLabel};
 use super::sampler::{Sampler, SamplingParams, log_softmax, top_logprobs};
 use super::{Backend, EngineError, ForwardOptions, SeqKv, SeqStep};
 use crate::adapters::LoraAdapter;
@@ -91,6 +93,10 @@ struct Seq {
     /// Logits that sampled the pending token: set when the prompt (or a recompute) finished.
     logits: Option<Vec<f32>>,
     prompt_logprobs: Vec<Option<TokenEvent>>,
+    /// Metrics label: the adapter's name, or the base model's.
+    label: ModelLabel,
+    submitted: Instant,
+    last_token: Option<Instant>,
 }
 
 impl Seq {
@@ -122,6 +128,8 @@ pub struct Scheduler<B: Backend + ?Sized> {
     running: Vec<Seq>,
     next_id: u64,
     pub stats: SchedStats,
+    /// Prometheus metrics, when the server exports them.
+    pub metrics: Option<EngineMetrics>,
 }
 
 impl<B: Backend + ?Sized> Scheduler<B> {
@@ -135,6 +143,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
             running: Vec::new(),
             next_id: 0,
             stats: SchedStats::default(),
+            metrics: None,
         }
     }
 
@@ -150,7 +159,14 @@ impl<B: Backend + ?Sized> Scheduler<B> {
         };
         self.next_id += 1;
         let tokens = req.prompt.clone();
+        let label = EngineMetrics::label(match &req.adapter {
+            Some(a) => &a.name,
+            None => &self.model.name,
+        });
         self.waiting.push_back(Seq {
+            label,
+            submitted: Instant::now(),
+            last_token: None,
             id: self.next_id,
             req,
             sampler,
@@ -304,7 +320,11 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                 }
             }
             if s.done < prompt_len {
-                self.stats.prompt_tokens += n.min(prompt_len - s.done) as u64;
+                let fresh = n.min(prompt_len - s.done) as u64;
+                self.stats.prompt_tokens += fresh;
+                if let Some(m) = &self.metrics {
+                    m.prompt_tokens.get_or_create(&s.label).inc_by(fresh);
+                }
             }
             s.done += n;
             if s.done == s.tokens.len() {
@@ -317,6 +337,10 @@ impl<B: Backend + ?Sized> Scheduler<B> {
             }
         }
         self.sample_ready();
+        if let Some(m) = &self.metrics {
+            m.steps.inc();
+        }
+        self.update_gauges();
         Ok(true)
     }
 
@@ -339,12 +363,13 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                     let _ = s.req.events.send(Event::PromptLogprobs(v));
                 }
                 let mut s = self.running.remove(i);
+                self.backend.release(&mut s.kv);
+                self.update_gauges();
                 let _ = s.req.events.send(Event::Done {
                     finish: FinishReason::Length,
                     prompt_tokens: s.req.prompt.len(),
                     completion_tokens: 0,
                 });
-                self.backend.release(&mut s.kv);
                 continue;
             }
             if s.generated == 0
@@ -372,16 +397,42 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                 s.tokens.push(tok);
                 s.generated += 1;
                 self.stats.generated_tokens += 1;
+                if let Some(m) = &self.metrics {
+                    let now = Instant::now();
+                    match s.last_token {
+                        None => m
+                            .ttft
+                            .get_or_create(&s.label)
+                            .observe((now - s.submitted).as_secs_f64()),
+                        Some(t) => m
+                            .itl
+                            .get_or_create(&s.label)
+                            .observe((now - t).as_secs_f64()),
+                    }
+                    m.generated_tokens.get_or_create(&s.label).inc();
+                    s.last_token = Some(now);
+                }
                 (s.generated >= s.req.max_tokens).then_some(FinishReason::Length)
             };
             if let Some(finish) = finish {
                 let mut s = self.running.remove(i);
+                if let Some(m) = &self.metrics {
+                    m.requests
+                        .get_or_create(&FinishLabel {
+                            model: s.label.model.clone(),
+                            finish: finish.as_str().to_string(),
+                        })
+                        .inc();
+                }
+                // Pages and gauges first: a client that reads /metrics right after its answer
+                // sees its request accounted for.
+                self.backend.release(&mut s.kv);
+                self.update_gauges();
                 let _ = s.req.events.send(Event::Done {
                     finish,
                     prompt_tokens: s.req.prompt.len(),
                     completion_tokens: s.generated,
                 });
-                self.backend.release(&mut s.kv);
             } else {
                 i += 1;
             }
@@ -444,7 +495,21 @@ impl<B: Backend + ?Sized> Scheduler<B> {
         s.logits = None;
         s.prompt_logprobs.clear();
         self.stats.preemptions += 1;
+        if let Some(m) = &self.metrics {
+            m.preemptions.inc();
+        }
         self.waiting.push_front(s);
+    }
+
+    /// Queue depth, running sequences and KV pages, as of now.
+    pub fn update_gauges(&self) {
+        if let Some(m) = &self.metrics {
+            m.queue_depth.set(self.waiting.len() as i64);
+            m.running.set(self.running.len() as i64);
+            m.kv_pages_free.set(self.backend.free_pages() as i64);
+            let used: usize = self.running.iter().map(|s| s.kv.pages.len()).sum();
+            m.kv_pages_used.set(used as i64);
+        }
     }
 
     fn backend_page_size(&self) -> usize {

@@ -293,6 +293,9 @@ fn many_concurrent_streams_over_four_models_each_get_their_tokens_alone() {
         h["preemptions"]
     );
     assert_eq!(h["running"], 0);
+    // /health names the compute device and why it was chosen.
+    assert_eq!(h["device"], "cpu", "{h}");
+    assert_eq!(h["device_why"], "--device cpu", "{h}");
 }
 
 #[test]
@@ -514,4 +517,49 @@ fn metrics_count_tokens_and_latencies_per_adapter() {
     has("edgelora_kv_pages_used 0");
     // The base model has served nothing: no series for it yet.
     assert!(!text.contains("model=\"tiny-llama\""), "{text}");
+}
+
+#[test]
+fn the_watchdog_is_petted_while_serving_and_disarmed_on_sigterm() {
+    // A regular file stands in for /dev/watchdog: a pet writes a NUL byte, the magic close a 'V'.
+    let dir = tmp_dir("watchdog");
+    let dev = dir.join("watchdog");
+    std::fs::write(&dev, b"").unwrap();
+    let dev_s = dev.display().to_string();
+    let mut server = start(&["--watchdog", &dev_s]);
+    let t0 = Instant::now();
+    while std::fs::read(&dev).unwrap().is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never petted while idle"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let st = Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t0 = Instant::now();
+    loop {
+        if let Some(st) = server.child.try_wait().unwrap() {
+            assert!(st.success(), "exit status after SIGTERM: {st}");
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bytes = std::fs::read(&dev).unwrap();
+    assert_eq!(
+        bytes.last(),
+        Some(&b'V'),
+        "disarmed with the magic close: {bytes:?}"
+    );
+    assert!(
+        bytes[..bytes.len() - 1].iter().all(|&b| b == 0),
+        "{bytes:?}"
+    );
 }

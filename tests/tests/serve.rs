@@ -563,3 +563,173 @@ fn the_watchdog_is_petted_while_serving_and_disarmed_on_sigterm() {
         "{bytes:?}"
     );
 }
+
+/// The Python interpreter of the venv the test command installs the official `openai` package
+/// into, or `$EDGELORA_OPENAI_PYTHON`.
+fn openai_python() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("EDGELORA_OPENAI_PYTHON") {
+        return Some(p.into());
+    }
+    let p = edgelora_daemon::default_model::cache_dir().join("openai-venv/bin/python");
+    p.is_file().then_some(p)
+}
+
+#[test]
+fn the_official_openai_client_drives_the_server_unmodified() {
+    let Some(python) = openai_python() else {
+        if std::env::var_os("EDGELORA_REQUIRE_OPENAI").is_some_and(|v| v == "1") {
+            panic!("EDGELORA_REQUIRE_OPENAI=1 but the openai venv is missing");
+        }
+        eprintln!(
+            "\n!!! SKIPPED: no venv with the `openai` package (scripts/test.sh installs it) !!!\n"
+        );
+        return;
+    };
+    let server = start(&["--dtype", "f32", "--act", "f32"]);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client.py");
+    let ids = serde_json::to_string(&prompt(1)).unwrap();
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg(format!("http://127.0.0.1:{}/v1", server.port))
+        .args(["tiny-llama", "beta-attn", &ids])
+        .output()
+        .expect("running python");
+    assert!(
+        out.status.success(),
+        "openai client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let models: Vec<&str> = v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap())
+        .collect();
+    for m in ["tiny-llama", "alpha-qv", "beta-attn", "gamma-all"] {
+        assert!(models.contains(&m), "{m} missing from {models:?}");
+    }
+    // What the client got equals what the server answers a plain HTTP request.
+    let (_, direct) = server.post(
+        "/v1/completions",
+        &json!({"model": "beta-attn", "prompt": prompt(1), "max_tokens": 8, "temperature": 0,
+                "ignore_eos": true, "return_token_ids": true}),
+    );
+    let c = &v["completion"];
+    assert_eq!(c["token_ids"], direct["choices"][0]["token_ids"], "{v}");
+    assert_eq!(c["text"], direct["choices"][0]["text"]);
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(c["n_logprobs"], 8);
+    assert_eq!(c["usage"]["completion_tokens"], 8);
+    assert_eq!(c["usage"]["prompt_tokens"], prompt(1).len());
+    for (key, model) in [("chat", "tiny-llama"), ("chat_stream", "beta-attn")] {
+        let (_, d) = server.post(
+            "/v1/chat/completions",
+            &json!({"model": model, "messages": [{"role": "user", "content": "Hello there"}],
+                    "max_tokens": 6, "temperature": 0}),
+        );
+        assert_eq!(
+            v[key]["content"], d["choices"][0]["message"]["content"],
+            "{key}: {v}"
+        );
+        assert_eq!(
+            v[key]["usage"]["completion_tokens"],
+            d["usage"]["completion_tokens"]
+        );
+    }
+    assert_eq!(v["chat"]["role"], "assistant");
+    assert!(v["chat_stream"]["finish_reason"].is_string(), "{v}");
+    assert_eq!(v["unknown_model"]["status"], 404, "{v}");
+    assert_eq!(v["unknown_model"]["code"], "model_not_found", "{v}");
+}
+
+#[test]
+fn thousands_of_mutated_bodies_never_break_the_server() {
+    let server = start(&["--dtype", "f32", "--act", "f32"]);
+    let seeds: [&[u8]; 2] = [
+        br#"{"model":"alpha-qv","prompt":"Once upon","max_tokens":2,"temperature":0,"stop":["x"],"logprobs":1}"#,
+        br#"{"model":"tiny-llama","messages":[{"role":"user","content":"Hi"}],"max_tokens":2,"stream":false}"#,
+    ];
+    let paths = ["/v1/completions", "/v1/chat/completions"];
+    let junk: &[&[u8]] = &[
+        b"null",
+        b"-1",
+        b"1e309",
+        b"\"\"",
+        b"[]",
+        b"{}",
+        b"true",
+        b"\"\\u0000\"",
+        b"99999999999",
+        b"[[1,2],[3]]",
+        b"\xff\xfe",
+    ];
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rnd = |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..2000 {
+        let which = i % 2;
+        let mut b = seeds[which].to_vec();
+        for _ in 0..1 + rnd(3) {
+            let at = rnd(b.len().max(1));
+            match rnd(5) {
+                0 => b[at] = rnd(256) as u8,
+                1 => b.truncate(at),
+                2 => {
+                    let j = junk[rnd(junk.len())];
+                    b.splice(at..at, j.iter().copied());
+                }
+                3 => {
+                    // Replace a value after a colon with junk.
+                    if let Some(c) = b[at..].iter().position(|&x| x == b':') {
+                        let s = at + c + 1;
+                        let e = b[s..]
+                            .iter()
+                            .position(|&x| x == b',' || x == b'}')
+                            .map_or(b.len(), |p| s + p);
+                        let j = junk[rnd(junk.len())];
+                        b.splice(s..e, j.iter().copied());
+                    }
+                }
+                _ => {
+                    let d = b.len().min(at + 1 + rnd(8));
+                    b.drain(at..d);
+                }
+            }
+        }
+        let (st, body) = request_on(server.port, "POST", paths[which], Some(&b), &[]).unwrap();
+        assert!(
+            st < 500,
+            "status {st} for {:?}: {}",
+            String::from_utf8_lossy(&b),
+            String::from_utf8_lossy(&body)
+        );
+        let v: Value = serde_json::from_slice(&body).unwrap_or_else(|e| {
+            panic!(
+                "non-JSON answer ({e}) for {:?}: {:?}",
+                String::from_utf8_lossy(&b),
+                String::from_utf8_lossy(&body)
+            )
+        });
+        if st != 200 {
+            assert!(v["error"]["type"].is_string(), "{v}");
+        }
+        *statuses.entry(st).or_insert(0) += 1;
+    }
+    eprintln!("statuses over 2000 mutated bodies: {statuses:?}");
+    assert!(
+        statuses.len() > 1,
+        "mutations produced one outcome only: {statuses:?}"
+    );
+    assert_eq!(server.health()["status"], "ok");
+    let (st, _) = server.post(
+        "/v1/completions",
+        &json!({"model": "tiny-llama", "prompt": prompt(0), "max_tokens": 3, "temperature": 0}),
+    );
+    assert_eq!(st, 200, "still serving");
+}

@@ -9,6 +9,7 @@ mod membw;
 mod prefill;
 mod report;
 mod rng;
+mod serve;
 mod synth;
 
 use anyhow::Result;
@@ -40,6 +41,8 @@ enum Cmd {
     Synth(synth::SynthArgs),
     /// CUDA benches (needs a GPU): INT4 GEMV vs copy bandwidth, decode, long-context attention.
     Gpu(gpu::GpuArgs),
+    /// Load over real HTTP against `edgelorad serve`, beside in-process decode at the same batch.
+    Serve(serve::ServeBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -91,5 +94,6 @@ fn main() -> Result<()> {
         Cmd::GemmPeak(a) => prefill::run_gemm_peak(a),
         Cmd::Synth(a) => synth::run(a),
         Cmd::Gpu(a) => gpu::run(a),
+        Cmd::Serve(a) => serve::run(a),
     }
 }

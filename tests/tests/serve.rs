@@ -122,6 +122,27 @@ fn request_on(
 }
 
 impl Server {
+    /// Sends SIGTERM and waits (at most 30 s) for a clean exit.
+    fn sigterm_and_wait(&mut self) {
+        let st = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                assert!(st.success(), "exit status after SIGTERM: {st}");
+                return;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "still running after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.post_raw(path, body.to_string().as_bytes(), &[])
     }
@@ -467,23 +488,7 @@ fn a_stop_string_ends_the_text_before_it_and_sigterm_exits_cleanly() {
         .map(|c| c["choices"][0]["text"].as_str().unwrap_or(""))
         .collect();
     assert_eq!(text, want);
-    let st = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            assert!(st.success(), "exit status after SIGTERM: {st}");
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "still running after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.sigterm_and_wait();
 }
 
 #[test]
@@ -535,23 +540,7 @@ fn the_watchdog_is_petted_while_serving_and_disarmed_on_sigterm() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let st = Command::new("kill")
-        .args(["-TERM", &server.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let t0 = Instant::now();
-    loop {
-        if let Some(st) = server.child.try_wait().unwrap() {
-            assert!(st.success(), "exit status after SIGTERM: {st}");
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    server.sigterm_and_wait();
     let bytes = std::fs::read(&dev).unwrap();
     assert_eq!(
         bytes.last(),

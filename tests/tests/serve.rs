@@ -252,7 +252,7 @@ fn token_prompts_reproduce_the_golden_greedy_tokens_and_logprobs_for_every_model
 }
 
 #[test]
-fn many_concurrent_streams_over_four_models_each_get_their_tokens_alone() {
+fn sixty_four_concurrent_streams_over_four_models_each_get_their_tokens_alone() {
     // A small KV budget, so the concurrent requests may preempt one another.
     let server = start(&[
         "--dtype",
@@ -280,7 +280,7 @@ fn many_concurrent_streams_over_four_models_each_get_their_tokens_alone() {
         })
         .collect();
     let server = std::sync::Arc::new(server);
-    let handles: Vec<_> = (0..32)
+    let handles: Vec<_> = (0..64)
         .map(|i| {
             let server = server.clone();
             let b = body(i % 16, true);
@@ -721,4 +721,43 @@ fn thousands_of_mutated_bodies_never_break_the_server() {
         &json!({"model": "tiny-llama", "prompt": prompt(0), "max_tokens": 3, "temperature": 0}),
     );
     assert_eq!(st, 200, "still serving");
+}
+
+#[test]
+fn the_appliance_is_found_on_the_lan_over_dns_sd() {
+    use mdns_sd::{ServiceDaemon, ServiceEvent};
+    let server = start(&["--mdns"]);
+    let browser = match ServiceDaemon::new() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("\n!!! SKIPPED: no multicast here ({e}) !!!\n");
+            return;
+        }
+    };
+    let rx = browser.browse("_edgelora._tcp.local.").unwrap();
+    let t0 = Instant::now();
+    let mut searched = false;
+    while t0.elapsed() < Duration::from_secs(15) {
+        let Ok(ev) = rx.recv_timeout(Duration::from_millis(250)) else {
+            continue;
+        };
+        match ev {
+            ServiceEvent::SearchStarted(_) => searched = true,
+            ServiceEvent::ServiceResolved(info) if info.get_port() == server.port => {
+                let prop = |k: &str| info.get_property_val_str(k).map(str::to_string);
+                assert_eq!(prop("model").as_deref(), Some("tiny-llama"));
+                assert_eq!(prop("adapters").as_deref(), Some("3"));
+                assert_eq!(prop("auth").as_deref(), Some("none"));
+                let _ = browser.shutdown();
+                return;
+            }
+            _ => {}
+        }
+    }
+    let _ = browser.shutdown();
+    if !searched {
+        eprintln!("\n!!! SKIPPED: mDNS browsing never started (no multicast interface) !!!\n");
+        return;
+    }
+    panic!("the server's _edgelora._tcp advertisement was not resolved within 15 s");
 }

@@ -7,6 +7,7 @@
 
 mod errors;
 mod handlers;
+pub mod mdns;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -93,6 +94,10 @@ pub struct ServeArgs {
     /// petted only while the engine's step loop is alive, so a stuck engine reboots the box.
     #[arg(long)]
     pub watchdog: Option<PathBuf>,
+    /// Advertise the server on the LAN over mDNS/DNS-SD as `_edgelora._tcp` (TXT: base model,
+    /// number of adapters, whether a key is required).
+    #[arg(long)]
+    pub mdns: bool,
 }
 
 /// The `--config` file.
@@ -117,6 +122,7 @@ struct ConfigFile {
     max_body_bytes: Option<usize>,
     shutdown_grace_secs: Option<u64>,
     watchdog: Option<PathBuf>,
+    mdns: Option<bool>,
 }
 
 /// Flags over the file over the defaults.
@@ -132,6 +138,7 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     pub grace: Duration,
     pub watchdog: Option<PathBuf>,
+    pub mdns: bool,
 }
 
 fn parse_opt<T: std::str::FromStr>(v: Option<String>, key: &str) -> Result<Option<T>>
@@ -236,6 +243,7 @@ impl ServeArgs {
                     .unwrap_or(30),
             ),
             watchdog: self.watchdog.or(file.watchdog.map(rel)),
+            mdns: self.mdns || file.mdns.unwrap_or(false),
         })
     }
 }
@@ -481,11 +489,28 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         .with_graceful_shutdown(shutdown_signal(cfg.grace, state.clone()));
     let server = tokio::spawn(async move { server.await });
     // Announce readiness (or fail) once the engine has loaded.
+    let mdns = cfg.mdns;
+    let mut advert: Option<mdns::Advert> = None;
     let announce = {
         let state = state.clone();
+        let advert = &mut advert;
         async move {
             loop {
                 if let Some(r) = state.ready.get() {
+                    if mdns {
+                        match mdns::advertise(
+                            addr.port(),
+                            &r.base_id,
+                            r.adapters.len(),
+                            state.api_key.is_some(),
+                        ) {
+                            Ok(a) => {
+                                eprintln!("edgelorad: advertised on the LAN as {}", a.fullname());
+                                *advert = Some(a);
+                            }
+                            Err(e) => eprintln!("edgelorad: mDNS advertisement failed: {e:#}"),
+                        }
+                    }
                     eprintln!(
                         "edgelorad: ready; try:\n  curl -s http://{addr}/v1/completions{curl_key} \
                          -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
@@ -506,6 +531,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         () = announce => {}
     }
     server.await??;
+    drop(advert);
     state.disarm_watchdog();
     eprintln!("edgelorad: stopped");
     Ok(())

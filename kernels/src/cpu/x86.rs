@@ -11,7 +11,6 @@
 use std::arch::x86_64::*;
 
 use crate::cpu::act::BlockQ8A;
-use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::q4::{Q4Kind, TileQ4};
 use crate::cpu::q8::TileQ8;
 use crate::cpu::qdot::TileOut;
@@ -49,7 +48,7 @@ macro_rules! q4_tiles_impl {
             kind: Q4Kind,
             tiles: &[TileQ4],
             xs: &[&[BlockQ8A]],
-            out: &mut [[f32; TILE_ROWS]],
+            out: &mut TileOut,
         ) {
             let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); R];
@@ -164,33 +163,6 @@ pub unsafe fn q4q8_tiles(
             (true, 2) => q4_vnni::<2>(kind, tiles, xs, out),
             (true, 3) => q4_vnni::<3>(kind, tiles, xs, out),
             (true, _) => q4_vnni::<4>(kind, tiles, xs, out),
-        }
-    }
-}
-
-/// Five to eight activation rows at once on AVX-512 VNNI + VL, whose 32 vector registers hold
-/// eight rows' accumulators beside the unpacked tile: each tile is unpacked once per eight rows.
-///
-/// # Safety
-/// The CPU must support AVX2, FMA, F16C, AVX-512 VNNI and VL.
-pub unsafe fn q4q8_tiles8_vnni(
-    kind: Q4Kind,
-    tiles: &[TileQ4],
-    xs: &[&[BlockQ8A]],
-    out: &mut [[f32; TILE_ROWS]; 8],
-) {
-    debug_assert!(xs.iter().all(|x| x.len() >= tiles.len()));
-    // SAFETY: the caller guarantees the features.
-    unsafe {
-        match xs.len() {
-            1 => q4_vnni::<1>(kind, tiles, xs, out),
-            2 => q4_vnni::<2>(kind, tiles, xs, out),
-            3 => q4_vnni::<3>(kind, tiles, xs, out),
-            4 => q4_vnni::<4>(kind, tiles, xs, out),
-            5 => q4_vnni::<5>(kind, tiles, xs, out),
-            6 => q4_vnni::<6>(kind, tiles, xs, out),
-            7 => q4_vnni::<7>(kind, tiles, xs, out),
-            _ => q4_vnni::<8>(kind, tiles, xs, out),
         }
     }
 }

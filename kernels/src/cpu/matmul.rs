@@ -220,6 +220,8 @@ mod tests {
             (64, 576, 5),
             (17, 1536, 8),
             (5, 16, 2),
+            (24, 96, 13),
+            (16, 64, 16),
         ] {
             let x = g.vec(m * cols);
             let xq = ActQ8::quantize(&x, m, cols);

@@ -381,6 +381,11 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     logits.iter().map(|&l| log_prob(l, norm)).collect()
 }
 
+/// The log-probability of one token: `log_softmax(logits)[tok]` without building the whole row.
+pub fn log_softmax_at(logits: &[f32], tok: u32) -> f32 {
+    log_prob(logits[tok as usize], log_normalizer(logits))
+}
+
 /// The `n` most likely tokens with their log-probabilities, highest first, ties to the
 /// lower id. Uses partial selection, so asking for a handful of alternatives does not sort
 /// the vocabulary.

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use super::generate::FinishReason;
 use super::metrics::{EngineMetrics, FinishLabel, ModelLabel};
-use super::sampler::{Sampler, SamplingParams, log_softmax, top_logprobs};
+use super::sampler::{Sampler, SamplingParams, log_softmax_at, top_logprobs};
 use super::{Backend, EngineError, ForwardOptions, SeqKv, SeqStep};
 use crate::adapters::LoraAdapter;
 use crate::model::Model;
@@ -524,10 +524,6 @@ impl<B: Backend + ?Sized> Scheduler<B> {
     pub fn running_ids(&self) -> Vec<u64> {
         self.running.iter().map(|s| s.id).collect()
     }
-}
-
-fn log_softmax_at(logits: &[f32], tok: u32) -> f32 {
-    log_softmax(logits)[tok as usize]
 }
 
 fn token_event(row: &[f32], tok: u32, top: usize) -> TokenEvent {

@@ -42,7 +42,7 @@ use std::collections::HashMap;
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{CudaError, Gpu, KernelModule};
+use super::{CudaError, Gpu, KernelModule, as_i32, shape};
 use crate::cpu::attention::SparseConfig;
 use crate::cpu::kv::PageId;
 
@@ -155,14 +155,6 @@ struct SparseRow {
     k: usize,
     recent_start: usize,
     cap: usize,
-}
-
-fn shape(msg: String) -> CudaError {
-    CudaError::Shape(msg)
-}
-
-fn to_i32(x: usize, what: &str) -> Result<i32, CudaError> {
-    i32::try_from(x).map_err(|_| shape(format!("attention: {what} = {x} exceeds i32")))
 }
 
 /// Everything one step's attention needs on the device, for every layer: the per-row records,
@@ -336,7 +328,7 @@ pub fn attention_plan_with(
                 let recent_start = np - recent;
                 let k = budget - 1 - recent;
                 let cap = np.min(1 + recent + group * k);
-                sparse_of[r] = to_i32(sparse_rows.len(), "sparse rows")?;
+                sparse_of[r] = as_i32(sparse_rows.len(), "sparse rows")?;
                 sparse_rows.push(SparseRow {
                     row: r,
                     cand: recent_start - 1,
@@ -371,7 +363,7 @@ pub fn attention_plan_with(
     }
     let n_work = work.len();
     let split = row_work.iter().any(|&(_, nw)| nw > 1);
-    to_i32(n_work, "work items")?;
+    as_i32(n_work, "work items")?;
     if n_work > i32::MAX as usize / n_heads.max(1) {
         return Err(shape(format!("attention: {n_work} work items")));
     }
@@ -387,13 +379,13 @@ pub fn attention_plan_with(
         at += np;
     }
     let meta_len = at;
-    to_i32(meta_len, "meta length")?;
+    as_i32(meta_len, "meta length")?;
     let mut meta = vec![0i32; meta_len.max(1)];
     for r in 0..rows {
         let rec = &mut meta[r * ROW_INTS..(r + 1) * ROW_INTS];
         rec[0] = table_off[table_of[r]] as i32;
         rec[1] = npages[r] as i32;
-        rec[2] = to_i32(queries[r].n_tokens, "n_tokens")?;
+        rec[2] = as_i32(queries[r].n_tokens, "n_tokens")?;
         rec[3] = row_work[r].0 as i32;
         rec[4] = row_work[r].1 as i32;
         rec[5] = sparse_of[r];
@@ -412,19 +404,19 @@ pub fn attention_plan_with(
         rec[1] = sr.cand as i32;
         rec[2] = sr.k as i32;
         rec[3] = sr.recent_start as i32;
-        rec[4] = to_i32(bounds_len, "bounds offset")?;
-        rec[5] = to_i32(masks_len, "mask offset")?;
-        rec[6] = to_i32(lists_len, "list offset")?;
+        rec[4] = as_i32(bounds_len, "bounds offset")?;
+        rec[5] = as_i32(masks_len, "mask offset")?;
+        rec[6] = as_i32(lists_len, "list offset")?;
         rec[7] = sr.cap as i32;
         bounds_len += n_heads * sr.cand;
         masks_len += n_kv * npages[sr.row];
         lists_len += n_kv * sr.cap * 2;
         max_cand = max_cand.max(sr.cand);
     }
-    to_i32(bounds_len, "bounds length")?;
-    to_i32(masks_len, "masks length")?;
-    to_i32(lists_len, "lists length")?;
-    to_i32(n_work * n_heads * (d + 2), "partials length")?;
+    as_i32(bounds_len, "bounds length")?;
+    as_i32(masks_len, "masks length")?;
+    as_i32(lists_len, "lists length")?;
+    as_i32(n_work * n_heads * (d + 2), "partials length")?;
     if max_cand.div_ceil(BOUND_PAGES) > 65535 {
         return Err(shape(format!("attention: {max_cand} candidate pages")));
     }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg};
 
 use super::attention::MODULE;
-use super::{CudaError, Gpu, blocks_for};
+use super::{CudaError, Gpu, blocks_for, shape};
 use crate::cpu::kv::{KvDtype, KvGeometry, PageId};
 
 pub(crate) const DTYPE_F32: i32 = 0;
@@ -72,10 +72,6 @@ pub struct GpuKvPool {
     staging_cap: usize,
     /// An error from [`Self::free`] (which cannot return one), reported by the next fallible call.
     deferred: Option<CudaError>,
-}
-
-fn shape(msg: String) -> CudaError {
-    CudaError::Shape(msg)
 }
 
 impl GpuKvPool {

@@ -16,7 +16,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{CudaError, Gpu, KernelModule};
+use super::{CudaError, Gpu, KernelModule, as_i32, shape};
 use crate::{DenseMatrix, Q4Kind, Q4Matrix, Q8Matrix, QK, TILE_ROWS, Weight};
 
 pub const MODULE: KernelModule = KernelModule {
@@ -257,15 +257,6 @@ fn pack_f32(w: &DenseMatrix) -> Vec<f32> {
         }
     }
     out
-}
-
-fn shape(msg: String) -> CudaError {
-    CudaError::Shape(msg)
-}
-
-/// `v` as a kernel's `int`, or a shape error naming `what`.
-fn as_i32(v: usize, what: &str) -> Result<i32, CudaError> {
-    i32::try_from(v).map_err(|_| shape(format!("{what} = {v} does not fit a kernel's int")))
 }
 
 impl GpuWeight {

@@ -428,20 +428,7 @@ pub fn sgmv(
 mod tests {
     use super::*;
     use crate::cpu::lora::{LoraSegment, sgmv_reference};
-    use crate::cuda::testing::gpu_or_skip;
-
-    struct Rng(u64);
-    impl Rng {
-        fn f32(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| scale * self.f32()).collect()
-        }
-    }
+    use crate::cuda::testing::{TestRng as Rng, gpu_or_skip};
 
     struct HostLora {
         a: Vec<f32>,

@@ -165,7 +165,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
-    functions: HashMap<(&'static str, &'static str), CudaFunction>,
+    /// Loaded kernels by module, then function name (looked up on every launch).
+    functions: HashMap<&'static str, HashMap<&'static str, CudaFunction>>,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -202,8 +203,9 @@ impl Gpu {
         for m in MODULES {
             let text = ptx(m, &info.arch)?;
             let module = ctx.load_module(Ptx::from_src(text))?;
+            let by_name = functions.entry(m.name).or_insert_with(HashMap::new);
             for f in m.functions {
-                functions.insert((m.name, *f), module.load_function(f)?);
+                by_name.insert(*f, module.load_function(f)?);
             }
         }
         Ok(Gpu {
@@ -230,14 +232,23 @@ impl Gpu {
     /// A loaded kernel by module and function name.
     pub fn function(&self, module: &str, function: &str) -> Result<&CudaFunction, CudaError> {
         self.functions
-            .iter()
-            .find(|((m, f), _)| *m == module && *f == function)
-            .map(|(_, func)| func)
+            .get(module)
+            .and_then(|m| m.get(function))
             .ok_or_else(|| CudaError::UnknownKernel {
                 module: module.to_string(),
                 function: function.to_string(),
             })
     }
+}
+
+/// A shape error (the launchers' common refusal).
+pub(crate) fn shape(msg: String) -> CudaError {
+    CudaError::Shape(msg)
+}
+
+/// `v` as a kernel's `int`, or a shape error naming `what`.
+pub(crate) fn as_i32(v: usize, what: &str) -> Result<i32, CudaError> {
+    i32::try_from(v).map_err(|_| shape(format!("{what} = {v} does not fit a kernel's int")))
 }
 
 /// Grid size for `n` items at `block` threads per block.

@@ -7,7 +7,7 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
-use super::{CudaError, Gpu, KernelModule, blocks_for};
+use super::{CudaError, Gpu, KernelModule, as_i32, blocks_for, shape};
 
 pub const MODULE: KernelModule = KernelModule {
     name: "ops",
@@ -25,14 +25,6 @@ pub const MODULE: KernelModule = KernelModule {
 const THREADS: u32 = 256;
 /// Element-wise kernels stride over the data; more blocks than this only add scheduling.
 const MAX_BLOCKS: u32 = 16_384;
-
-fn shape(msg: String) -> CudaError {
-    CudaError::Shape(msg)
-}
-
-fn as_i32(v: usize, what: &str) -> Result<i32, CudaError> {
-    i32::try_from(v).map_err(|_| shape(format!("{what} = {v} does not fit a kernel's int")))
-}
 
 fn need(what: &str, have: usize, want: usize) -> Result<(), CudaError> {
     if have < want {
@@ -196,23 +188,7 @@ pub fn swiglu(
     up: &CudaView<'_, f32>,
     n: usize,
 ) -> Result<(), CudaError> {
-    need("swiglu gate", gate.len(), n)?;
-    need("swiglu up", up.len(), n)?;
-    let ni = as_i32(n, "n")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let f = gpu.function(MODULE.name, "swiglu")?;
-    // SAFETY: (gate, up, n) as the kernel; indices < n ≤ both lengths.
-    unsafe {
-        gpu.stream()
-            .launch_builder(f)
-            .arg(gate)
-            .arg(up)
-            .arg(&ni)
-            .launch(elementwise_cfg(n))?;
-    }
-    Ok(())
+    binary_in_place(gpu, "swiglu", gate, up, n)
 }
 
 /// `x[i] += y[i]` for `i < n`.
@@ -222,13 +198,24 @@ pub fn add_assign(
     y: &CudaView<'_, f32>,
     n: usize,
 ) -> Result<(), CudaError> {
-    need("add_assign x", x.len(), n)?;
-    need("add_assign y", y.len(), n)?;
+    binary_in_place(gpu, "add_assign", x, y, n)
+}
+
+/// Launches the element-wise kernel `name(x, y, n)` that updates `x[i]` from `y[i]`, `i < n`.
+fn binary_in_place(
+    gpu: &Gpu,
+    name: &str,
+    x: &mut CudaViewMut<'_, f32>,
+    y: &CudaView<'_, f32>,
+    n: usize,
+) -> Result<(), CudaError> {
+    need(name, x.len(), n)?;
+    need(name, y.len(), n)?;
     let ni = as_i32(n, "n")?;
     if n == 0 {
         return Ok(());
     }
-    let f = gpu.function(MODULE.name, "add_assign")?;
+    let f = gpu.function(MODULE.name, name)?;
     // SAFETY: (x, y, n) as the kernel; indices < n ≤ both lengths.
     unsafe {
         gpu.stream()
@@ -274,20 +261,7 @@ pub fn add_bias_rows(
 mod tests {
     use super::*;
     use crate::cpu::ops as cpu;
-    use crate::cuda::testing::gpu_or_skip;
-
-    struct Rng(u64);
-    impl Rng {
-        fn f32(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-            (0..n).map(|_| scale * self.f32()).collect()
-        }
-    }
+    use crate::cuda::testing::{TestRng as Rng, gpu_or_skip};
 
     /// |got - want| ≤ rel · |want| + abs, with a message naming the element.
     fn close(label: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {

@@ -158,20 +158,7 @@ pub fn topk_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cuda::testing::gpu_or_skip;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        fn f32(&mut self) -> f32 {
-            ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        }
-    }
+    use crate::cuda::testing::{TestRng as Rng, gpu_or_skip};
 
     /// The CPU order: descending, NaN as -inf, ties (-0.0 == 0.0 too) to the lower index.
     fn key(v: f32) -> f32 {
@@ -213,12 +200,12 @@ mod tests {
                 2 => {
                     row.iter_mut().for_each(|v| *v = rng.f32());
                     for _ in 0..5 {
-                        let i = (rng.next() % vocab as u64) as usize;
+                        let i = (rng.next_u64() % vocab as u64) as usize;
                         row[i] = f32::NAN;
                     }
-                    let i = (rng.next() % vocab as u64) as usize;
+                    let i = (rng.next_u64() % vocab as u64) as usize;
                     row[i] = 3.0;
-                    let j = (rng.next() % vocab as u64) as usize;
+                    let j = (rng.next_u64() % vocab as u64) as usize;
                     row[j] = 3.0;
                 }
                 3 => row.iter_mut().for_each(|v| *v = f32::NEG_INFINITY),
@@ -226,7 +213,7 @@ mod tests {
                     row.iter_mut()
                         .enumerate()
                         .for_each(|(i, v)| *v = if i % 2 == 0 { -0.0 } else { 0.0 });
-                    let i = (rng.next() % vocab as u64) as usize;
+                    let i = (rng.next_u64() % vocab as u64) as usize;
                     row[i] = f32::NAN;
                 }
                 _ => {

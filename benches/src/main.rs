@@ -1,6 +1,7 @@
 //! `edgelora-bench`: figures printed beside a yardstick measured in the same run (memory
 //! bandwidth, our own GEMM peak, llama.cpp), never timing assertions. See benches/README.md.
 
+mod adapters;
 mod common;
 mod decode;
 mod gpu;
@@ -10,6 +11,7 @@ mod prefill;
 mod report;
 mod rng;
 mod serve;
+mod swap;
 mod synth;
 
 use anyhow::Result;
@@ -43,6 +45,12 @@ enum Cmd {
     Gpu(gpu::GpuArgs),
     /// Load over real HTTP against `edgelorad serve`, beside in-process decode at the same batch.
     Serve(serve::ServeBenchArgs),
+    /// Cold adapter load: pack read (io_uring, pread) and decode against a raw O_DIRECT read of
+    /// the same file, and TTFT cold vs warm through `edgelorad serve`.
+    Swap(swap::SwapArgs),
+    /// Throughput over 1..thousands of distinct adapters through a small pool, against one
+    /// adapter and the base model in the same run.
+    Adapters(adapters::AdaptersArgs),
 }
 
 #[derive(Args, Debug)]
@@ -95,5 +103,7 @@ fn main() -> Result<()> {
         Cmd::Synth(a) => synth::run(a),
         Cmd::Gpu(a) => gpu::run(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Swap(a) => swap::run(a),
+        Cmd::Adapters(a) => adapters::run(a),
     }
 }

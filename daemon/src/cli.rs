@@ -45,6 +45,9 @@ pub enum Command {
     /// Serve the OpenAI-compatible HTTP API (completions, chat, models) for the base model and
     /// every adapter in --adapters-dir.
     Serve(Box<crate::api::ServeArgs>),
+    /// Manage adapter packs: import PEFT folders, list, show, remove.
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -308,6 +311,7 @@ pub fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Adapters(a) => cmd_adapters(a),
         Command::Model(ModelCommand::Fetch) => {
             let p = crate::default_model::ensure().map_err(anyhow::Error::msg)?;
             println!("{}", p.display());
@@ -505,4 +509,366 @@ fn cmd_perplexity(a: PerplexityArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AdaptersLocation {
+    /// The adapters folder (default: $EDGELORA_DATA/adapters; the data folder defaults to
+    /// $XDG_DATA_HOME/edgelora or ~/.local/share/edgelora).
+    #[arg(long)]
+    pub adapters: Option<PathBuf>,
+    /// The base model the adapters are for (only its config is read; default: SmolLM2-135M-Instruct
+    /// Q4_1, fetched on first use).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+}
+
+impl AdaptersLocation {
+    fn dir(&self) -> PathBuf {
+        self.adapters
+            .clone()
+            .unwrap_or_else(crate::adapters::registry::default_adapters_dir)
+    }
+
+    fn config(&self) -> Result<crate::model::ModelConfig> {
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => crate::default_model::ensure()
+                .map_err(anyhow::Error::msg)
+                .context("fetching the default model")?,
+        };
+        crate::model::probe::probe_config(&path)
+            .with_context(|| format!("reading the config of {}", path.display()))
+    }
+
+    fn registry(&self, fingerprint: [u8; 32]) -> Result<crate::adapters::Registry> {
+        let dir = self.dir();
+        crate::adapters::Registry::open(&dir, fingerprint)
+            .with_context(|| format!("opening the adapters folder {}", dir.display()))
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdaptersCommand {
+    /// Convert a PEFT LoRA folder into a pack in the adapters folder.
+    Import {
+        /// The PEFT folder (adapter_config.json + adapter_model.safetensors).
+        peft_dir: PathBuf,
+        /// The adapter's id: 1-64 of [A-Za-z0-9._-], starting with a letter or digit. Requests
+        /// name it as their `model`.
+        #[arg(long)]
+        id: String,
+        /// Who contributed the adapter (recorded in its manifest and in attribution events).
+        #[arg(long)]
+        contributor: String,
+        /// The adapter's license, e.g. Apache-2.0.
+        #[arg(long)]
+        license: Option<String>,
+        /// A display name (default: the id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Replace an existing adapter of the same id.
+        #[arg(long)]
+        replace: bool,
+        #[command(flatten)]
+        loc: AdaptersLocation,
+    },
+    /// List the packs with their state for the base model.
+    List {
+        #[command(flatten)]
+        loc: AdaptersLocation,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print packs' manifests and headers.
+    Show {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        loc: AdaptersLocation,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete packs (--model is accepted and ignored: removing needs no base model).
+    Remove {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        loc: AdaptersLocation,
+    },
+}
+
+fn cmd_adapters(cmd: AdaptersCommand) -> Result<()> {
+    use crate::adapters::pack::fingerprint;
+    match cmd {
+        AdaptersCommand::Import {
+            peft_dir,
+            id,
+            contributor,
+            license,
+            name,
+            replace,
+            loc,
+        } => {
+            crate::adapters::registry::validate_id(&id).map_err(anyhow::Error::msg)?;
+            let config = loc.config()?;
+            let mut reg = loc.registry(fingerprint(&config))?;
+            let req = crate::adapters::ImportRequest {
+                id,
+                contributor,
+                license,
+                display_name: name,
+                replace,
+            };
+            let entry = reg.import(&peft_dir, &req, &config)?;
+            let info = entry.info.as_ref().expect("an imported pack has its info");
+            println!(
+                "imported {} (rank {}, {}, {}, {}) into {}",
+                info.id(),
+                info.rank,
+                targets_text(&info.targets),
+                info.dtype,
+                human_bytes(info.file_len),
+                entry.path.display()
+            );
+            Ok(())
+        }
+        AdaptersCommand::List { loc, json } => {
+            let config = loc.config()?;
+            let reg = loc.registry(fingerprint(&config))?;
+            if json {
+                let v: Vec<serde_json::Value> =
+                    reg.iter().map(|(id, e)| entry_json(id, e)).collect();
+                println!("{}", serde_json::Value::Array(v));
+                return Ok(());
+            }
+            if reg.is_empty() {
+                eprintln!("no adapters in {}", reg.dir().display());
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:>4}  {:<28} {:<5} {:>9}  {:<20} STATE",
+                "ID", "RANK", "TARGETS", "DTYPE", "SIZE", "CONTRIBUTOR"
+            );
+            for (id, e) in reg.iter() {
+                let (rank, targets, dtype, size, contributor) = match &e.info {
+                    Some(i) => (
+                        i.rank.to_string(),
+                        targets_text(&i.targets),
+                        i.dtype.to_string(),
+                        human_bytes(i.file_len),
+                        i.manifest.contributor.clone(),
+                    ),
+                    None => ("-".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+                };
+                println!(
+                    "{id:<24} {rank:>4}  {targets:<28} {dtype:<5} {size:>9}  {contributor:<20} {}",
+                    e.state.label()
+                );
+            }
+            Ok(())
+        }
+        AdaptersCommand::Show { ids, loc, json } => {
+            let config = loc.config()?;
+            let reg = loc.registry(fingerprint(&config))?;
+            let mut out = Vec::new();
+            for id in &ids {
+                let Some(e) = reg.get(id) else {
+                    bail!("adapter {id}: not found in {}", reg.dir().display());
+                };
+                if json {
+                    out.push(entry_json(id, e));
+                } else {
+                    print_entry(id, e, reg.fingerprint());
+                }
+            }
+            if json {
+                println!("{}", serde_json::Value::Array(out));
+            }
+            Ok(())
+        }
+        AdaptersCommand::Remove { ids, loc } => {
+            // Removing needs no base model and no index of the folder.
+            let dir = loc.dir();
+            for id in &ids {
+                crate::adapters::registry::remove_pack(&dir, id, false)?;
+                println!("removed {id}");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn targets_text(t: &[crate::model::Proj]) -> String {
+    if t.len() == 7 {
+        return "all".into();
+    }
+    t.iter()
+        .map(|p| p.hf_name().trim_end_matches("_proj"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS UTC` from unix seconds.
+fn utc_text(secs: u64) -> String {
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn entry_json(id: &str, e: &crate::adapters::RegistryEntry) -> serde_json::Value {
+    use crate::adapters::EntryState;
+    use crate::adapters::pack::fingerprint_hex;
+    let mut v = serde_json::json!({
+        "id": id,
+        "path": e.path.display().to_string(),
+        "state": if e.state.is_available() { "available" } else { "unavailable" },
+    });
+    if let EntryState::Unavailable(msg, kind) = &e.state {
+        v["error"] = msg.as_str().into();
+        v["error_kind"] = (*kind).into();
+    }
+    if let Some(i) = &e.info {
+        let m = &i.manifest;
+        let extra = serde_json::json!({
+            "display_name": m.display_name,
+            "contributor": m.contributor,
+            "license": m.license,
+            "source": m.source,
+            "source_digest": m.source_digest,
+            "created": m.created,
+            "version": i.version,
+            "base_fingerprint": fingerprint_hex(&i.fingerprint),
+            "rank": i.rank,
+            "alpha": i.alpha,
+            "scaling": i.scaling,
+            "use_rslora": i.use_rslora,
+            "dtype": i.dtype.name(),
+            "targets": i.targets.iter().map(|p| p.hf_name()).collect::<Vec<_>>(),
+            "tensors": i.tensors.len(),
+            "layers": i.n_layers,
+            "payload_offset": i.payload_offset,
+            "payload_bytes": i.payload_len,
+            "payload_digest": fingerprint_hex(&i.payload_digest),
+            "bytes": i.file_len,
+        });
+        if let (Some(o), Some(x)) = (v.as_object_mut(), extra.as_object()) {
+            o.extend(x.clone());
+        }
+    }
+    v
+}
+
+fn print_entry(id: &str, e: &crate::adapters::RegistryEntry, base: &[u8; 32]) {
+    use crate::adapters::EntryState;
+    use crate::adapters::pack::fingerprint_hex;
+    println!("{id}");
+    println!("  path            {}", e.path.display());
+    match &e.state {
+        EntryState::Available => println!("  state           available"),
+        EntryState::Unavailable(msg, kind) => println!("  state           {kind}: {msg}"),
+    }
+    let Some(i) = &e.info else {
+        return;
+    };
+    let m = &i.manifest;
+    println!("  display name    {}", m.display_name);
+    println!("  contributor     {}", m.contributor);
+    println!(
+        "  license         {}",
+        m.license.as_deref().unwrap_or("(none given)")
+    );
+    println!(
+        "  source          {} (blake3 {})",
+        m.source, m.source_digest
+    );
+    println!("  created         {} ({})", utc_text(m.created), m.created);
+    println!("  pack version    {}", i.version);
+    println!(
+        "  base model      {}{}",
+        fingerprint_hex(&i.fingerprint),
+        if i.fingerprint == *base {
+            " (this model)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  rank            {} (alpha {}, scaling {}{})",
+        i.rank,
+        i.alpha,
+        i.scaling,
+        if i.use_rslora { ", rsLoRA" } else { "" }
+    );
+    println!(
+        "  targets         {}",
+        i.targets
+            .iter()
+            .map(|p| p.hf_name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  tensors         {} over {} layers, {}",
+        i.tensors.len(),
+        i.n_layers,
+        i.dtype
+    );
+    println!(
+        "  payload         {} at offset {} (blake3 {})",
+        human_bytes(i.payload_len),
+        i.payload_offset,
+        fingerprint_hex(&i.payload_digest)
+    );
+    println!("  file            {}", human_bytes(i.file_len));
+}
+
+#[cfg(test)]
+mod adapters_cli_tests {
+    use super::*;
+
+    #[test]
+    fn adapters_utc_text_and_sizes() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc_text(1_700_000_000), "2023-11-14 22:13:20 UTC");
+        assert_eq!(utc_text(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(8192), "8.0 KiB");
+        assert_eq!(targets_text(&crate::model::Proj::ALL), "all");
+        assert_eq!(
+            targets_text(&[crate::model::Proj::Q, crate::model::Proj::V]),
+            "q,v"
+        );
+    }
 }

@@ -17,6 +17,7 @@
 pub mod board;
 pub mod clock;
 mod error;
+pub mod storage;
 mod sysfs;
 pub mod telemetry;
 

@@ -391,6 +391,7 @@ mod scheduler {
         let req = GenRequest {
             prompt,
             adapter,
+            pack: None,
             sampling: SamplingParams::default(),
             max_tokens,
             stop_ids: Vec::new(),
@@ -410,7 +411,7 @@ mod scheduler {
             match ev {
                 Event::Token(t) => toks.push(t.id),
                 Event::Done { finish: f, .. } => finish = Some(f),
-                Event::Error(e) => panic!("request failed: {e}"),
+                Event::Error(e) | Event::AdapterFailed(e) => panic!("request failed: {e}"),
                 Event::PromptLogprobs(_) => {}
             }
         }

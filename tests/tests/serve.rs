@@ -29,11 +29,49 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The fixture's three PEFT adapters imported into packs (once per test process), as a user
+/// does with `edgelorad adapters import`.
+fn fixture_packs() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tmp_dir("serve-packs");
+        import_fixture_adapters(&dir);
+        dir
+    })
+}
+
+fn import_fixture_adapters(dir: &std::path::Path) {
+    let tiny_s = tiny().display().to_string();
+    let dir_s = dir.display().to_string();
+    for name in ["alpha-qv", "beta-attn", "gamma-all"] {
+        let src = tiny().join("adapters").join(name).display().to_string();
+        let (ok, _, err) = run_edgelorad(&[
+            "adapters",
+            "import",
+            &src,
+            "--id",
+            name,
+            "--contributor",
+            "fixture",
+            "--adapters",
+            &dir_s,
+            "--model",
+            &tiny_s,
+            "--replace",
+        ]);
+        assert!(ok, "importing {name}: {err}");
+    }
+}
+
 fn start(extra: &[&str]) -> Server {
+    start_with(fixture_packs(), extra)
+}
+
+fn start_with(adapters_dir: &std::path::Path, extra: &[&str]) -> Server {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let tiny_s = tiny().display().to_string();
-    let adapters = tiny().join("adapters").display().to_string();
+    let adapters = adapters_dir.display().to_string();
     let mut args = vec![
         "serve",
         "--model",
@@ -522,6 +560,185 @@ fn metrics_count_tokens_and_latencies_per_adapter() {
     has("edgelora_kv_pages_used 0");
     // The base model has served nothing: no series for it yet.
     assert!(!text.contains("model=\"tiny-llama\""), "{text}");
+}
+
+#[test]
+fn admin_routes_import_list_and_delete_adapters_behind_the_admin_token() {
+    let dir = tmp_dir("serve-admin");
+    import_fixture_adapters(&dir);
+    // A pack from a future format: listed as refused, never served.
+    let beta = dir.join("beta-attn.elpack");
+    let mut bytes = std::fs::read(&beta).unwrap();
+    bytes[8..12].copy_from_slice(&7u32.to_le_bytes());
+    std::fs::write(&beta, &bytes).unwrap();
+    // A PEFT folder copied onto the box, under the adapters directory.
+    let incoming = dir.join("incoming").join("gamma");
+    std::fs::create_dir_all(&incoming).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(tiny().join("adapters/gamma-all").join(f), incoming.join(f)).unwrap();
+    }
+    let server = start_with(
+        &dir,
+        &[
+            "--dtype",
+            "f32",
+            "--act",
+            "f32",
+            "--api-key",
+            "user-key",
+            "--admin-token",
+            "admin-key",
+            "--pool-adapters",
+            "2",
+        ],
+    );
+    let user = [("Authorization", "Bearer user-key")];
+    let admin = [("Authorization", "Bearer admin-key")];
+    let call = |method: &str, path: &str, body: Option<&Value>, h: &[(&str, &str)]| {
+        let b = body.map(|b| b.to_string().into_bytes());
+        let (st, out) = request_on(server.port, method, path, b.as_deref(), h).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap_or(Value::Null);
+        (st, v)
+    };
+    // Admin routes: the user key is forbidden, no key is unauthorized.
+    let (st, v) = call("GET", "/v1/adapters", None, &user);
+    assert_eq!(st, 403, "{v}");
+    assert_eq!(v["error"]["type"], "permission_error");
+    assert_eq!(call("GET", "/v1/adapters", None, &[]).0, 401);
+    let (st, v) = call("GET", "/v1/adapters", None, &admin);
+    assert_eq!(st, 200, "{v}");
+    let list = v["data"].as_array().unwrap();
+    let by_id = |id: &str| list.iter().find(|e| e["id"] == id).cloned().unwrap();
+    assert_eq!(list.len(), 3);
+    assert_eq!(by_id("alpha-qv")["state"], "available");
+    assert_eq!(by_id("alpha-qv")["residency"], "cold");
+    assert_eq!(by_id("alpha-qv")["contributor"], "fixture");
+    assert_eq!(by_id("beta-attn")["state"], "unavailable");
+    assert_eq!(by_id("beta-attn")["error"]["kind"], "unknown_version");
+    // The refused pack answers with its reason; the others serve.
+    let ask = |model: &str| {
+        call(
+            "POST",
+            "/v1/completions",
+            Some(
+                &json!({"model": model, "prompt": prompt(3), "max_tokens": 6,
+                         "temperature": 0, "ignore_eos": true, "return_token_ids": true}),
+            ),
+            &user,
+        )
+    };
+    let (st, v) = ask("beta-attn");
+    assert_eq!(st, 500, "{v}");
+    assert_eq!(v["error"]["code"], "adapter_unavailable");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("version"),
+        "{v}"
+    );
+    let (st, gamma) = ask("gamma-all");
+    assert_eq!(st, 200, "{gamma}");
+    // Import: ids and paths are checked, then the pack serves like the original.
+    let imp = |body: Value| call("POST", "/v1/adapters", Some(&body), &admin);
+    let (st, v) = imp(json!({"path": "/etc", "id": "x", "contributor": "c"}));
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("path")),
+        "{v}"
+    );
+    let (st, v) = imp(json!({"path": incoming.display().to_string(), "id": "../x",
+                             "contributor": "c"}));
+    assert_eq!((st, v["error"]["param"].as_str()), (400, Some("id")), "{v}");
+    let (st, v) = imp(
+        json!({"path": incoming.display().to_string(), "id": "gamma-all",
+                             "contributor": "c"}),
+    );
+    assert_eq!(st, 409, "an existing id needs replace: {v}");
+    let (st, v) = imp(json!({"path": "incoming/gamma", "id": "gamma-2",
+                             "contributor": "Ada", "license": "MIT"}));
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["contributor"], "Ada");
+    let (_, models) = call("GET", "/v1/models", None, &user);
+    assert!(
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["id"] == "gamma-2")
+    );
+    let (st, v) = ask("gamma-2");
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        ids(&v["choices"][0]["token_ids"]),
+        ids(&gamma["choices"][0]["token_ids"]),
+        "the imported copy serves as the original"
+    );
+    let (_, v) = call("GET", "/v1/adapters/gamma-2", None, &admin);
+    assert_eq!(v["residency"], "resident", "{v}");
+    // Delete: refused while a request uses it, done once it finished.
+    // Sixteen long streams: seconds of work, so the delete lands while they run.
+    let port = server.port;
+    let streams: Vec<_> = (0..16)
+        .map(|_| {
+            std::thread::spawn(move || {
+                request_on(
+                    port,
+                    "POST",
+                    "/v1/completions",
+                    Some(
+                        json!({"model": "alpha-qv", "prompt": prompt(1), "max_tokens": 400,
+                               "temperature": 0, "ignore_eos": true, "stream": true})
+                        .to_string()
+                        .as_bytes(),
+                    ),
+                    &[("Authorization", "Bearer user-key")],
+                )
+            })
+        })
+        .collect();
+    let t0 = Instant::now();
+    loop {
+        let (_, v) = call("GET", "/v1/adapters/alpha-qv", None, &admin);
+        if v["requests_in_flight"].as_u64().unwrap_or(0) >= 8 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "never in flight: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (st, v) = call("DELETE", "/v1/adapters/alpha-qv", None, &admin);
+    assert_eq!(st, 409, "{v}");
+    assert_eq!(v["error"]["code"], "adapter_in_use");
+    for t in streams {
+        assert_eq!(t.join().unwrap().unwrap().0, 200);
+    }
+    let (st, v) = call("DELETE", "/v1/adapters/alpha-qv", None, &admin);
+    assert_eq!(st, 200, "{v}");
+    assert!(!dir.join("alpha-qv.elpack").exists());
+    assert_eq!(ask("alpha-qv").0, 404);
+    assert_eq!(call("DELETE", "/v1/adapters/alpha-qv", None, &admin).0, 404);
+    // The pool's story in /metrics: misses, hits, the reader.
+    let (st, body) = request_on(server.port, "GET", "/metrics", None, &user).unwrap();
+    assert_eq!(st, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("edgelora_adapter_misses_total{adapter=\"gamma-2\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("edgelora_adapter_read_bytes_total{adapter=\"gamma-2\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("edgelora_pool_pages{held_by=\"adapters\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("edgelora_storage_reader{reader=\"io_uring\"} 1")
+            || text.contains("edgelora_storage_reader{reader=\"pread\"} 1"),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -52,6 +52,18 @@ impl ApiError {
         .code("model_not_found")
     }
 
+    /// A registered adapter that cannot be served (its pack was refused or failed to load).
+    pub fn adapter_unavailable(message: &str) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+            .param("model")
+            .code("adapter_unavailable")
+    }
+
+    /// 403: a valid key without the right (an admin route with a user key).
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message).code("forbidden")
+    }
+
     pub fn unauthorized() -> Self {
         Self::new(
             StatusCode::UNAUTHORIZED,

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use super::errors::from_json_error;
 use super::types::{ChatRequest, CompletionRequest, PromptInput, StopInput};
 use super::{ApiError, AppState, Ready};
-use crate::adapters::LoraAdapter;
+use crate::adapters::pack::PackInfo;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{Event, GenRequest, TokenEvent};
 use crate::model::chat::ChatMessage;
@@ -31,6 +31,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route(
+            "/v1/adapters",
+            get(super::admin::list_adapters).post(super::admin::import_adapter),
+        )
+        .route(
+            "/v1/adapters/{id}",
+            get(super::admin::show_adapter).delete(super::admin::delete_adapter),
+        )
         .fallback(not_found)
         .with_state(state)
 }
@@ -67,6 +75,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
             let st = s.status.lock().map(|g| g.clone()).unwrap_or_default();
             let body = json!({
                 "status": "ok", "device": r.device, "device_why": r.device_why,
+                "adapter_storage": r.storage,
                 "running": st.running, "waiting": st.waiting,
                 "steps": st.stats.steps, "preemptions": st.stats.preemptions,
                 "cancelled": st.stats.cancelled, "prompt_tokens": st.stats.prompt_tokens,
@@ -82,27 +91,32 @@ fn check_auth(s: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     let Some(key) = &s.api_key else {
         return Ok(());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    // Compare in constant time over the key's length.
-    let ok = given.is_some_and(|g| {
-        g.len() == key.len()
-            && g.bytes()
-                .zip(key.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
-    });
-    if ok {
+    if bearer(headers).is_some_and(|g| same_secret(g, key)) {
         Ok(())
     } else {
         Err(ApiError::unauthorized())
     }
 }
 
-fn ready(s: &AppState) -> ApiResult<&Ready> {
+pub(super) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Compares in constant time over the secret's length.
+pub(super) fn same_secret(given: &str, secret: &str) -> bool {
+    given.len() == secret.len()
+        && given
+            .bytes()
+            .zip(secret.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+pub(super) fn ready(s: &AppState) -> ApiResult<&Ready> {
     s.ready.get().ok_or_else(ApiError::loading)
 }
 
@@ -113,16 +127,22 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult
         "id": r.base_id, "object": "model", "created": s.created, "owned_by": "edgelora",
         "root": r.base_id, "parent": null, "max_model_len": r.context,
     })];
-    for id in r.adapters.keys() {
-        data.push(json!({
-            "id": id, "object": "model", "created": s.created, "owned_by": "edgelora",
-            "root": r.base_id, "parent": r.base_id, "max_model_len": r.context,
-        }));
+    let reg = r
+        .registry
+        .read()
+        .map_err(|_| ApiError::internal("registry lock"))?;
+    for id in reg.ids() {
+        if reg.get(id).is_some_and(|e| e.info.is_some()) {
+            data.push(json!({
+                "id": id, "object": "model", "created": s.created, "owned_by": "edgelora",
+                "root": r.base_id, "parent": r.base_id, "max_model_len": r.context,
+            }));
+        }
     }
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
 
-async fn read_json<T: serde::de::DeserializeOwned>(
+pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
     s: &AppState,
     headers: &HeaderMap,
     body: Body,
@@ -140,8 +160,11 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).map_err(|e| from_json_error(&e))
 }
 
-/// `"<adapter>"`, `"<base>:<adapter>"` or the base model's id.
-fn resolve_model(r: &Ready, name: &str) -> ApiResult<Option<Arc<LoraAdapter>>> {
+/// `"<adapter>"`, `"<base>:<adapter>"` or the base model's id. An adapter whose pack was
+/// refused (wrong base model, unknown version, corrupt) is named with the reason.
+/// The adapter's in-use count is taken under the registry lock, so a concurrent delete either
+/// sees it or the request sees the adapter gone.
+fn resolve_model(r: &Ready, name: &str) -> ApiResult<Option<(Arc<PackInfo>, super::admin::InUse)>> {
     if name == r.base_id {
         return Ok(None);
     }
@@ -149,11 +172,23 @@ fn resolve_model(r: &Ready, name: &str) -> ApiResult<Option<Arc<LoraAdapter>>> {
         Some((base, id)) if base == r.base_id => id,
         _ => name,
     };
-    r.adapters
-        .get(id)
-        .cloned()
-        .map(Some)
-        .ok_or_else(|| ApiError::model_not_found(name))
+    let reg = r
+        .registry
+        .read()
+        .map_err(|_| ApiError::internal("registry lock"))?;
+    let e = reg.get(id).ok_or_else(|| ApiError::model_not_found(name))?;
+    match (&e.state, &e.info) {
+        (crate::adapters::registry::EntryState::Available, Some(info)) => Ok(Some((
+            Arc::new(info.clone()),
+            super::admin::InUse::new(&r.in_use, id),
+        ))),
+        (crate::adapters::registry::EntryState::Unavailable(msg, _), _) => {
+            Err(ApiError::adapter_unavailable(msg))
+        }
+        (_, None) => Err(ApiError::adapter_unavailable(&format!(
+            "adapter {id}: its pack could not be read"
+        ))),
+    }
 }
 
 /// Sampling options shared by both endpoints.
@@ -285,8 +320,12 @@ fn check_ids(ids: &[u32], vocab: usize, param: &str) -> ApiResult<()> {
     Ok(())
 }
 
-/// Sets the cancel flags when dropped (the client went away, or the response is done).
-struct CancelOnDrop(Vec<Arc<AtomicBool>>);
+/// Sets the cancel flags when dropped (the client went away, or the response is done), and
+/// releases the adapter's in-use count.
+struct CancelOnDrop(
+    Vec<Arc<AtomicBool>>,
+    #[allow(dead_code)] Option<super::admin::InUse>,
+);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
@@ -343,6 +382,7 @@ impl Choice {
             }
             Event::Done { finish, .. } => self.finish = Some(finish.as_str()),
             Event::Error(e) => return Err(ApiError::internal(e)),
+            Event::AdapterFailed(e) => return Err(ApiError::adapter_unavailable(&e)),
         }
         Ok(())
     }
@@ -381,7 +421,7 @@ struct Submitted {
 fn submit(
     r: &Ready,
     prompts: Vec<Vec<u32>>,
-    adapter: Option<Arc<LoraAdapter>>,
+    adapter: Option<(Arc<PackInfo>, super::admin::InUse)>,
     c: &Common,
     max_tokens: Vec<usize>,
     logprobs: Option<usize>,
@@ -395,12 +435,18 @@ fn submit(
     let mut choices = Vec::new();
     let mut rxs = Vec::new();
     let mut cancels = Vec::new();
+    // Counted until the response is done: an adapter in use cannot be deleted.
+    let (adapter, in_use) = match adapter {
+        Some((a, u)) => (Some(a), Some(u)),
+        None => (None, None),
+    };
     for (prompt, max_tokens) in prompts.into_iter().zip(max_tokens) {
         let (tx, rx) = unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let req = GenRequest {
             prompt: prompt.clone(),
-            adapter: adapter.clone(),
+            adapter: None,
+            pack: adapter.clone(),
             sampling: c.sampling.clone(),
             max_tokens,
             stop_ids: stop_ids.clone(),
@@ -410,7 +456,7 @@ fn submit(
             cancelled: cancel.clone(),
             events: tx,
         };
-        r.tx.send(req)
+        r.tx.send(super::EngineMsg::Gen(req))
             .map_err(|_| ApiError::internal("the engine has stopped"))?;
         choices.push(Choice {
             prompt,
@@ -430,7 +476,7 @@ fn submit(
     Ok(Submitted {
         choices,
         rxs,
-        guard: CancelOnDrop(cancels),
+        guard: CancelOnDrop(cancels, in_use),
     })
 }
 

@@ -5,15 +5,16 @@
 //! turn them into [`GenRequest`]s sent over a channel, and stream the engine's events back.
 //! `/health` answers 503 until the model and adapters are loaded.
 
+mod admin;
 mod errors;
 mod handlers;
 pub mod mdns;
 pub mod types;
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use edgelora_hal::board::{GuardConfig, Heartbeat, LinuxWatchdog, WatchdogGuard};
@@ -23,7 +24,9 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde::Deserialize;
 
-use crate::adapters::LoraAdapter;
+use crate::adapters::pack::fingerprint;
+use crate::adapters::registry::{Registry, default_data_dir};
+use crate::adapters::residency::{ResidencyConfig, ResidentState};
 use crate::cli::ModelArgs;
 use crate::device::DeviceSpec;
 use crate::engine::forward::ActMode;
@@ -42,9 +45,22 @@ pub struct ServeArgs {
     /// A Hugging Face folder, a GPTQ folder or a GGUF file (default: SmolLM2-135M-Instruct Q4_1).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A folder whose subfolders are PEFT adapters; each is served as model `<folder name>`.
+    /// The adapter packs (`<id>.elpack`, made by `edgelorad adapters import`); each is served
+    /// as model `<id>` (default: <data dir>/adapters).
     #[arg(long)]
     pub adapters_dir: Option<PathBuf>,
+    /// Where the appliance keeps its state: adapters, the ledger (default $EDGELORA_DATA, else
+    /// $XDG_DATA_HOME/edgelora or ~/.local/share/edgelora).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// At most this many adapters resident in the pool at once (default: as many as the page
+    /// budget holds).
+    #[arg(long)]
+    pub pool_adapters: Option<usize>,
+    /// Bearer token of the admin routes (/v1/adapters); else $EDGELORA_ADMIN_TOKEN. Without
+    /// one the admin routes answer 403.
+    #[arg(long)]
+    pub admin_token: Option<String>,
     /// Address to listen on (default 127.0.0.1:8080). Any non-loopback address needs an API key.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -106,6 +122,9 @@ pub struct ServeArgs {
 struct ConfigFile {
     model: Option<PathBuf>,
     adapters_dir: Option<PathBuf>,
+    data_dir: Option<PathBuf>,
+    pool_adapters: Option<usize>,
+    admin_token: Option<String>,
     listen: Option<String>,
     threads: Option<usize>,
     dtype: Option<String>,
@@ -129,7 +148,10 @@ struct ConfigFile {
 #[derive(Debug)]
 pub struct ServeConfig {
     pub m: ModelArgs,
-    pub adapters_dir: Option<PathBuf>,
+    pub adapters_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub pool_adapters: usize,
+    pub admin_token: Option<String>,
     pub listen: SocketAddr,
     pub kv_tokens: usize,
     pub limits: Limits,
@@ -225,9 +247,27 @@ impl ServeArgs {
                 .max(1),
             max_running: self.max_running.or(file.max_running).unwrap_or(64).max(1),
         };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir.map(rel))
+            .unwrap_or_else(default_data_dir);
+        let admin_token = self
+            .admin_token
+            .or(file.admin_token)
+            .or_else(|| std::env::var("EDGELORA_ADMIN_TOKEN").ok())
+            .filter(|k| !k.is_empty());
+        if admin_token.is_some() && admin_token == api_key {
+            bail!("the admin token must differ from the API key");
+        }
         Ok(ServeConfig {
             m,
-            adapters_dir: self.adapters_dir.or(file.adapters_dir.map(rel)),
+            adapters_dir: self
+                .adapters_dir
+                .or(file.adapters_dir.map(rel))
+                .unwrap_or_else(|| data_dir.join("adapters")),
+            data_dir,
+            pool_adapters: self.pool_adapters.or(file.pool_adapters).unwrap_or(0),
+            admin_token,
             listen,
             kv_tokens: self.kv_tokens.or(file.kv_tokens).unwrap_or(16384).max(1),
             limits,
@@ -253,10 +293,17 @@ pub struct Ready {
     pub model: Arc<Model>,
     /// Served name of the base model.
     pub base_id: String,
-    pub adapters: BTreeMap<String, Arc<LoraAdapter>>,
+    /// Every registered adapter pack (headers only; payloads are read on demand).
+    pub registry: Arc<RwLock<Registry>>,
+    /// What the pool holds now, by adapter id (published by the engine).
+    pub residency: Arc<Mutex<HashMap<String, ResidentState>>>,
+    /// Requests in flight per adapter (an adapter in use cannot be deleted).
+    pub in_use: admin::InUseMap,
     /// Longest prompt + completion a request may ask for.
     pub context: usize,
-    pub tx: std::sync::mpsc::Sender<GenRequest>,
+    pub tx: std::sync::mpsc::Sender<EngineMsg>,
+    /// The reader that streams adapter packs, and why.
+    pub storage: String,
     /// The compute device ("cpu", "cuda:0 (NVIDIA …, sm_90)") and why it was chosen.
     pub device: String,
     pub device_why: String,
@@ -277,6 +324,7 @@ pub struct AppState {
     pub registry: prometheus_client::registry::Registry,
     pub metrics: crate::engine::metrics::EngineMetrics,
     pub api_key: Option<String>,
+    pub admin_token: Option<String>,
     pub max_body_bytes: usize,
     pub created: u64,
     /// Beaten by the engine loop; the watchdog guard pets only while it beats.
@@ -296,51 +344,53 @@ impl AppState {
     }
 }
 
-/// Loads every adapter folder under `dir` (sorted by name).
-fn load_adapters(
-    dir: &Path,
-    model: &Model,
-    base_id: &str,
-) -> Result<BTreeMap<String, Arc<LoraAdapter>>> {
-    let mut out = BTreeMap::new();
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_dir())
-        .collect();
-    entries.sort();
-    for p in entries {
-        let id = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if id == base_id || id.contains(':') {
-            bail!("adapter folder name {id:?} clashes with the model naming (base {base_id:?})");
+/// What the handlers send the engine thread.
+pub enum EngineMsg {
+    Gen(GenRequest),
+    /// An adapter was removed or replaced: drop its idle copies from the pool.
+    Forget(String),
+}
+
+/// Opens the adapter registry, and points at PEFT folders left in it (they are served only
+/// once imported into packs).
+fn open_registry(dir: &Path, model: &Model, base_id: &str) -> Result<Registry> {
+    let reg = Registry::open(dir, fingerprint(&model.config))
+        .with_context(|| format!("opening the adapters directory {}", dir.display()))?;
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.join("adapter_config.json").exists() {
+                eprintln!(
+                    "edgelorad: {} is a PEFT folder, not a pack; serve it with \
+                     `edgelorad adapters import {} --id <id> --contributor <name> --adapters {}`",
+                    p.display(),
+                    p.display(),
+                    dir.display()
+                );
+            }
         }
-        let a = LoraAdapter::load_peft(&p, &model.config)
-            .with_context(|| format!("loading adapter {}", p.display()))?;
-        out.insert(id, Arc::new(a));
     }
-    Ok(out)
+    if reg.get(base_id).is_some() {
+        eprintln!("edgelorad: adapter id {base_id:?} equals the base model's id; the base wins");
+    }
+    Ok(reg)
 }
 
 /// The engine thread: loads the model, publishes [`Ready`], then steps while there is work and
 /// blocks on the request channel when idle.
-fn engine_thread(
-    cfg_m: ModelArgs,
-    adapters_dir: Option<PathBuf>,
-    kv_tokens: usize,
-    limits: Limits,
-    watchdog: Option<PathBuf>,
-    state: Arc<AppState>,
-) -> Result<()> {
+fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
+    let EngineCfg {
+        m: cfg_m,
+        adapters_dir,
+        pool_adapters,
+        kv_tokens,
+        limits,
+        watchdog,
+    } = cfg;
     let loaded = cfg_m.load()?;
     let model = Arc::new(loaded.model);
     let base_id = model.name.clone();
-    let adapters = match &adapters_dir {
-        Some(d) => load_adapters(d, &model, &base_id)?,
-        None => BTreeMap::new(),
-    };
+    let registry = open_registry(&adapters_dir, &model, &base_id)?;
     let (backend, device_why) = cfg_m.backend_why(&model, kv_tokens)?;
     let capacity = backend.free_pages().saturating_sub(1) * backend.page_size();
     let context = model.config.max_position_embeddings.min(capacity.max(1));
@@ -348,27 +398,43 @@ fn engine_thread(
     let device = backend.describe();
     let mut sched = Scheduler::new(model.clone(), backend, opts, limits);
     sched.metrics = Some(state.metrics.clone());
+    sched.set_residency(ResidencyConfig {
+        max_adapters: pool_adapters,
+        ..ResidencyConfig::default()
+    });
     sched.update_gauges();
-    let (tx, rx) = std::sync::mpsc::channel::<GenRequest>();
+    let residency = sched.residency().expect("just set");
+    let residency_view = residency.view();
+    let storage = residency.storage().1.to_string();
+    let (tx, rx) = std::sync::mpsc::channel::<EngineMsg>();
+    let unavailable = registry
+        .ids()
+        .filter(|id| {
+            registry.get(id).is_some_and(|e| {
+                !matches!(e.state, crate::adapters::registry::EntryState::Available)
+            })
+        })
+        .count();
     eprintln!(
-        "edgelorad: {} loaded on {device} with {} adapter(s){}; context {context} tokens",
+        "edgelorad: {} loaded on {device}; {} adapter pack(s) in {}{}; adapters stream with {storage}; context {context} tokens",
         base_id,
-        adapters.len(),
-        if adapters.is_empty() {
-            String::new()
+        registry.len(),
+        adapters_dir.display(),
+        if unavailable > 0 {
+            format!(" ({unavailable} refused: GET /v1/adapters says why)")
         } else {
-            format!(
-                " ({})",
-                adapters.keys().cloned().collect::<Vec<_>>().join(", ")
-            )
+            String::new()
         },
     );
     let _ = state.ready.set(Ready {
         model,
         base_id,
-        adapters,
+        registry: Arc::new(RwLock::new(registry)),
+        residency: residency_view,
+        in_use: Arc::default(),
         context,
         tx,
+        storage,
         device,
         device_why,
     });
@@ -391,18 +457,19 @@ fn engine_thread(
         if sched.is_idle() {
             // Wake every second while idle so the heartbeat goes on.
             match rx.recv_timeout(Duration::from_secs(1)) {
-                Ok(r) => sched.submit(r),
+                Ok(m) => on_msg(&mut sched, m),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
             }
         }
-        while let Ok(r) = rx.try_recv() {
-            sched.submit(r);
+        while let Ok(m) = rx.try_recv() {
+            on_msg(&mut sched, m);
         }
         match sched.step() {
             Ok(true) => {}
-            // Work that cannot run now (should not happen): do not spin.
-            Ok(false) => std::thread::sleep(Duration::from_millis(1)),
+            // Queued requests wait for adapter loads: sleep until one lands (briefly, so new
+            // requests are taken too).
+            Ok(false) => sched.wait_for_loads(Duration::from_millis(2)),
             Err(e) => tracing::error!("engine step failed: {e}"),
         }
         if let Ok(mut st) = state.status.lock() {
@@ -413,6 +480,22 @@ fn engine_thread(
             };
         }
     }
+}
+
+fn on_msg(sched: &mut Scheduler<dyn crate::engine::Backend>, m: EngineMsg) {
+    match m {
+        EngineMsg::Gen(r) => sched.submit(r),
+        EngineMsg::Forget(id) => sched.forget_adapter(&id),
+    }
+}
+
+struct EngineCfg {
+    m: ModelArgs,
+    adapters_dir: PathBuf,
+    pool_adapters: usize,
+    kv_tokens: usize,
+    limits: Limits,
+    watchdog: Option<PathBuf>,
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -443,6 +526,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         registry,
         metrics,
         api_key: cfg.api_key.clone(),
+        admin_token: cfg.admin_token.clone(),
         max_body_bytes: cfg.max_body_bytes,
         created: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -459,15 +543,19 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
     {
         let state = state.clone();
-        let m = cfg.m.clone();
-        let dir = cfg.adapters_dir.clone();
-        let (kv_tokens, limits) = (cfg.kv_tokens, cfg.limits.clone());
-        let watchdog = cfg.watchdog.clone();
+        let ecfg = EngineCfg {
+            m: cfg.m.clone(),
+            adapters_dir: cfg.adapters_dir.clone(),
+            pool_adapters: cfg.pool_adapters,
+            kv_tokens: cfg.kv_tokens,
+            limits: cfg.limits.clone(),
+            watchdog: cfg.watchdog.clone(),
+        };
         std::thread::Builder::new()
             .name("edgelora-engine".into())
             .spawn(move || {
                 let mut ready_tx = Some(ready_tx);
-                let r = engine_thread(m, dir, kv_tokens, limits, watchdog, state.clone());
+                let r = engine_thread(ecfg, state.clone());
                 if let Err(e) = r {
                     if state.ready.get().is_none()
                         && let Some(tx) = ready_tx.take()
@@ -501,7 +589,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
                         match mdns::advertise(
                             addr.port(),
                             &r.base_id,
-                            r.adapters.len(),
+                            r.registry.read().map_or(0, |g| g.len()),
                             state.api_key.is_some(),
                         ) {
                             Ok(a) => {
@@ -514,7 +602,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
                     eprintln!(
                         "edgelorad: ready; try:\n  curl -s http://{addr}/v1/completions{curl_key} \
                          -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
-                        r.adapters.keys().next().unwrap_or(&r.base_id)
+                        r.base_id
                     );
                     return;
                 }

@@ -312,6 +312,28 @@ impl Backend for CudaBackend {
         let i = self.gpu.info();
         format!("cuda:{} ({}, {})", i.ordinal, i.name, i.arch)
     }
+
+    fn page_bytes(&self) -> usize {
+        self.pool.bytes_per_page()
+    }
+
+    fn take_pages(&mut self, n: usize) -> Option<Vec<PageId>> {
+        super::backend::take_pages(&mut self.pool, n)
+    }
+
+    fn give_pages(&mut self, pages: Vec<PageId>) {
+        for p in pages {
+            self.pool.free(p);
+        }
+    }
+
+    fn adapter_resident(&mut self, adapter: &LoraAdapter) -> Result<(), EngineError> {
+        self.prefetch_adapter(adapter)
+    }
+
+    fn adapter_evicted(&mut self, adapter: &LoraAdapter) -> Result<(), EngineError> {
+        self.evict_adapter(adapter)
+    }
 }
 
 impl CudaBackend {

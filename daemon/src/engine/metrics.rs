@@ -22,7 +22,25 @@ pub struct FinishLabel {
     pub finish: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdapterLabel {
+    pub adapter: String,
+}
+
+/// What a pool page holds: `adapters`, `kv` or `free`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabel {
+    pub held_by: String,
+}
+
+/// Which reader streams adapter packs (`io_uring` or `pread`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StorageLabel {
+    pub reader: String,
+}
+
 type HistFamily = Family<ModelLabel, Histogram, fn() -> Histogram>;
+type AdapterHistFamily = Family<AdapterLabel, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
     // 1 ms .. ~16 s.
@@ -43,6 +61,20 @@ pub struct EngineMetrics {
     pub kv_pages_used: Gauge,
     pub preemptions: Counter,
     pub steps: Counter,
+    /// Requests whose adapter was resident when asked for.
+    pub adapter_hits: Family<AdapterLabel, Counter>,
+    /// Requests that had to wait for their adapter to load.
+    pub adapter_misses: Family<AdapterLabel, Counter>,
+    /// Pack read + decode, per adapter.
+    pub adapter_load_seconds: AdapterHistFamily,
+    pub adapter_bytes_read: Family<AdapterLabel, Counter>,
+    pub adapter_evictions: Family<AdapterLabel, Counter>,
+    pub adapter_load_failures: Family<AdapterLabel, Counter>,
+    pub adapters_resident: Gauge,
+    /// The one page pool, by what holds each page.
+    pub pool_pages: Family<PoolLabel, Gauge>,
+    /// 1 for the reader in use.
+    pub storage_reader: Family<StorageLabel, Gauge>,
 }
 
 impl Default for EngineMetrics {
@@ -59,6 +91,15 @@ impl Default for EngineMetrics {
             kv_pages_used: Gauge::default(),
             preemptions: Counter::default(),
             steps: Counter::default(),
+            adapter_hits: Family::default(),
+            adapter_misses: Family::default(),
+            adapter_load_seconds: Family::new_with_constructor(latency_histogram),
+            adapter_bytes_read: Family::default(),
+            adapter_evictions: Family::default(),
+            adapter_load_failures: Family::default(),
+            adapters_resident: Gauge::default(),
+            pool_pages: Family::default(),
+            storage_reader: Family::default(),
         }
     }
 }
@@ -119,6 +160,65 @@ impl EngineMetrics {
             self.preemptions.clone(),
         );
         registry.register("steps", "Forward steps run", self.steps.clone());
+        registry.register(
+            "adapter_hits",
+            "Requests whose adapter was resident when they arrived, by adapter",
+            self.adapter_hits.clone(),
+        );
+        registry.register(
+            "adapter_misses",
+            "Requests whose adapter was not resident when they arrived (loading or to be loaded), by adapter",
+            self.adapter_misses.clone(),
+        );
+        registry.register_with_unit(
+            "adapter_load",
+            "Adapter pack read and decode time, by adapter",
+            Unit::Seconds,
+            self.adapter_load_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "adapter_read",
+            "Adapter pack bytes read from storage, by adapter",
+            Unit::Bytes,
+            self.adapter_bytes_read.clone(),
+        );
+        registry.register(
+            "adapter_evictions",
+            "Adapters evicted from the pool, by adapter",
+            self.adapter_evictions.clone(),
+        );
+        registry.register(
+            "adapter_load_failures",
+            "Adapter loads that failed (I/O error, corrupt pack), by adapter",
+            self.adapter_load_failures.clone(),
+        );
+        registry.register(
+            "adapters_resident",
+            "Adapters resident in the pool",
+            self.adapters_resident.clone(),
+        );
+        registry.register(
+            "pool_pages",
+            "Pages of the one pool shared by adapters and KV, by holder (adapters, kv, free)",
+            self.pool_pages.clone(),
+        );
+        registry.register(
+            "storage_reader",
+            "The reader that streams adapter packs (1 for the one in use: io_uring or pread)",
+            self.storage_reader.clone(),
+        );
+    }
+
+    pub fn adapter(id: &str) -> AdapterLabel {
+        AdapterLabel {
+            adapter: id.to_string(),
+        }
+    }
+
+    pub fn pool(held_by: &str) -> PoolLabel {
+        PoolLabel {
+            held_by: held_by.to_string(),
+        }
     }
 
     pub fn label(model: &str) -> ModelLabel {

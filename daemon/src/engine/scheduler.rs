@@ -9,8 +9,13 @@
 //! so each adapter is one SGMV segment; admission takes the adapter that waited longest first,
 //! so no adapter starves behind a busy one. A cancelled request (its client went away) is
 //! dropped at the next step.
+//!
+//! Adapters from the registry (a request's `pack`) go through the [`Residency`] manager: a
+//! waiting request whose adapter is not resident starts its load and stays queued while the
+//! batch runs on; queued requests' adapters are prefetched; running sequences pin theirs; when
+//! KV pages run short, idle adapters are evicted before any sequence is preempted.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -20,12 +25,17 @@ use super::metrics::{EngineMetrics, FinishLabel, ModelLabel};
 use super::sampler::{Sampler, SamplingParams, log_softmax_at, top_logprobs};
 use super::{Backend, EngineError, ForwardOptions, SeqKv, SeqStep};
 use crate::adapters::LoraAdapter;
+use crate::adapters::pack::PackInfo;
+use crate::adapters::residency::{Acquire, AdapterKey, Residency, ResidencyConfig, key_of};
 use crate::model::Model;
 
 /// What a request asks the engine for (already validated by the API layer).
 pub struct GenRequest {
     pub prompt: Vec<u32>,
+    /// An adapter already in memory (the CLI, tests).
     pub adapter: Option<Arc<LoraAdapter>>,
+    /// An adapter from the registry: loaded into the pool when the request needs it.
+    pub pack: Option<Arc<PackInfo>>,
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     /// Token ids that end the generation (not emitted).
@@ -60,6 +70,8 @@ pub enum Event {
         completion_tokens: usize,
     },
     Error(String),
+    /// The request's adapter could not be loaded (corrupt pack, I/O error, no room).
+    AdapterFailed(String),
 }
 
 /// Batch limits.
@@ -97,14 +109,28 @@ struct Seq {
     label: ModelLabel,
     submitted: Instant,
     last_token: Option<Instant>,
+    /// The adapter this sequence runs with: `req.adapter`, or the pack's resident copy once
+    /// acquired (pinned until the sequence leaves the batch).
+    lora: Option<Arc<LoraAdapter>>,
 }
 
 impl Seq {
+    /// Groups sequences by adapter: the same before and after a pack is resident.
     fn adapter_key(&self) -> usize {
+        if let Some(p) = &self.req.pack {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&p.payload_digest[..8]);
+            return usize::from_le_bytes(b) | 1;
+        }
         self.req
             .adapter
             .as_ref()
-            .map_or(0, |a| Arc::as_ptr(a) as usize)
+            .map_or(0, |a| Arc::as_ptr(a) as usize & !1)
+    }
+
+    /// A registry adapter not acquired yet.
+    fn pending_pack(&self) -> Option<&Arc<PackInfo>> {
+        self.req.pack.as_ref().filter(|_| self.lora.is_none())
     }
 }
 
@@ -130,6 +156,8 @@ pub struct Scheduler<B: Backend + ?Sized> {
     pub stats: SchedStats,
     /// Prometheus metrics, when the server exports them.
     pub metrics: Option<EngineMetrics>,
+    /// Registry adapters in the pool; created on the first request that names a pack.
+    residency: Option<Residency>,
 }
 
 impl<B: Backend + ?Sized> Scheduler<B> {
@@ -144,6 +172,42 @@ impl<B: Backend + ?Sized> Scheduler<B> {
             next_id: 0,
             stats: SchedStats::default(),
             metrics: None,
+            residency: None,
+        }
+    }
+
+    /// Sets how registry adapters are held (created with defaults otherwise).
+    pub fn set_residency(&mut self, cfg: ResidencyConfig) {
+        let mut r = Residency::new(cfg, self.model.config.clone());
+        if let Some(m) = &self.metrics {
+            r.set_metrics(m.clone());
+        }
+        self.residency = Some(r);
+    }
+
+    pub fn residency(&self) -> Option<&Residency> {
+        self.residency.as_ref()
+    }
+
+    fn residency_mut(&mut self) -> &mut Residency {
+        if self.residency.is_none() {
+            self.set_residency(ResidencyConfig::default());
+        }
+        self.residency.as_mut().expect("just set")
+    }
+
+    /// Drops idle pool copies of adapter `id` (removed or replaced in the registry).
+    pub fn forget_adapter(&mut self, id: &str) {
+        if let Some(r) = self.residency.as_mut() {
+            r.forget(id, self.backend.as_mut());
+        }
+    }
+
+    /// Blocks up to `timeout` when every queued request waits for an adapter load.
+    pub fn wait_for_loads(&mut self, timeout: std::time::Duration) {
+        match self.residency.as_mut() {
+            Some(r) if r.loading() > 0 => r.wait(timeout),
+            _ => std::thread::sleep(timeout.min(std::time::Duration::from_millis(1))),
         }
     }
 
@@ -159,11 +223,18 @@ impl<B: Backend + ?Sized> Scheduler<B> {
         };
         self.next_id += 1;
         let tokens = req.prompt.clone();
-        let label = EngineMetrics::label(match &req.adapter {
-            Some(a) => &a.name,
-            None => &self.model.name,
+        let label = EngineMetrics::label(match (&req.pack, &req.adapter) {
+            (Some(p), _) => p.id(),
+            (None, Some(a)) => &a.name,
+            (None, None) => &self.model.name,
         });
+        let lora = req.adapter.clone();
+        if let Some(p) = &req.pack {
+            // A hit: resident when the request arrived.
+            self.residency_mut().count_request(p);
+        }
         self.waiting.push_back(Seq {
+            lora,
             label,
             submitted: Instant::now(),
             last_token: None,
@@ -197,8 +268,10 @@ impl<B: Backend + ?Sized> Scheduler<B> {
     /// Drops cancelled sequences, admits waiting ones while pages last, runs one forward and
     /// samples. Returns whether any work was done.
     pub fn step(&mut self) -> Result<bool, EngineError> {
+        self.poll_loads();
         self.drop_cancelled();
         self.admit();
+        self.prefetch();
         if self.running.is_empty() {
             return Ok(false);
         }
@@ -230,7 +303,17 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                         .saturating_sub(s.kv.pages.len())
                 })
                 .sum();
-            if need <= self.backend_free_pages() || self.running.len() <= 1 {
+            if need <= self.backend_free_pages() {
+                break;
+            }
+            // Idle adapters give their pages back before any sequence is preempted.
+            if let Some(r) = self.residency.as_mut() {
+                let wanted = wanted_keys(&self.waiting);
+                if r.evict_for_pages(need, self.backend.as_mut(), &wanted, false) {
+                    break;
+                }
+            }
+            if self.running.len() <= 1 {
                 break;
             }
             let victim = self.running.len() - 1;
@@ -264,7 +347,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                 .collect();
             let adapters: Vec<Option<Arc<LoraAdapter>>> = plan
                 .iter()
-                .map(|&(i, _)| self.running[i].req.adapter.clone())
+                .map(|&(i, _)| self.running[i].lora.clone())
                 .collect();
             let mut steps: Vec<SeqStep<'_>> = kvs
                 .iter_mut()
@@ -295,7 +378,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                 for i in idx {
                     let mut s = self.running.remove(i);
                     let _ = s.req.events.send(Event::Error(msg.clone()));
-                    self.backend.release(&mut s.kv);
+                    self.retire(&mut s);
                 }
                 return Ok(true);
             }
@@ -363,7 +446,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                     let _ = s.req.events.send(Event::PromptLogprobs(v));
                 }
                 let mut s = self.running.remove(i);
-                self.backend.release(&mut s.kv);
+                self.retire(&mut s);
                 self.update_gauges();
                 let _ = s.req.events.send(Event::Done {
                     finish: FinishReason::Length,
@@ -426,7 +509,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                 }
                 // Pages and gauges first: a client that reads /metrics right after its answer
                 // sees its request accounted for.
-                self.backend.release(&mut s.kv);
+                self.retire(&mut s);
                 self.update_gauges();
                 let _ = s.req.events.send(Event::Done {
                     finish,
@@ -445,44 +528,155 @@ impl<B: Backend + ?Sized> Scheduler<B> {
         while i < self.running.len() {
             if self.running[i].req.cancelled.load(Ordering::Relaxed) {
                 let mut s = self.running.remove(i);
-                self.backend.release(&mut s.kv);
+                self.retire(&mut s);
                 self.stats.cancelled += 1;
             } else {
                 i += 1;
             }
         }
-        let before = self.waiting.len();
-        self.waiting
-            .retain(|s| !s.req.cancelled.load(Ordering::Relaxed));
-        self.stats.cancelled += (before - self.waiting.len()) as u64;
+        let mut i = 0;
+        while i < self.waiting.len() {
+            if self.waiting[i].req.cancelled.load(Ordering::Relaxed) {
+                let mut s = self.waiting.remove(i).expect("index in range");
+                self.retire(&mut s);
+                self.stats.cancelled += 1;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// A sequence leaves the engine (or goes back to the queue): its pages and its adapter pin
+    /// are returned.
+    fn retire(&mut self, s: &mut Seq) {
+        self.backend.release(&mut s.kv);
+        if s.req.pack.is_some()
+            && let Some(a) = s.lora.take()
+            && let Some(r) = self.residency.as_mut()
+        {
+            r.release(&a);
+        }
+    }
+
+    /// Applies finished adapter loads; requests for an adapter that failed to load get its
+    /// error and leave the queue.
+    fn poll_loads(&mut self) {
+        let Some(r) = self.residency.as_mut() else {
+            return;
+        };
+        let failed = r.poll(self.backend.as_mut());
+        for (key, msg) in failed {
+            let mut i = 0;
+            while i < self.waiting.len() {
+                if self.waiting[i].req.pack.as_deref().map(key_of).as_ref() == Some(&key) {
+                    let s = self.waiting.remove(i).expect("index in range");
+                    let _ = s.req.events.send(Event::AdapterFailed(msg.clone()));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Starts loads for queued requests' adapters while the pool has room without evicting
+    /// anything a queued request wants.
+    fn prefetch(&mut self) {
+        let Some(r) = self.residency.as_mut() else {
+            return;
+        };
+        if self.waiting.iter().all(|s| s.pending_pack().is_none()) {
+            return;
+        }
+        let wanted = wanted_keys(&self.waiting);
+        let reserve = reserve_pages(&self.running, self.backend.page_size());
+        let mut seen = HashSet::new();
+        for s in &self.waiting {
+            if let Some(p) = s.pending_pack()
+                && seen.insert(key_of(p))
+                && !r.prefetch(p, self.backend.as_mut(), &wanted, reserve)
+            {
+                break;
+            }
+        }
     }
 
     /// Admits waiting sequences while their pages fit and the batch has room, taking first the
     /// sequence whose adapter has waited longest among adapters not yet running.
     fn admit(&mut self) {
         let page_size = self.backend_page_size();
-        while self.running.len() < self.limits.max_running && !self.waiting.is_empty() {
+        // Requests whose adapter is still loading are passed over this step.
+        let mut blocked: HashSet<u64> = HashSet::new();
+        while self.running.len() < self.limits.max_running {
             // Prefer an adapter that is not running yet (fairness), else the oldest request.
             let running_keys: Vec<usize> = self.running.iter().map(Seq::adapter_key).collect();
-            let pick = self
+            let open = |s: &Seq| !blocked.contains(&s.id);
+            let Some(pick) = self
                 .waiting
                 .iter()
-                .position(|s| !running_keys.contains(&s.adapter_key()))
-                .unwrap_or(0);
-            let need = self.pages_for(self.waiting[pick].tokens.len() + 1, page_size);
-            let committed: usize = self
-                .running
-                .iter()
-                .map(|s| {
-                    self.pages_for(s.tokens.len() + 1, page_size)
-                        .saturating_sub(s.kv.pages.len())
-                })
-                .sum();
-            if need + committed > self.backend_free_pages() && !self.running.is_empty() {
+                .position(|s| open(s) && !running_keys.contains(&s.adapter_key()))
+                .or_else(|| self.waiting.iter().position(open))
+            else {
                 break;
+            };
+            let committed = reserve_pages(&self.running, page_size);
+            if self.waiting[pick].pending_pack().is_some() {
+                let id = self.waiting[pick].id;
+                if !self.acquire(pick, committed) {
+                    // Loading, or failed and gone from the queue.
+                    blocked.insert(id);
+                    continue;
+                }
+            }
+            let need = self.pages_for(self.waiting[pick].tokens.len() + 1, page_size);
+            if need + committed > self.backend_free_pages() && !self.running.is_empty() {
+                let wanted = wanted_keys(&self.waiting);
+                let room = self.residency.as_mut().is_some_and(|r| {
+                    r.evict_for_pages(need + committed, self.backend.as_mut(), &wanted, true)
+                });
+                if !room {
+                    break;
+                }
             }
             let s = self.waiting.remove(pick).expect("index in range");
             self.running.push(s);
+        }
+    }
+
+    /// Pins the adapter of waiting sequence `pick`, starting its load on a miss. Returns
+    /// whether it is resident now; a sequence whose adapter failed leaves the queue with the
+    /// error.
+    fn acquire(&mut self, pick: usize, committed: usize) -> bool {
+        let wanted = wanted_keys(&self.waiting);
+        let running_empty = self.running.is_empty();
+        let r = self.residency.as_mut().expect("set at submit");
+        let s = &mut self.waiting[pick];
+        let info = s.req.pack.clone().expect("pending pack");
+        match r.acquire(&info, self.backend.as_mut(), &wanted, committed) {
+            Acquire::Ready(a) => {
+                s.lora = Some(a);
+                true
+            }
+            Acquire::Pending => {
+                // Nothing runs, nothing loads, and still no room: the pool is too small for it.
+                if running_empty && r.loading() == 0 && !r.known(&info) {
+                    let need =
+                        crate::adapters::residency::pages_for(&info, self.backend.page_bytes());
+                    let msg = format!(
+                        "adapter {} needs {need} pool pages but only {} are free with nothing \
+                         running (raise the KV budget or lower the pool's adapter count)",
+                        info.id(),
+                        self.backend.free_pages()
+                    );
+                    let s = self.waiting.remove(pick).expect("index in range");
+                    let _ = s.req.events.send(Event::AdapterFailed(msg));
+                }
+                false
+            }
+            Acquire::Failed(msg) => {
+                let s = self.waiting.remove(pick).expect("index in range");
+                let _ = s.req.events.send(Event::AdapterFailed(msg));
+                false
+            }
         }
     }
 
@@ -490,7 +684,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
     /// by recomputing its prompt and generated tokens.
     fn preempt(&mut self, i: usize) {
         let mut s = self.running.remove(i);
-        self.backend.release(&mut s.kv);
+        self.retire(&mut s);
         s.done = 0;
         s.logits = None;
         s.prompt_logprobs.clear();
@@ -509,6 +703,12 @@ impl<B: Backend + ?Sized> Scheduler<B> {
             m.kv_pages_free.set(self.backend.free_pages() as i64);
             let used: usize = self.running.iter().map(|s| s.kv.pages.len()).sum();
             m.kv_pages_used.set(used as i64);
+            m.pool_pages
+                .get_or_create(&EngineMetrics::pool("kv"))
+                .set(used as i64);
+            m.pool_pages
+                .get_or_create(&EngineMetrics::pool("free"))
+                .set(self.backend.free_pages() as i64);
         }
     }
 
@@ -524,6 +724,26 @@ impl<B: Backend + ?Sized> Scheduler<B> {
     pub fn running_ids(&self) -> Vec<u64> {
         self.running.iter().map(|s| s.id).collect()
     }
+}
+
+/// Adapters queued requests still wait for: evicted only when nothing else is idle.
+fn wanted_keys(waiting: &VecDeque<Seq>) -> HashSet<AdapterKey> {
+    waiting
+        .iter()
+        .filter_map(|s| s.req.pack.as_deref().map(key_of))
+        .collect()
+}
+
+/// Pages the running sequences need for their next token: never handed to an adapter load.
+fn reserve_pages(running: &[Seq], page_size: usize) -> usize {
+    running
+        .iter()
+        .map(|s| {
+            (s.tokens.len() + 1)
+                .div_ceil(page_size)
+                .saturating_sub(s.kv.pages.len())
+        })
+        .sum()
 }
 
 fn token_event(row: &[f32], tok: u32, top: usize) -> TokenEvent {

@@ -29,7 +29,7 @@ fn gguf_name(p: Proj) -> &'static str {
     }
 }
 
-fn config_from(f: &GgufFile) -> Result<ModelConfig, ModelError> {
+pub(crate) fn config_from(f: &GgufFile) -> Result<ModelConfig, ModelError> {
     let arch_name = f.get_str("general.architecture")?.to_string();
     let arch = Arch::from_model_type(&arch_name)?;
     let key = |k: &str| format!("{arch_name}.{k}");

@@ -15,6 +15,7 @@ pub mod gguf_tokenizer;
 mod gguf_tokenizer_tests;
 pub mod gptq;
 pub mod hf;
+pub mod probe;
 pub mod st;
 pub mod tokenizer;
 pub mod weights;

@@ -60,6 +60,16 @@ pub struct Q8Matrix {
     tiles: Vec<TileQ8>,
 }
 
+/// `f32::round` (half away from zero) for |x| < 2^31, without the libm call that baseline x86-64
+/// (no SSE4.1 `roundps`) makes of it: truncate, then step by the exact fractional part. The loop
+/// around it vectorizes; adapter loads quantize tens of millions of values.
+#[inline]
+pub fn round_half_away(x: f32) -> i32 {
+    let t = x as i32;
+    let f = x - t as f32;
+    t + i32::from(f >= 0.5) - i32::from(f <= -0.5)
+}
+
 impl Q8Matrix {
     /// Builds a matrix from row-major blocks (`rows * ceil(cols / 32)` of them).
     pub fn from_blocks(
@@ -108,7 +118,7 @@ impl Q8Matrix {
                 };
                 let mut qs = [0i8; QK];
                 for (q, &v) in qs.iter_mut().zip(chunk) {
-                    *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                    *q = round_half_away(v * inv).clamp(-127, 127) as i8;
                 }
                 blocks.push(BlockQ8 { d: d.to_bits(), qs });
             }
@@ -239,5 +249,68 @@ impl Q8Rows {
     }
     pub fn nbytes(&self) -> usize {
         self.q.len() + self.d.len() * 2
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_half_away_is_f32_round_on_halves_edges_and_random_values() {
+        let mut vals = vec![
+            0.0f32,
+            -0.0,
+            0.5,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            126.5,
+            -126.5,
+            127.49,
+            0.49999997,
+            -0.49999997,
+            0.50000006,
+            1e-30,
+            8388607.5,
+            -8388607.5,
+            8388609.0,
+            1e9,
+        ];
+        let mut s = 0x1234_5678u32;
+        for _ in 0..100_000 {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            vals.push((s as f32 / u32::MAX as f32 - 0.5) * 300.0);
+        }
+        for v in vals {
+            assert_eq!(round_half_away(v), v.round() as i32, "{v}");
+        }
+    }
+
+    #[test]
+    fn quantize_matches_llama_cpp_rounding() {
+        let w: Vec<f32> = (0..96)
+            .map(|i| ((i * 29 % 41) as f32 - 20.0) * 0.37)
+            .collect();
+        let m = Q8Matrix::quantize(&w, 2, 48).unwrap();
+        let mut back = vec![0f32; 96];
+        for r in 0..2 {
+            m.dequantize_row(r, &mut back[r * 48..(r + 1) * 48]);
+        }
+        for (i, (&a, &b)) in w.iter().zip(&back).enumerate() {
+            let row = i / 48;
+            let blk = (i % 48) / 32;
+            let amax = w[row * 48 + blk * 32..(row * 48 + (blk + 1) * 32).min(row * 48 + 48)]
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
+            assert!(
+                (a - b).abs() <= amax / 127.0 * 0.5 + 1e-6,
+                "{i}: {a} vs {b}"
+            );
+        }
     }
 }

@@ -38,9 +38,12 @@ impl LoraPair {
         let inp = a.len() / rank.max(1);
         let out = b.len() / rank.max(1);
         let a_q8 = Q8Matrix::quantize(&a, rank, inp).map_err(|e| e.to_string())?;
-        let bt: Vec<f32> = (0..rank * out)
-            .map(|i| b[(i % out) * rank + i / out])
-            .collect();
+        let mut bt = vec![0f32; rank * out];
+        for (o, row) in b.chunks_exact(rank.max(1)).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                bt[r * out + o] = v;
+            }
+        }
         let bt_q8 =
             Q8Rows::from_matrix(&Q8Matrix::quantize(&bt, rank, out).map_err(|e| e.to_string())?);
         Ok(Self {

@@ -48,6 +48,46 @@ pub enum Command {
     /// Manage adapter packs: import PEFT folders, list, show, remove.
     #[command(subcommand)]
     Adapters(AdaptersCommand),
+    /// The attribution ledger: verify, inspect, counters, proofs.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct LedgerDir {
+    /// The appliance's data directory (the ledger is `<data>/ledger`; default as `serve`).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl LedgerDir {
+    fn dir(&self) -> PathBuf {
+        self.data
+            .clone()
+            .unwrap_or_else(crate::adapters::registry::default_data_dir)
+            .join("ledger")
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LedgerCommand {
+    /// Every frame's checksum, sequence continuity, the segment chain, the Merkle root at every
+    /// checkpoint and every checkpoint signature; exits non-zero at the first bad frame.
+    Verify(LedgerDir),
+    /// Every frame of every segment, with its offset.
+    Inspect(LedgerDir),
+    /// Requests and tokens per contributor and kind, derived from the log.
+    Counters(LedgerDir),
+    /// An inclusion proof of one event against the latest signed checkpoint, checked.
+    Proof {
+        #[command(flatten)]
+        d: LedgerDir,
+        #[arg(long)]
+        seq: u64,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -312,6 +352,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Adapters(a) => cmd_adapters(a),
+        Command::Ledger(l) => cmd_ledger(l),
         Command::Model(ModelCommand::Fetch) => {
             let p = crate::default_model::ensure().map_err(anyhow::Error::msg)?;
             println!("{}", p.display());
@@ -852,6 +893,99 @@ fn print_entry(id: &str, e: &crate::adapters::RegistryEntry, base: &[u8; 32]) {
         fingerprint_hex(&i.payload_digest)
     );
     println!("  file            {}", human_bytes(i.file_len));
+}
+
+fn ledger_key(dir: &Path) -> Result<edgelora_ledger::PublicKey> {
+    let p = dir.join(edgelora_ledger::PUBLIC_KEY_FILE);
+    edgelora_ledger::PublicKey::load(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+fn cmd_ledger(cmd: LedgerCommand) -> Result<()> {
+    match cmd {
+        LedgerCommand::Verify(d) => {
+            let dir = d.dir();
+            let key = ledger_key(&dir)?;
+            match edgelora_ledger::verify(&dir, &key) {
+                Ok(r) => {
+                    if d.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ok": true, "segments": r.segments, "events": r.events,
+                                "next_seq": r.next_seq, "checkpoints": r.checkpoints,
+                                "unsigned_tail": r.unsigned_tail, "epoch": r.epoch})
+                        );
+                    } else {
+                        println!(
+                            "ok: {} events in {} segment(s), {} signed checkpoint(s) (epoch {}), {} event(s) after the last one",
+                            r.events, r.segments, r.checkpoints, r.epoch, r.unsigned_tail
+                        );
+                    }
+                    Ok(())
+                }
+                Err(e) => bail!("ledger {}: {e}", dir.display()),
+            }
+        }
+        LedgerCommand::Inspect(d) => {
+            for seg in edgelora_ledger::inspect::inspect(&d.dir())? {
+                println!("{} ({} bytes)", seg.path.display(), seg.file_len);
+                for f in &seg.frames {
+                    println!("  @{:>10} {:>6} B  {}", f.offset, f.len, f.summary);
+                }
+                if let Some((off, why)) = &seg.fault {
+                    println!("  @{off:>10} FAULT: {why}");
+                }
+            }
+            Ok(())
+        }
+        LedgerCommand::Counters(d) => {
+            let dir = d.dir();
+            let r = edgelora_ledger::verify(&dir, &ledger_key(&dir)?)
+                .map_err(|e| anyhow::anyhow!("ledger {}: {e}", dir.display()))?;
+            let rows: Vec<serde_json::Value> = r
+                .counters
+                .iter()
+                .map(|(who, kind, c)| {
+                    serde_json::json!({"contributor": who, "kind": kind.name(), "requests": c.requests,
+                        "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens})
+                })
+                .collect();
+            if d.json {
+                println!("{}", serde_json::Value::Array(rows));
+            } else {
+                println!(
+                    "{:<32} {:<8} {:>10} {:>14} {:>17}",
+                    "contributor", "kind", "requests", "prompt tokens", "completion tokens"
+                );
+                for (who, kind, c) in r.counters.iter() {
+                    println!(
+                        "{who:<32} {:<8} {:>10} {:>14} {:>17}",
+                        kind.name(),
+                        c.requests,
+                        c.prompt_tokens,
+                        c.completion_tokens
+                    );
+                }
+            }
+            Ok(())
+        }
+        LedgerCommand::Proof { d, seq } => {
+            let dir = d.dir();
+            let key = ledger_key(&dir)?;
+            let p = edgelora_ledger::inspect::prove(&dir, &key, seq)
+                .map_err(|e| anyhow::anyhow!("ledger {}: {e}", dir.display()))?;
+            p.verify(&key)
+                .map_err(|e| anyhow::anyhow!("the proof of event {seq} does not verify: {e}"))?;
+            let hex = |h: &[u8]| h.iter().map(|b| format!("{b:02x}")).collect::<String>();
+            println!(
+                "{}",
+                serde_json::json!({"seq": p.event.seq, "leaf_index": p.leaf_index,
+                    "leaf_hash": hex(&p.leaf_hash),
+                    "path": p.path.iter().map(|h| hex(h)).collect::<Vec<_>>(),
+                    "checkpoint": p.checkpoint.note(), "verified": true})
+            );
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod attribution;
 pub mod cli;
 pub mod default_model;
 pub mod device;

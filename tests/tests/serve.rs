@@ -84,6 +84,17 @@ fn start_with(adapters_dir: &std::path::Path, extra: &[&str]) -> Server {
         "cpu",
     ];
     args.extend(extra);
+    // Each server its own data dir (its own attribution ledger), unless the test names one.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let data = tmp_dir(&format!(
+        "serve-data-{}",
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ))
+    .display()
+    .to_string();
+    if !extra.contains(&"--data-dir") {
+        args.extend(["--data-dir", data.as_str()]);
+    }
     let child = Command::new(edgelorad())
         .args(&args)
         .stdout(Stdio::null())
@@ -738,6 +749,175 @@ fn admin_routes_import_list_and_delete_adapters_behind_the_admin_token() {
             || text.contains("edgelora_storage_reader{reader=\"pread\"} 1"),
         "{text}"
     );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn every_answered_request_leaves_one_attribution_event_and_counters_add_up() {
+    let dir = tmp_dir("serve-ledger");
+    let packs = dir.join("adapters");
+    import_fixture_adapters(&packs);
+    let data = dir.display().to_string();
+    let mut server = start_with(
+        &packs,
+        &[
+            "--data-dir",
+            &data,
+            "--admin-token",
+            "adm",
+            "--base-contributor",
+            "TinyCo",
+        ],
+    );
+    let admin = [("Authorization", "Bearer adm")];
+    let call = |method: &str, path: &str, body: Option<&Value>, h: &[(&str, &str)]| {
+        let b = body.map(|b| b.to_string().into_bytes());
+        let (st, out) = request_on(server.port, method, path, b.as_deref(), h).unwrap();
+        (
+            st,
+            serde_json::from_slice::<Value>(&out).unwrap_or(Value::Null),
+        )
+    };
+    let (st, v) = call(
+        "POST",
+        "/v1/prompts",
+        Some(
+            &json!({"id": "greet", "template": "Dear {{ name }}, once upon a time",
+                     "contributor": "Poet"}),
+        ),
+        &admin,
+    );
+    assert_eq!(st, 201, "{v}");
+    // Bad input changes nothing: no event.
+    let (st, v) = call(
+        "POST",
+        "/v1/completions",
+        Some(
+            &json!({"model": "tiny-llama", "prompt": "x", "max_tokens": 2,
+                     "attribution": {"data": [{"datanet": "", "chunk": "c", "contributor": "z"}]}}),
+        ),
+        &[],
+    );
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("attribution")),
+        "{v}"
+    );
+    let (st, v) = call(
+        "POST",
+        "/v1/completions",
+        Some(
+            &json!({"model": "tiny-llama", "prompt_id": "greet", "prompt_vars": {}, "max_tokens": 2}),
+        ),
+        &[],
+    );
+    assert_eq!(
+        (st, v["error"]["param"].as_str()),
+        (400, Some("prompt_id")),
+        "{v}"
+    );
+    // Twelve answered requests: models, templates, client-reported data, streaming and chat.
+    let models = ["tiny-llama", "alpha-qv", "gamma-all"];
+    let (mut prompt_sum, mut completion_sum) = (0u64, 0u64);
+    let mut by_model = std::collections::HashMap::<&str, u64>::new();
+    let (mut templated, mut with_data) = (0u64, 0u64);
+    for i in 0..12 {
+        let model = models[i % 3];
+        let mut body = json!({"model": model, "max_tokens": 3 + i % 4, "temperature": 0,
+                              "ignore_eos": true});
+        if i % 4 == 1 {
+            body["prompt_id"] = json!("greet");
+            body["prompt_vars"] = json!({"name": format!("reader {i}")});
+            templated += 1;
+        } else {
+            body["prompt"] = json!(format!("Story number {i}:"));
+        }
+        if i % 3 == 2 {
+            body["attribution"] = json!({"data": [{"datanet": "kjv", "chunk": format!("gen-{i}"),
+                                                   "contributor": "Lib", "score": 0.5}],
+                                         "tools": [{"id": "search", "contributor": "ToolCo"}]});
+            with_data += 1;
+        }
+        let usage = if i % 5 == 4 {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+            let chunks = server.stream("/v1/completions", &body);
+            chunks.last().unwrap()["usage"].clone()
+        } else if i == 6 {
+            let mut chat = body.clone();
+            chat.as_object_mut().unwrap().remove("prompt");
+            chat["messages"] = json!([{"role": "user", "content": "Hi"}]);
+            let (st, v) = call("POST", "/v1/chat/completions", Some(&chat), &[]);
+            assert_eq!(st, 200, "{v}");
+            v["usage"].clone()
+        } else {
+            let (st, v) = call("POST", "/v1/completions", Some(&body), &[]);
+            assert_eq!(st, 200, "{v}");
+            v["usage"].clone()
+        };
+        prompt_sum += usage["prompt_tokens"].as_u64().unwrap();
+        completion_sum += usage["completion_tokens"].as_u64().unwrap();
+        *by_model.entry(model).or_default() += 1;
+    }
+    let (st, v) = call(
+        "GET",
+        "/v1/attribution/events?since=0&limit=1000",
+        None,
+        &admin,
+    );
+    assert_eq!(st, 200, "{v}");
+    let events = v["data"].as_array().unwrap();
+    assert_eq!(
+        events.len(),
+        12,
+        "exactly one event per answered request: {v}"
+    );
+    let (st, v) = call("GET", "/v1/attribution/counters", None, &admin);
+    assert_eq!(st, 200, "{v}");
+    let row = |who: &str, kind: &str| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["contributor"] == who && r["kind"] == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {who}/{kind} row in {v}"))
+    };
+    let base = row("TinyCo", "base");
+    assert_eq!(base["requests"], 12);
+    assert_eq!(base["prompt_tokens"], prompt_sum);
+    assert_eq!(base["completion_tokens"], completion_sum);
+    assert_eq!(
+        row("fixture", "adapter")["requests"],
+        by_model["alpha-qv"] + by_model["gamma-all"]
+    );
+    assert_eq!(row("Poet", "prompt")["requests"], templated);
+    assert_eq!(row("Lib", "data")["requests"], with_data);
+    assert_eq!(row("ToolCo", "tool")["requests"], with_data);
+    // A proof for one event; without the admin token the ledger is closed.
+    let (st, p) = call("GET", "/v1/attribution/proof?seq=3", None, &admin);
+    assert_eq!(st, 200, "{p}");
+    assert_eq!(p["event"]["seq"], 3);
+    assert_eq!(call("GET", "/v1/attribution/counters", None, &[]).0, 401);
+    server.sigterm_and_wait();
+    // Offline, from the files: the log verifies and its counters are the same.
+    let (ok, out, err) = run_edgelorad(&["ledger", "verify", "--data", &data]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("12 events"), "{out}");
+    let (ok, out, err) = run_edgelorad(&["ledger", "counters", "--data", &data, "--json"]);
+    assert!(ok, "{err}");
+    let rows: Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["contributor"] == "TinyCo"
+                && r["kind"] == "base"
+                && r["completion_tokens"] == completion_sum)
+    );
+    let (ok, out, err) = run_edgelorad(&["ledger", "proof", "--data", &data, "--seq", "11"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"verified\":true"), "{out}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -15,12 +15,18 @@ pub const MAX_ID_LEN: usize = 64;
 /// An adapter id: 1 to 64 of `[A-Za-z0-9._-]`, starting with a letter or digit, without `..`.
 /// (It names a file, a model in the API and an attribution record.)
 pub fn validate_id(id: &str) -> Result<(), String> {
+    validate_named_id("adapter", id)
+}
+
+/// The id rules of everything the appliance stores by name (adapters, prompt templates): the
+/// error starts with `what`.
+pub fn validate_named_id(what: &str, id: &str) -> Result<(), String> {
     if id.is_empty() {
-        return Err("an adapter id must not be empty".into());
+        return Err(format!("a {what} id must not be empty"));
     }
     if id.len() > MAX_ID_LEN {
         return Err(format!(
-            "adapter id {id:?} is {} characters long (at most {MAX_ID_LEN})",
+            "{what} id {id:?} is {} characters long (at most {MAX_ID_LEN})",
             id.len()
         ));
     }
@@ -29,16 +35,16 @@ pub fn validate_id(id: &str) -> Result<(), String> {
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(format!(
-            "adapter id {id:?} contains {c:?} (only letters, digits, '.', '_' and '-')"
+            "{what} id {id:?} contains {c:?} (only letters, digits, '.', '_' and '-')"
         ));
     }
     if !id.as_bytes()[0].is_ascii_alphanumeric() {
         return Err(format!(
-            "adapter id {id:?} must start with a letter or digit"
+            "{what} id {id:?} must start with a letter or digit"
         ));
     }
     if id.contains("..") {
-        return Err(format!("adapter id {id:?} must not contain \"..\""));
+        return Err(format!("{what} id {id:?} must not contain \"..\""));
     }
     Ok(())
 }

@@ -301,3 +301,196 @@ pub async fn delete_adapter(
     let _ = r.tx.send(EngineMsg::Forget(id.clone()));
     Ok(axum::Json(json!({"id": id, "object": "adapter", "deleted": true})).into_response())
 }
+
+// ---------------------------------------------------------------- /v1/prompts
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptBody {
+    id: String,
+    /// A minijinja template; a request fills it with `prompt_vars`.
+    template: String,
+    contributor: String,
+    #[serde(default)]
+    replace: bool,
+}
+
+fn prompt_json(t: &crate::attribution::PromptTemplate) -> Value {
+    json!({"id": t.id, "object": "prompt_template", "template": t.template,
+           "contributor": t.contributor, "created": t.created})
+}
+
+pub async fn list_prompts(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    check_admin(&s, &headers)?;
+    let r = ready(&s)?;
+    let store = r
+        .prompts
+        .read()
+        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    let data: Vec<Value> = store.list().map(prompt_json).collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+pub async fn register_prompt(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    check_admin(&s, &headers)?;
+    let r = ready(&s)?;
+    let b: PromptBody = read_json(&s, &headers, body).await?;
+    let mut store = r
+        .prompts
+        .write()
+        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    let t = store
+        .register(&b.id, &b.template, &b.contributor, b.replace)
+        .map_err(|e| match e {
+            crate::attribution::prompts::PromptError::Io { .. } => {
+                ApiError::internal(e.to_string())
+            }
+            _ => ApiError::bad_request(e.to_string()).code("invalid_prompt_template"),
+        })?;
+    Ok((StatusCode::CREATED, axum::Json(prompt_json(t))).into_response())
+}
+
+pub async fn delete_prompt(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    check_admin(&s, &headers)?;
+    let r = ready(&s)?;
+    let mut store = r
+        .prompts
+        .write()
+        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    if !store
+        .remove(&id)
+        .map_err(|e| ApiError::internal(e.to_string()))?
+    {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("No prompt template `{id}` is registered"),
+        )
+        .code("prompt_not_found"));
+    }
+    Ok(axum::Json(json!({"id": id, "object": "prompt_template", "deleted": true})).into_response())
+}
+
+// ---------------------------------------------------------------- /v1/attribution
+
+fn ledger(r: &Ready) -> ApiResult<&edgelora_ledger::LedgerHandle> {
+    r.ledger.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the attribution ledger is not open",
+        )
+    })
+}
+
+fn ledger_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("attribution ledger: {e}"))
+}
+
+/// Requests, prompt and completion tokens per contributor and kind, as derived from the log.
+pub async fn attribution_counters(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    check_admin(&s, &headers)?;
+    let l = ledger(ready(&s)?)?;
+    let counters = l.counters();
+    let data: Vec<Value> = counters
+        .iter()
+        .map(|(who, kind, c)| {
+            json!({"contributor": who, "kind": kind.name(), "requests": c.requests,
+                   "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens})
+        })
+        .collect();
+    Ok(axum::Json(json!({
+        "object": "list", "data": data, "events": l.event_count(),
+        "checkpoint": l.latest_checkpoint().map(|c| c.note().to_string()),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+pub async fn attribution_events(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<EventsQuery>,
+) -> ApiResult<Response> {
+    check_admin(&s, &headers)?;
+    let l = ledger(ready(&s)?)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit", "limit must be in [1, 1000]"));
+    }
+    let events = l
+        .events(q.since.unwrap_or(0), limit)
+        .map_err(ledger_error)?;
+    let data: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            let mut v = serde_json::to_value(&e.body).unwrap_or(Value::Null);
+            v["seq"] = json!(e.seq);
+            v["request_digest"] = json!(hex(&e.body.request_digest));
+            v
+        })
+        .collect();
+    Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProofQuery {
+    seq: u64,
+}
+
+/// An inclusion proof of event `seq` in the tree of the latest signed checkpoint.
+pub async fn attribution_proof(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<ProofQuery>,
+) -> ApiResult<Response> {
+    check_admin(&s, &headers)?;
+    let l = ledger(ready(&s)?)?;
+    // An event after the last checkpoint: sign one now, then prove against it.
+    let p = l
+        .inclusion_proof(q.seq)
+        .or_else(|_| {
+            if q.seq < l.next_seq() {
+                l.checkpoint_now()?;
+            }
+            l.inclusion_proof(q.seq)
+        })
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                e.to_string(),
+            )
+            .param("seq")
+        })?;
+    let mut event = serde_json::to_value(&p.event.body).unwrap_or(Value::Null);
+    event["seq"] = json!(p.event.seq);
+    event["request_digest"] = json!(hex(&p.event.body.request_digest));
+    Ok(axum::Json(json!({
+        "object": "inclusion_proof", "event": event, "leaf_index": p.leaf_index,
+        "leaf_hash": hex(&p.leaf_hash), "path": p.path.iter().map(|h| hex(h)).collect::<Vec<_>>(),
+        "checkpoint": p.checkpoint.note(), "public_key": l.public_key().to_verifier_string(),
+    }))
+    .into_response())
+}

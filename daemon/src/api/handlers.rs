@@ -17,6 +17,7 @@ use super::errors::from_json_error;
 use super::types::{ChatRequest, CompletionRequest, PromptInput, StopInput};
 use super::{ApiError, AppState, Ready};
 use crate::adapters::pack::PackInfo;
+use crate::attribution::record::{RequestAttribution, outcome_of};
 use crate::engine::sampler::SamplingParams;
 use crate::engine::scheduler::{Event, GenRequest, TokenEvent};
 use crate::model::chat::ChatMessage;
@@ -38,6 +39,26 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/adapters/{id}",
             get(super::admin::show_adapter).delete(super::admin::delete_adapter),
+        )
+        .route(
+            "/v1/prompts",
+            get(super::admin::list_prompts).post(super::admin::register_prompt),
+        )
+        .route(
+            "/v1/prompts/{id}",
+            axum::routing::delete(super::admin::delete_prompt),
+        )
+        .route(
+            "/v1/attribution/counters",
+            get(super::admin::attribution_counters),
+        )
+        .route(
+            "/v1/attribution/events",
+            get(super::admin::attribution_events),
+        )
+        .route(
+            "/v1/attribution/proof",
+            get(super::admin::attribution_proof),
         )
         .fallback(not_found)
         .with_state(state)
@@ -147,6 +168,15 @@ pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
 ) -> ApiResult<T> {
+    Ok(read_json_raw(s, headers, body).await?.0)
+}
+
+/// As [`read_json`], with the body's bytes (their digest identifies the request in the ledger).
+async fn read_json_raw<T: serde::de::DeserializeOwned>(
+    s: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult<(T, axum::body::Bytes)> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -157,7 +187,8 @@ pub(super) async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = axum::body::to_bytes(body, s.max_body_bytes)
         .await
         .map_err(|_| ApiError::too_large(s.max_body_bytes))?;
-    serde_json::from_slice(&bytes).map_err(|e| from_json_error(&e))
+    let v = serde_json::from_slice(&bytes).map_err(|e| from_json_error(&e))?;
+    Ok((v, bytes))
 }
 
 /// `"<adapter>"`, `"<base>:<adapter>"` or the base model's id. An adapter whose pack was
@@ -348,6 +379,8 @@ struct Choice {
     stops: Vec<String>,
     finish: Option<&'static str>,
     cancel: Arc<AtomicBool>,
+    /// Tokens generated, across the request's choices (the attribution guard reads it).
+    generated: Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Choice {
@@ -358,6 +391,7 @@ impl Choice {
         match ev {
             Event::PromptLogprobs(v) => self.prompt_lps = Some(v),
             Event::Token(t) => {
+                self.generated.fetch_add(1, Ordering::Relaxed);
                 self.ids.push(t.id);
                 self.lps.push(t);
                 let full = tok
@@ -426,7 +460,9 @@ fn submit(
     max_tokens: Vec<usize>,
     logprobs: Option<usize>,
     prompt_logprobs: bool,
+    attr: &mut RequestAttribution,
 ) -> ApiResult<Submitted> {
+    attr.set_prompt_tokens(prompts.iter().map(Vec::len).sum());
     let stop_ids = if c.ignore_eos {
         Vec::new()
     } else {
@@ -469,6 +505,7 @@ fn submit(
             stops: c.stops.clone(),
             finish: None,
             cancel: cancel.clone(),
+            generated: attr.completion_tokens.clone(),
         });
         rxs.push(rx);
         cancels.push(cancel);
@@ -614,7 +651,7 @@ async fn completions(
 ) -> ApiResult<Response> {
     check_auth(&s, &headers)?;
     let r = ready(&s)?;
-    let req: CompletionRequest = read_json(&s, &headers, body).await?;
+    let (req, raw): (CompletionRequest, _) = read_json_raw(&s, &headers, body).await?;
     let adapter = resolve_model(r, &req.model)?;
     if let Some(b) = req.best_of
         && b != 1
@@ -646,7 +683,26 @@ async fn completions(
     };
     let tok = &r.model.tokenizer;
     let vocab = r.model.config.vocab_size;
-    let prompts: Vec<Vec<u32>> = match req.prompt {
+    let (prompt, template) = match (req.prompt, &req.prompt_id) {
+        (Some(p), None) => (p, None),
+        (None, Some(pid)) => {
+            let (text, t) = render_template(r, pid, req.prompt_vars.as_ref())?;
+            (PromptInput::Text(text), Some(t))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "prompt_id",
+                "give either prompt or prompt_id, not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "missing field `prompt` (or `prompt_id` naming a registered template)",
+            ));
+        }
+    };
+    let prompts: Vec<Vec<u32>> = match prompt {
         PromptInput::Text(t) => vec![encode(tok, &t)?],
         PromptInput::Texts(v) => v.iter().map(|t| encode(tok, t)).collect::<ApiResult<_>>()?,
         PromptInput::Tokens(ids) => vec![ids],
@@ -661,6 +717,13 @@ async fn completions(
         maxes.push(max_tokens(req.max_tokens, p.len(), r.context, 16)?);
     }
     let echo = req.echo;
+    let mut attr = attribution(
+        r,
+        &raw,
+        adapter.as_ref(),
+        template,
+        req.attribution.as_ref(),
+    )?;
     let mut sub = submit(
         r,
         prompts,
@@ -669,6 +732,7 @@ async fn completions(
         maxes,
         logprobs,
         echo && logprobs.is_some(),
+        &mut attr,
     )?;
     let id = request_id("cmpl");
     let created = now();
@@ -676,6 +740,7 @@ async fn completions(
     let state = s.clone();
     if !c.stream {
         collect(&mut sub, tok).await?;
+        record(&mut attr, &sub.choices).await?;
         let choices: Vec<Value> = sub
             .choices
             .iter()
@@ -762,6 +827,13 @@ async fn completions(
             }
             if finish.is_some() {
                 open -= 1;
+                // The last choice's final chunk waits for the request's attribution event.
+                if open == 0
+                    && let Err(e) = record(&mut attr, &choices).await
+                {
+                    let _ = out_tx.send(e.body().to_string());
+                    return;
+                }
             }
             let ids = c.return_token_ids.then_some(new_ids);
             if out_tx.send(chunk(i, text, lp, finish, ids)).is_err() {
@@ -776,6 +848,57 @@ async fn completions(
         let _ = out_tx.send("[DONE]".into());
     });
     Ok(sse(out_rx, guard))
+}
+
+/// Who contributes to this request; a bad client-reported contribution is a 400 naming it.
+fn attribution(
+    r: &Ready,
+    raw: &[u8],
+    adapter: Option<&(Arc<PackInfo>, super::admin::InUse)>,
+    template: Option<(String, String)>,
+    client: Option<&super::types::AttributionInput>,
+) -> ApiResult<RequestAttribution> {
+    RequestAttribution::new(
+        r.ledger.clone(),
+        raw,
+        (&r.base_id, &r.base_contributor),
+        adapter.map(|(p, _)| (p.id(), p.manifest.contributor.as_str())),
+        template,
+        client,
+    )
+    .map_err(|e| ApiError::invalid("attribution", e))
+}
+
+/// Appends the request's attribution event; the answer is sent only once it is durable.
+async fn record(attr: &mut RequestAttribution, choices: &[Choice]) -> ApiResult<()> {
+    let prompt: usize = choices.iter().map(|c| c.prompt.len()).sum();
+    let done: usize = choices.iter().map(|c| c.ids.len()).sum();
+    // Several choices: `length` if any ran out, else `stop`.
+    let finish = if choices.iter().any(|c| c.finish == Some("length")) {
+        Some("length")
+    } else {
+        choices.first().and_then(|c| c.finish)
+    };
+    attr.record(prompt, done, outcome_of(finish))
+        .await
+        .map(|_| ())
+        .map_err(ApiError::internal)
+}
+
+/// Renders registered template `id`; returns the text and (id, contributor) for attribution.
+fn render_template(
+    r: &Ready,
+    id: &str,
+    vars: Option<&Value>,
+) -> ApiResult<(String, (String, String))> {
+    let store = r
+        .prompts
+        .read()
+        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    let (text, t) = store
+        .render(id, vars.unwrap_or(&Value::Null))
+        .map_err(|e| ApiError::invalid("prompt_id", e.to_string()))?;
+    Ok((text, (t.id.clone(), t.contributor.clone())))
 }
 
 fn encode(tok: &TextTokenizer, text: &str) -> ApiResult<Vec<u32>> {
@@ -829,7 +952,7 @@ async fn chat_completions(
 ) -> ApiResult<Response> {
     check_auth(&s, &headers)?;
     let r = ready(&s)?;
-    let req: ChatRequest = read_json(&s, &headers, body).await?;
+    let (req, raw): (ChatRequest, _) = read_json_raw(&s, &headers, body).await?;
     let adapter = resolve_model(r, &req.model)?;
     let c = common(
         req.temperature,
@@ -865,6 +988,15 @@ async fn chat_completions(
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
     let mut msgs = Vec::new();
+    // A registered template renders the system message placed first.
+    let template = match &req.prompt_id {
+        Some(pid) => {
+            let (text, t) = render_template(r, pid, req.prompt_vars.as_ref())?;
+            msgs.push(ChatMessage::new("system", text));
+            Some(t)
+        }
+        None => None,
+    };
     for (i, m) in req.messages.iter().enumerate() {
         if !matches!(
             m.role.as_str(),
@@ -905,12 +1037,29 @@ async fn chat_completions(
         }
         e
     })?;
-    let mut sub = submit(r, vec![prompt], adapter, &c, vec![max], logprobs, false)?;
+    let mut attr = attribution(
+        r,
+        &raw,
+        adapter.as_ref(),
+        template,
+        req.attribution.as_ref(),
+    )?;
+    let mut sub = submit(
+        r,
+        vec![prompt],
+        adapter,
+        &c,
+        vec![max],
+        logprobs,
+        false,
+        &mut attr,
+    )?;
     let id = request_id("chatcmpl");
     let created = now();
     let model = req.model.clone();
     if !c.stream {
         collect(&mut sub, tok).await?;
+        record(&mut attr, &sub.choices).await?;
         let ch = &sub.choices[0];
         let mut choice = json!({
             "index": 0,
@@ -990,6 +1139,13 @@ async fn chat_completions(
             } else {
                 json!({"content": text})
             };
+            // The final chunk waits for the request's attribution event.
+            if ch.finish.is_some()
+                && let Err(e) = record(&mut attr, std::slice::from_ref(ch)).await
+            {
+                let _ = out_tx.send(e.body().to_string());
+                return;
+            }
             if out_tx.send(chunk(delta, lp, ch.finish, ids)).is_err() {
                 return;
             }

@@ -61,6 +61,16 @@ pub struct ServeArgs {
     /// one the admin routes answer 403.
     #[arg(long)]
     pub admin_token: Option<String>,
+    /// Who is credited for the base model in attribution events (default "unattributed").
+    #[arg(long)]
+    pub base_contributor: Option<String>,
+    /// The attribution ledger: `strict` (default; an answer is sent only after its event is
+    /// fsynced) or `relaxed` (fsync on a timer: a power loss can lose the last interval).
+    #[arg(long)]
+    pub durability: Option<String>,
+    /// The origin that signs the ledger's checkpoints (default: the host name).
+    #[arg(long)]
+    pub device_id: Option<String>,
     /// Address to listen on (default 127.0.0.1:8080). Any non-loopback address needs an API key.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
@@ -125,6 +135,9 @@ struct ConfigFile {
     data_dir: Option<PathBuf>,
     pool_adapters: Option<usize>,
     admin_token: Option<String>,
+    base_contributor: Option<String>,
+    durability: Option<String>,
+    device_id: Option<String>,
     listen: Option<String>,
     threads: Option<usize>,
     dtype: Option<String>,
@@ -152,6 +165,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub pool_adapters: usize,
     pub admin_token: Option<String>,
+    pub base_contributor: String,
+    pub relaxed: bool,
+    pub device_id: String,
     pub listen: SocketAddr,
     pub kv_tokens: usize,
     pub limits: Limits,
@@ -259,7 +275,28 @@ impl ServeArgs {
         if admin_token.is_some() && admin_token == api_key {
             bail!("the admin token must differ from the API key");
         }
+        let relaxed = match self.durability.or(file.durability).as_deref() {
+            None | Some("strict") => false,
+            Some("relaxed") => true,
+            Some(o) => bail!("durability {o:?}: use \"strict\" or \"relaxed\""),
+        };
+        let device_id = self
+            .device_id
+            .or(file.device_id)
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "edgelora".into());
         Ok(ServeConfig {
+            base_contributor: self
+                .base_contributor
+                .or(file.base_contributor)
+                .unwrap_or_else(|| "unattributed".into()),
+            relaxed,
+            device_id,
             m,
             adapters_dir: self
                 .adapters_dir
@@ -299,6 +336,12 @@ pub struct Ready {
     pub residency: Arc<Mutex<HashMap<String, ResidentState>>>,
     /// Requests in flight per adapter (an adapter in use cannot be deleted).
     pub in_use: admin::InUseMap,
+    /// Registered prompt templates (`<data dir>/prompts`).
+    pub prompts: Arc<RwLock<crate::attribution::PromptStore>>,
+    /// The attribution ledger (`<data dir>/ledger`).
+    pub ledger: Option<edgelora_ledger::LedgerHandle>,
+    /// Who is credited for the base model.
+    pub base_contributor: String,
     /// Longest prompt + completion a request may ask for.
     pub context: usize,
     pub tx: std::sync::mpsc::Sender<EngineMsg>,
@@ -344,6 +387,47 @@ impl AppState {
     }
 }
 
+/// Opens (or creates) the attribution ledger and its signing key; recovery is reported loudly.
+fn open_ledger(
+    dir: &Path,
+    device_id: &str,
+    relaxed: bool,
+) -> Result<edgelora_ledger::LedgerHandle> {
+    use edgelora_ledger::{Durability, LedgerConfig, LedgerKey};
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let key = LedgerKey::load_or_create(&dir.join("ledger.key"), device_id)
+        .with_context(|| format!("the ledger key in {}", dir.display()))?;
+    let mut cfg = LedgerConfig::new(device_id, key);
+    if relaxed {
+        cfg.durability = Durability::Relaxed {
+            interval: Duration::from_secs(1),
+        };
+    }
+    let (handle, report) = edgelora_ledger::Ledger::open(dir, cfg)
+        .with_context(|| format!("opening the attribution ledger in {}", dir.display()))?;
+    eprintln!(
+        "edgelorad: attribution ledger {} ({}): {} events, next seq {}",
+        dir.display(),
+        if relaxed {
+            "relaxed fsync"
+        } else {
+            "strict: answers wait for fsync"
+        },
+        report.events,
+        report.next_seq,
+    );
+    if report.truncated_bytes > 0 {
+        eprintln!(
+            "edgelorad: ledger: cut a torn tail of {} bytes (unacknowledged writes)",
+            report.truncated_bytes
+        );
+    }
+    for d in &report.damage {
+        eprintln!("edgelorad: LEDGER DAMAGE: {d}");
+    }
+    Ok(handle)
+}
+
 /// What the handlers send the engine thread.
 pub enum EngineMsg {
     Gen(GenRequest),
@@ -382,6 +466,10 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
     let EngineCfg {
         m: cfg_m,
         adapters_dir,
+        data_dir,
+        device_id,
+        relaxed,
+        base_contributor,
         pool_adapters,
         kv_tokens,
         limits,
@@ -391,6 +479,10 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
     let model = Arc::new(loaded.model);
     let base_id = model.name.clone();
     let registry = open_registry(&adapters_dir, &model, &base_id)?;
+    let ledger = open_ledger(&data_dir.join("ledger"), &device_id, relaxed)?;
+    let prompts_dir = data_dir.join("prompts");
+    let prompts = crate::attribution::PromptStore::open(&prompts_dir)
+        .with_context(|| format!("opening the prompt templates in {}", prompts_dir.display()))?;
     let (backend, device_why) = cfg_m.backend_why(&model, kv_tokens)?;
     let capacity = backend.free_pages().saturating_sub(1) * backend.page_size();
     let context = model.config.max_position_embeddings.min(capacity.max(1));
@@ -430,6 +522,9 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
         model,
         base_id,
         registry: Arc::new(RwLock::new(registry)),
+        prompts: Arc::new(RwLock::new(prompts)),
+        ledger: Some(ledger),
+        base_contributor,
         residency: residency_view,
         in_use: Arc::default(),
         context,
@@ -492,6 +587,10 @@ fn on_msg(sched: &mut Scheduler<dyn crate::engine::Backend>, m: EngineMsg) {
 struct EngineCfg {
     m: ModelArgs,
     adapters_dir: PathBuf,
+    data_dir: PathBuf,
+    device_id: String,
+    relaxed: bool,
+    base_contributor: String,
     pool_adapters: usize,
     kv_tokens: usize,
     limits: Limits,
@@ -546,6 +645,10 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         let ecfg = EngineCfg {
             m: cfg.m.clone(),
             adapters_dir: cfg.adapters_dir.clone(),
+            data_dir: cfg.data_dir.clone(),
+            device_id: cfg.device_id.clone(),
+            relaxed: cfg.relaxed,
+            base_contributor: cfg.base_contributor.clone(),
             pool_adapters: cfg.pool_adapters,
             kv_tokens: cfg.kv_tokens,
             limits: cfg.limits.clone(),
@@ -620,6 +723,13 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     }
     server.await??;
     drop(advert);
+    // A final signed checkpoint over everything answered.
+    if let Some(l) = state.ready.get().and_then(|r| r.ledger.as_ref()) {
+        match l.close() {
+            Ok(_) => eprintln!("edgelorad: attribution ledger closed"),
+            Err(e) => eprintln!("edgelorad: closing the attribution ledger: {e}"),
+        }
+    }
     state.disarm_watchdog();
     eprintln!("edgelorad: stopped");
     Ok(())

@@ -43,7 +43,15 @@ pub struct StreamOptions {
 #[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     pub model: String,
-    pub prompt: PromptInput,
+    /// The prompt, unless `prompt_id` names a registered template.
+    pub prompt: Option<PromptInput>,
+    /// Extension: a registered prompt template, rendered with `prompt_vars`; its contributor is
+    /// credited in the request's attribution event.
+    pub prompt_id: Option<String>,
+    pub prompt_vars: Option<serde_json::Value>,
+    /// Extension: contributions the client reports (retrieved data chunks, tools), recorded in
+    /// the attribution event as client-reported.
+    pub attribution: Option<AttributionInput>,
     pub max_tokens: Option<i64>,
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
@@ -122,6 +130,12 @@ pub struct ChatMessageIn {
 pub struct ChatRequest {
     pub model: String,
     pub messages: Vec<ChatMessageIn>,
+    /// Extension: a registered prompt template rendered with `prompt_vars` into a system message
+    /// placed first.
+    pub prompt_id: Option<String>,
+    pub prompt_vars: Option<serde_json::Value>,
+    /// Extension: client-reported contributions (see [`CompletionRequest::attribution`]).
+    pub attribution: Option<AttributionInput>,
     pub max_tokens: Option<i64>,
     pub max_completion_tokens: Option<i64>,
     pub temperature: Option<f32>,
@@ -150,4 +164,31 @@ pub struct ChatRequest {
     pub parallel_tool_calls: Option<bool>,
     pub store: Option<bool>,
     pub metadata: Option<serde_json::Value>,
+}
+
+/// Contributions a client reports for its request (it retrieved these chunks, called these
+/// tools); the server records them, marked as client-reported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributionInput {
+    #[serde(default)]
+    pub data: Vec<DataChunkInput>,
+    #[serde(default)]
+    pub tools: Vec<ToolInput>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataChunkInput {
+    pub datanet: String,
+    pub chunk: String,
+    pub contributor: String,
+    pub score: Option<f32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolInput {
+    pub id: String,
+    pub contributor: String,
 }

@@ -358,7 +358,7 @@ impl Object for PyDict {
     }
 }
 
-fn json_to_value(value: &serde_json::Value) -> Value {
+pub(crate) fn json_to_value(value: &serde_json::Value) -> Value {
     use serde_json::Value as J;
     match value {
         J::Null => Value::from(()),

@@ -918,6 +918,32 @@ fn every_answered_request_leaves_one_attribution_event_and_counters_add_up() {
     let (ok, out, err) = run_edgelorad(&["ledger", "proof", "--data", &data, "--seq", "11"]);
     assert!(ok, "{err}");
     assert!(out.contains("\"verified\":true"), "{out}");
+    // Damage inside the sealed part of the log: verify names it, and the daemon reports it
+    // loudly (/health, /metrics) while it keeps serving and appending to a new segment.
+    let seg = std::fs::read_dir(dir.join("ledger"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "log"))
+        .unwrap();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let mid = bytes.len() / 3;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    let (ok, out, err) = run_edgelorad(&["ledger", "verify", "--data", &data]);
+    assert!(!ok, "verify must fail on a flipped bit: {out}");
+    assert!(err.contains(".log"), "the error names the segment: {err}");
+    let server = start_with(&packs, &["--data-dir", &data, "--admin-token", "adm"]);
+    let h = server.health();
+    assert_eq!(h["ledger"]["damage"].as_array().map(Vec::len), Some(1), "{h}");
+    let (st, v) = server.post(
+        "/v1/completions",
+        &json!({"model": "tiny-llama", "prompt": "After the damage", "max_tokens": 2}),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (_, body) = request_on(server.port, "GET", "/metrics", None, &[]).unwrap();
+    let text = String::from_utf8(body).unwrap();
+    assert!(text.contains("edgelora_ledger_damage 1"), "{text}");
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -76,6 +76,12 @@ async fn not_found() -> ApiError {
 /// pages, and GPU telemetry when the board has it.
 async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Response> {
     check_auth(&s, &headers)?;
+    if let Some(l) = s.ready.get().and_then(|r| r.ledger.as_ref()) {
+        s.metrics.ledger_events.set(l.event_count() as i64);
+        s.metrics
+            .ledger_damaged_segments
+            .set(l.damaged().len() as i64);
+    }
     let mut body = String::new();
     prometheus_client::encoding::text::encode(&mut body, &s.registry)
         .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
@@ -97,6 +103,11 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
             let body = json!({
                 "status": "ok", "device": r.device, "device_why": r.device_why,
                 "adapter_storage": r.storage,
+                "ledger": r.ledger.as_ref().map(|l| json!({
+                    "events": l.event_count(), "next_seq": l.next_seq(),
+                    "checkpoint_size": l.latest_checkpoint().map(|c| c.tree_size),
+                    "damage": l.damaged().iter().map(|d| d.to_string()).collect::<Vec<_>>(),
+                })),
                 "running": st.running, "waiting": st.waiting,
                 "steps": st.stats.steps, "preemptions": st.stats.preemptions,
                 "cancelled": st.stats.cancelled, "prompt_tokens": st.stats.prompt_tokens,

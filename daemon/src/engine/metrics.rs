@@ -75,6 +75,10 @@ pub struct EngineMetrics {
     pub pool_pages: Family<PoolLabel, Gauge>,
     /// 1 for the reader in use.
     pub storage_reader: Family<StorageLabel, Gauge>,
+    /// Attribution events in the ledger.
+    pub ledger_events: Gauge,
+    /// Ledger segments found damaged (quarantined or cut) since they were last repaired.
+    pub ledger_damaged_segments: Gauge,
 }
 
 impl Default for EngineMetrics {
@@ -100,6 +104,8 @@ impl Default for EngineMetrics {
             adapters_resident: Gauge::default(),
             pool_pages: Family::default(),
             storage_reader: Family::default(),
+            ledger_events: Gauge::default(),
+            ledger_damaged_segments: Gauge::default(),
         }
     }
 }
@@ -206,6 +212,16 @@ impl EngineMetrics {
             "storage_reader",
             "The reader that streams adapter packs (1 for the one in use: io_uring or pread)",
             self.storage_reader.clone(),
+        );
+        registry.register(
+            "ledger_events",
+            "Attribution events in the ledger",
+            self.ledger_events.clone(),
+        );
+        registry.register(
+            "ledger_damage",
+            "Damage the attribution ledger found at open (quarantined segments): non-zero needs an operator",
+            self.ledger_damaged_segments.clone(),
         );
     }
 

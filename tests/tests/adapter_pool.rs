@@ -520,3 +520,72 @@ fn adapters_and_kv_share_one_page_pool() {
     assert_eq!(sched.backend.free_pages(), free0);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_pool_barely_larger_than_one_adapter_and_its_sequence_never_fails_a_request() {
+    let m = model();
+    let fp = fingerprint(&m.config);
+    let dir = tmp_dir("adapter-pool-tight");
+    let mut rng = Rng(0x7167_4711);
+    let opts = ForwardOptions::exact();
+    let mut alone = kv_pool(&m, 8);
+    let mut cases = Vec::new();
+    let mut biggest = 0;
+    for i in 0..12 {
+        let a = random_adapter(&m, &format!("tight-{i}"), &mut rng);
+        let p = write(&dir, &a, &fp);
+        let len = 20 + rng.below(30);
+        let prompt: Vec<u32> = (0..len).map(|_| 5 + rng.below(500) as u32).collect();
+        let params = GenerateParams {
+            max_tokens: 6,
+            ..GenerateParams::default()
+        };
+        let want = generate(&m, &mut alone, Some(&a), &prompt, &params, &opts, |_| {})
+            .unwrap()
+            .tokens;
+        biggest = biggest.max(std::fs::metadata(&p).unwrap().len());
+        cases.push((a.name.clone(), prompt, want));
+    }
+    let reg = Registry::open(&dir, fp).unwrap();
+    let pool = kv_pool(&m, 1);
+    let page_bytes = pool.bytes_per_page();
+    let largest = cases
+        .iter()
+        .map(|(id, _, _)| {
+            edgelora_daemon::adapters::residency::pages_for(&info(&reg, id), page_bytes)
+        })
+        .max()
+        .unwrap();
+    // Room for the largest adapter, one sequence of 56 tokens and a little more: adapters and
+    // sequences must take turns, evicting and preempting, and no request may fail.
+    let mut sched = Scheduler::new(
+        m.clone(),
+        Box::new(kv_pool(&m, largest + 6)),
+        opts,
+        Limits {
+            max_step_tokens: 16,
+            max_running: 8,
+        },
+    );
+    sched.set_residency(ResidencyConfig::default());
+    let mut rxs = Vec::new();
+    for k in 0..36 {
+        let i = (k * 7) % cases.len();
+        let (id, prompt, _) = &cases[i];
+        let (req, rx) = request(prompt.clone(), info(&reg, id), 6);
+        sched.submit(req);
+        rxs.push((i, rx));
+    }
+    run(&mut sched, usize::MAX);
+    for (i, rx) in &mut rxs {
+        let (id, _, want) = &cases[*i];
+        assert_eq!(
+            outcome(rx).unwrap_or_else(|e| panic!("{id}: {e}")),
+            *want,
+            "{id}"
+        );
+    }
+    let st = sched.residency().unwrap().stats.clone();
+    assert!(st.evictions > 0, "{st:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -935,7 +935,11 @@ fn every_answered_request_leaves_one_attribution_event_and_counters_add_up() {
     assert!(err.contains(".log"), "the error names the segment: {err}");
     let server = start_with(&packs, &["--data-dir", &data, "--admin-token", "adm"]);
     let h = server.health();
-    assert_eq!(h["ledger"]["damage"].as_array().map(Vec::len), Some(1), "{h}");
+    assert_eq!(
+        h["ledger"]["damage"].as_array().map(Vec::len),
+        Some(1),
+        "{h}"
+    );
     let (st, v) = server.post(
         "/v1/completions",
         &json!({"model": "tiny-llama", "prompt": "After the damage", "max_tokens": 2}),

@@ -163,14 +163,16 @@ impl Residency {
     }
 
     /// Pins `info`'s adapter when resident; otherwise starts its load when there is room (or
-    /// room can be made by evicting idle adapters not in `wanted`) without touching the
-    /// `reserve` pages the running sequences need next.
+    /// room can be made by evicting idle adapters not in `wanted` — or any idle adapter when
+    /// `must_progress`, i.e. nothing else runs) without touching the `reserve` pages the running
+    /// sequences need next.
     pub fn acquire(
         &mut self,
         info: &Arc<PackInfo>,
         backend: &mut (impl Backend + ?Sized),
         wanted: &HashSet<AdapterKey>,
         reserve: usize,
+        must_progress: bool,
     ) -> Acquire {
         let key = key_of(info);
         self.tick += 1;
@@ -191,7 +193,7 @@ impl Residency {
             Some(Slot::Loading { .. }) => Acquire::Pending,
             Some(Slot::Failed(msg)) => Acquire::Failed(msg.clone()),
             None => {
-                self.start_load(info, backend, wanted, reserve);
+                self.start_load(info, backend, wanted, reserve, !must_progress);
                 Acquire::Pending
             }
         }
@@ -209,7 +211,7 @@ impl Residency {
         match self.slots.get(&key_of(info)) {
             Some(Slot::Failed(_)) => false,
             Some(_) => true,
-            None => self.start_load(info, backend, wanted, reserve),
+            None => self.start_load(info, backend, wanted, reserve, true),
         }
     }
 
@@ -384,16 +386,17 @@ impl Residency {
         backend: &mut (impl Backend + ?Sized),
         wanted: &HashSet<AdapterKey>,
         reserve: usize,
+        spare_wanted: bool,
     ) -> bool {
         let key = key_of(info);
         let need = pages_for(info, backend.page_bytes());
         // Room by count, then by pages; idle adapters nobody queued for go first.
         while self.cfg.max_adapters > 0 && self.slots_counted() >= self.cfg.max_adapters {
-            if !self.evict_one(backend, wanted, true) {
+            if !self.evict_one(backend, wanted, spare_wanted) {
                 return false;
             }
         }
-        if !self.evict_for_pages(need + reserve, backend, wanted, true) {
+        if !self.evict_for_pages(need + reserve, backend, wanted, spare_wanted) {
             return false;
         }
         let Some(pages) = backend.take_pages(need) else {

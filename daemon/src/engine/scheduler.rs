@@ -314,6 +314,12 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                 }
             }
             if self.running.len() <= 1 {
+                // Adapter loads in flight hold the pages the last sequence needs: it waits in
+                // the queue until they land (then idle adapters can be evicted for it).
+                if self.residency.as_ref().is_some_and(|r| r.loading() > 0) {
+                    self.preempt(0);
+                    return Ok(false);
+                }
                 break;
             }
             let victim = self.running.len() - 1;
@@ -634,6 +640,14 @@ impl<B: Backend + ?Sized> Scheduler<B> {
                     r.evict_for_pages(need + committed, self.backend.as_mut(), &wanted, true)
                 });
                 if !room {
+                    // Not admitted: it must not keep its adapter pinned while it waits.
+                    let s = &mut self.waiting[pick];
+                    if s.req.pack.is_some()
+                        && let Some(a) = s.lora.take()
+                        && let Some(r) = self.residency.as_mut()
+                    {
+                        r.release(&a);
+                    }
                     break;
                 }
             }
@@ -651,7 +665,16 @@ impl<B: Backend + ?Sized> Scheduler<B> {
         let r = self.residency.as_mut().expect("set at submit");
         let s = &mut self.waiting[pick];
         let info = s.req.pack.clone().expect("pending pack");
-        match r.acquire(&info, self.backend.as_mut(), &wanted, committed) {
+        // With nothing running and nothing loading, this load must start, even if it evicts
+        // adapters other queued requests want.
+        let must_progress = running_empty && r.loading() == 0;
+        match r.acquire(
+            &info,
+            self.backend.as_mut(),
+            &wanted,
+            committed,
+            must_progress,
+        ) {
             Acquire::Ready(a) => {
                 s.lora = Some(a);
                 true

@@ -21,7 +21,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -29,7 +29,6 @@ use clap::Args;
 use edgelora_daemon::adapters::pack::{self, PackDtype, PackInfo};
 use edgelora_daemon::adapters::registry::{EntryState, Registry};
 use edgelora_daemon::adapters::residency::{ResidencyConfig, ResidencyStats, pages_for};
-use edgelora_daemon::engine::sampler::SamplingParams;
 use edgelora_daemon::engine::scheduler::{Event, GenRequest, Limits, Scheduler};
 use edgelora_daemon::engine::{Backend, ForwardOptions, KvPool};
 use edgelora_daemon::model::{Model, ModelConfig, Proj};
@@ -278,17 +277,8 @@ impl<'a> Live<'a> {
             a.max_tokens
         };
         self.sched.submit(GenRequest {
-            prompt: self.w.prompts[i].clone(),
-            adapter: None,
             pack: self.packs.map(|p| p[i % p.len()].clone()),
-            sampling: SamplingParams::default(),
-            max_tokens,
-            stop_ids: Vec::new(),
-            top_logprobs: 0,
-            want_logprobs: false,
-            prompt_logprobs: false,
-            cancelled: Arc::new(AtomicBool::new(false)),
-            events: self.tx.clone(),
+            ..GenRequest::greedy(self.w.prompts[i].clone(), max_tokens, self.tx.clone())
         });
         self.submitted += 1;
     }

@@ -768,24 +768,25 @@ fn human_bytes(n: u64) -> String {
 
 /// `YYYY-MM-DD HH:MM:SS UTC` from unix seconds.
 fn utc_text(secs: u64) -> String {
+    let (y, m, d, hh, mm, ss) = utc_fields(secs);
+    format!("{y:04}-{m:02}-{d:02} {hh:02}:{mm:02}:{ss:02} UTC")
+}
+
+/// (year, month, day, hour, minute, second) in UTC from unix seconds (Howard Hinnant's
+/// civil_from_days), for the few places that print dates without a date crate.
+pub fn utc_fields(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
     let days = (secs / 86400) as i64;
     let rem = secs % 86400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 fn entry_json(id: &str, e: &crate::adapters::RegistryEntry) -> serde_json::Value {

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use edgelora_daemon::adapters::pack::{Manifest, PackDtype, PackInfo, encode_pack, fingerprint};
@@ -13,7 +12,6 @@ use edgelora_daemon::adapters::registry::{EntryState, Registry};
 use edgelora_daemon::adapters::residency::ResidencyConfig;
 use edgelora_daemon::adapters::{LoraAdapter, LoraPair};
 use edgelora_daemon::engine::generate::{GenerateParams, generate};
-use edgelora_daemon::engine::sampler::SamplingParams;
 use edgelora_daemon::engine::scheduler::{Event, GenRequest, Limits, Scheduler};
 use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
 use edgelora_daemon::model::{LoadOptions, Model, Proj, WeightDtype};
@@ -121,17 +119,8 @@ fn request(
 ) -> (GenRequest, UnboundedReceiver<Event>) {
     let (tx, rx) = unbounded_channel();
     let req = GenRequest {
-        prompt,
-        adapter: None,
         pack: Some(pack),
-        sampling: SamplingParams::default(),
-        max_tokens,
-        stop_ids: Vec::new(),
-        top_logprobs: 0,
-        want_logprobs: false,
-        prompt_logprobs: false,
-        cancelled: Arc::new(AtomicBool::new(false)),
-        events: tx,
+        ..GenRequest::greedy(prompt, max_tokens, tx)
     };
     (req, rx)
 }
@@ -498,19 +487,7 @@ fn adapters_and_kv_share_one_page_pool() {
         .map(|i| 5 + (i % 400) as u32)
         .collect();
     let (tx, mut rx) = unbounded_channel();
-    sched.submit(GenRequest {
-        prompt: long,
-        adapter: None,
-        pack: None,
-        sampling: SamplingParams::default(),
-        max_tokens: 2,
-        stop_ids: Vec::new(),
-        top_logprobs: 0,
-        want_logprobs: false,
-        prompt_logprobs: false,
-        cancelled: Arc::new(AtomicBool::new(false)),
-        events: tx,
-    });
+    sched.submit(GenRequest::greedy(long, 2, tx));
     run(&mut sched, usize::MAX);
     assert!(outcome(&mut rx).is_ok());
     let r = sched.residency().unwrap();

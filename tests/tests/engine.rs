@@ -375,7 +375,6 @@ mod scheduler {
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use edgelora_daemon::engine::generate::{FinishReason, GenerateParams, generate};
-    use edgelora_daemon::engine::sampler::SamplingParams;
     use edgelora_daemon::engine::scheduler::{Event, GenRequest, Limits, Scheduler};
     use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -389,17 +388,9 @@ mod scheduler {
         let (tx, rx) = unbounded_channel();
         let cancelled = Arc::new(AtomicBool::new(false));
         let req = GenRequest {
-            prompt,
             adapter,
-            pack: None,
-            sampling: SamplingParams::default(),
-            max_tokens,
-            stop_ids: Vec::new(),
-            top_logprobs: 0,
-            want_logprobs: false,
-            prompt_logprobs: false,
             cancelled: cancelled.clone(),
-            events: tx,
+            ..GenRequest::greedy(prompt, max_tokens, tx)
         };
         (req, rx, cancelled)
     }

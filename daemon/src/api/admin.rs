@@ -23,6 +23,23 @@ use crate::adapters::residency::ResidentState;
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// A shared table read under its lock (a poisoned lock is a 500 naming the table).
+pub(super) fn read_lock<'a, T>(
+    l: &'a std::sync::RwLock<T>,
+    what: &str,
+) -> ApiResult<std::sync::RwLockReadGuard<'a, T>> {
+    l.read()
+        .map_err(|_| ApiError::internal(format!("{what} lock poisoned")))
+}
+
+pub(super) fn write_lock<'a, T>(
+    l: &'a std::sync::RwLock<T>,
+    what: &str,
+) -> ApiResult<std::sync::RwLockWriteGuard<'a, T>> {
+    l.write()
+        .map_err(|_| ApiError::internal(format!("{what} lock poisoned")))
+}
+
 /// Requests in flight per adapter id; an entry lives while its guard does.
 pub type InUseMap = Arc<Mutex<HashMap<String, usize>>>;
 
@@ -133,10 +150,7 @@ pub async fn list_adapters(
 ) -> ApiResult<Response> {
     check_admin(&s, &headers)?;
     let r = ready(&s)?;
-    let reg = r
-        .registry
-        .read()
-        .map_err(|_| ApiError::internal("registry lock"))?;
+    let reg = read_lock(&r.registry, "registry")?;
     let data: Vec<Value> = reg
         .ids()
         .filter_map(|id| reg.get(id).map(|e| entry_json(r, id, e)))
@@ -151,10 +165,7 @@ pub async fn show_adapter(
 ) -> ApiResult<Response> {
     check_admin(&s, &headers)?;
     let r = ready(&s)?;
-    let reg = r
-        .registry
-        .read()
-        .map_err(|_| ApiError::internal("registry lock"))?;
+    let reg = read_lock(&r.registry, "registry")?;
     let e = reg.get(&id).ok_or_else(|| adapter_not_found(&id))?;
     Ok(axum::Json(entry_json(r, &id, e)).into_response())
 }
@@ -200,10 +211,7 @@ pub async fn import_adapter(
         return Err(ApiError::invalid("contributor", "contributor is empty"));
     }
     let src = {
-        let reg = r
-            .registry
-            .read()
-            .map_err(|_| ApiError::internal("registry lock"))?;
+        let reg = read_lock(&r.registry, "registry")?;
         if !b.replace && reg.get(&b.id).is_some() {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -233,9 +241,7 @@ pub async fn import_adapter(
     let model = r.model.clone();
     // Conversion reads and writes files: off the async workers.
     let out = tokio::task::spawn_blocking(move || {
-        let mut reg = registry
-            .write()
-            .map_err(|_| ApiError::internal("registry lock"))?;
+        let mut reg = write_lock(&registry, "registry")?;
         reg.import(&src, &req, &model.config)
             .map(|_| ())
             .map_err(import_error)
@@ -245,10 +251,7 @@ pub async fn import_adapter(
     out?;
     // A replaced pack's old copy must not be served again.
     let _ = r.tx.send(EngineMsg::Forget(b.id.clone()));
-    let reg = r
-        .registry
-        .read()
-        .map_err(|_| ApiError::internal("registry lock"))?;
+    let reg = read_lock(&r.registry, "registry")?;
     let e = reg.get(&b.id).ok_or_else(|| adapter_not_found(&b.id))?;
     Ok((StatusCode::CREATED, axum::Json(entry_json(r, &b.id, e))).into_response())
 }
@@ -284,10 +287,7 @@ pub async fn delete_adapter(
 ) -> ApiResult<Response> {
     check_admin(&s, &headers)?;
     let r = ready(&s)?;
-    let mut reg = r
-        .registry
-        .write()
-        .map_err(|_| ApiError::internal("registry lock"))?;
+    let mut reg = write_lock(&r.registry, "registry")?;
     if reg.get(&id).is_none() {
         return Err(adapter_not_found(&id));
     }
@@ -326,10 +326,7 @@ pub async fn list_prompts(
 ) -> ApiResult<Response> {
     check_admin(&s, &headers)?;
     let r = ready(&s)?;
-    let store = r
-        .prompts
-        .read()
-        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    let store = read_lock(&r.prompts, "prompt store")?;
     let data: Vec<Value> = store.list().map(prompt_json).collect();
     Ok(axum::Json(json!({"object": "list", "data": data})).into_response())
 }
@@ -342,10 +339,7 @@ pub async fn register_prompt(
     check_admin(&s, &headers)?;
     let r = ready(&s)?;
     let b: PromptBody = read_json(&s, &headers, body).await?;
-    let mut store = r
-        .prompts
-        .write()
-        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    let mut store = write_lock(&r.prompts, "prompt store")?;
     let t = store
         .register(&b.id, &b.template, &b.contributor, b.replace)
         .map_err(|e| match e {
@@ -364,10 +358,7 @@ pub async fn delete_prompt(
 ) -> ApiResult<Response> {
     check_admin(&s, &headers)?;
     let r = ready(&s)?;
-    let mut store = r
-        .prompts
-        .write()
-        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    let mut store = write_lock(&r.prompts, "prompt store")?;
     if !store
         .remove(&id)
         .map_err(|e| ApiError::internal(e.to_string()))?

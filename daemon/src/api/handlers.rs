@@ -13,6 +13,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
+use super::admin::read_lock;
 use super::errors::from_json_error;
 use super::types::{ChatRequest, CompletionRequest, PromptInput, StopInput};
 use super::{ApiError, AppState, Ready};
@@ -159,10 +160,7 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult
         "id": r.base_id, "object": "model", "created": s.created, "owned_by": "edgelora",
         "root": r.base_id, "parent": null, "max_model_len": r.context,
     })];
-    let reg = r
-        .registry
-        .read()
-        .map_err(|_| ApiError::internal("registry lock"))?;
+    let reg = read_lock(&r.registry, "registry")?;
     for id in reg.ids() {
         if reg.get(id).is_some_and(|e| e.info.is_some()) {
             data.push(json!({
@@ -214,10 +212,7 @@ fn resolve_model(r: &Ready, name: &str) -> ApiResult<Option<(Arc<PackInfo>, supe
         Some((base, id)) if base == r.base_id => id,
         _ => name,
     };
-    let reg = r
-        .registry
-        .read()
-        .map_err(|_| ApiError::internal("registry lock"))?;
+    let reg = read_lock(&r.registry, "registry")?;
     let e = reg.get(id).ok_or_else(|| ApiError::model_not_found(name))?;
     match (&e.state, &e.info) {
         (crate::adapters::registry::EntryState::Available, Some(info)) => Ok(Some((
@@ -902,10 +897,7 @@ fn render_template(
     id: &str,
     vars: Option<&Value>,
 ) -> ApiResult<(String, (String, String))> {
-    let store = r
-        .prompts
-        .read()
-        .map_err(|_| ApiError::internal("prompt store lock"))?;
+    let store = read_lock(&r.prompts, "prompt store")?;
     let (text, t) = store
         .render(id, vars.unwrap_or(&Value::Null))
         .map_err(|e| ApiError::invalid("prompt_id", e.to_string()))?;

@@ -762,7 +762,14 @@ async fn shutdown_signal(grace: Duration, state: Arc<AppState>) {
     );
     std::thread::spawn(move || {
         std::thread::sleep(grace);
-        eprintln!("edgelorad: grace period over; exiting");
+        eprintln!("edgelorad: grace period over; cancelling what still runs and exiting");
+        // Unanswered requests were never acknowledged; what was answered is already durable.
+        // Seal it with a final signed checkpoint.
+        if let Some(l) = state.ready.get().and_then(|r| r.ledger.as_ref())
+            && let Err(e) = l.close()
+        {
+            eprintln!("edgelorad: closing the attribution ledger: {e}");
+        }
         state.disarm_watchdog();
         std::process::exit(0);
     });

@@ -51,6 +51,30 @@ pub struct GenRequest {
     pub events: tokio::sync::mpsc::UnboundedSender<Event>,
 }
 
+impl GenRequest {
+    /// A greedy request for the base model with no stop ids and no log-probabilities, whose
+    /// events go to `events`; set the other fields as needed.
+    pub fn greedy(
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> Self {
+        Self {
+            prompt,
+            adapter: None,
+            pack: None,
+            sampling: SamplingParams::default(),
+            max_tokens,
+            stop_ids: Vec::new(),
+            top_logprobs: 0,
+            want_logprobs: false,
+            prompt_logprobs: false,
+            cancelled: Arc::new(AtomicBool::new(false)),
+            events,
+        }
+    }
+}
+
 /// One generated token and, when asked, its log-probabilities.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TokenEvent {

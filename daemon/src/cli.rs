@@ -123,7 +123,7 @@ pub struct ModelArgs {
     /// fetched on first use).
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// A PEFT LoRA adapter folder.
+    /// A PEFT LoRA adapter folder, or a pack file made by `edgelorad adapters import`.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Projection weights: int4 (quantized at load) or f32 (full precision, for checking).
@@ -267,6 +267,14 @@ impl ModelArgs {
             "model loaded"
         );
         let adapter = match &self.adapter {
+            // An imported pack (checked against this model like the server does) ...
+            Some(p) if p.is_file() => {
+                let fp = crate::adapters::pack::fingerprint(&model.config);
+                let info = crate::adapters::pack::read_info(p, &fp)?;
+                let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                Some(crate::adapters::pack::decode(&info, &bytes, &model.config)?)
+            }
+            // ... or a PEFT folder.
             Some(dir) => Some(LoraAdapter::load_peft(dir, &model.config)?),
             None => None,
         };

@@ -665,3 +665,65 @@ fn cli_imports_lists_shows_and_removes() {
     assert_eq!(v[1]["error_kind"], "not_a_pack");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn generate_takes_a_pack_as_it_takes_the_peft_folder() {
+    let dir = fresh("generate-pack");
+    let tiny_s = tiny().display().to_string();
+    let src = peft("gamma-all").display().to_string();
+    let dir_s = dir.display().to_string();
+    let (ok, _, err) = run_edgelorad(&[
+        "adapters",
+        "import",
+        &src,
+        "--id",
+        "gamma",
+        "--contributor",
+        "fixture",
+        "--adapters",
+        &dir_s,
+        "--model",
+        &tiny_s,
+    ]);
+    assert!(ok, "{err}");
+    let pack = dir.join("gamma.elpack").display().to_string();
+    let run = |adapter: &str| {
+        let (ok, out, err) = run_edgelorad(&[
+            "generate",
+            "--model",
+            &tiny_s,
+            "--adapter",
+            adapter,
+            "--prompt-tokens",
+            "0,386,414,16,203",
+            "--max-tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    let from_pack = run(&pack);
+    assert!(from_pack.contains("ids"), "{from_pack}");
+    assert_eq!(from_pack, run(&src));
+    // A pack is checked against the model like the server does.
+    let other = tiny().join("tiny-llama-gptq").display().to_string();
+    let (ok, _, _) = run_edgelorad(&[
+        "generate",
+        "--model",
+        &other,
+        "--adapter",
+        &pack,
+        "--prompt-tokens",
+        "1,2",
+        "--max-tokens",
+        "1",
+    ]);
+    assert!(
+        ok,
+        "the GPTQ copy of the same model has the same fingerprint"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

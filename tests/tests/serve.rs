@@ -757,6 +757,29 @@ fn every_answered_request_leaves_one_attribution_event_and_counters_add_up() {
     let dir = tmp_dir("serve-ledger");
     let packs = dir.join("adapters");
     import_fixture_adapters(&packs);
+    // A pack whose payload is damaged: its request fails and leaves no event.
+    let (ok, _, err) = run_edgelorad(&[
+        "adapters",
+        "import",
+        &tiny().join("adapters/alpha-qv").display().to_string(),
+        "--id",
+        "broken",
+        "--contributor",
+        "fixture",
+        "--adapters",
+        &packs.display().to_string(),
+        "--model",
+        &tiny().display().to_string(),
+    ]);
+    assert!(ok, "{err}");
+    let broken = packs.join("broken.elpack");
+    let fp = edgelora_daemon::adapters::pack::fingerprint(
+        &edgelora_daemon::model::probe::probe_config(&tiny()).unwrap(),
+    );
+    let info = edgelora_daemon::adapters::pack::read_info(&broken, &fp).unwrap();
+    let mut bytes = std::fs::read(&broken).unwrap();
+    bytes[(info.payload_offset + info.tensors[0].offset) as usize + 5] ^= 0x01;
+    std::fs::write(&broken, &bytes).unwrap();
     let data = dir.display().to_string();
     let mut server = start_with(
         &packs,
@@ -814,6 +837,17 @@ fn every_answered_request_leaves_one_attribution_event_and_counters_add_up() {
     assert_eq!(
         (st, v["error"]["param"].as_str()),
         (400, Some("prompt_id")),
+        "{v}"
+    );
+    let (st, v) = call(
+        "POST",
+        "/v1/completions",
+        Some(&json!({"model": "broken", "prompt": "x", "max_tokens": 2})),
+        &[],
+    );
+    assert_eq!(
+        (st, v["error"]["code"].as_str()),
+        (500, Some("adapter_unavailable")),
         "{v}"
     );
     // Twelve answered requests: models, templates, client-reported data, streaming and chat.

@@ -745,7 +745,11 @@ async fn completions(
     let model = req.model.clone();
     let state = s.clone();
     if !c.stream {
-        collect(&mut sub, tok).await?;
+        if let Err(e) = collect(&mut sub, tok).await {
+            // Failed, not answered: no attribution event.
+            attr.discard();
+            return Err(e);
+        }
         record(&mut attr, &sub.choices).await?;
         let choices: Vec<Value> = sub
             .choices
@@ -809,6 +813,7 @@ async fn completions(
             let ch = &mut choices[i];
             let was_open = ch.finish.is_none();
             if let Err(e) = ch.on_event(ev, tok) {
+                attr.discard();
                 let _ = out_tx.send(e.body().to_string());
                 return;
             }
@@ -1061,7 +1066,11 @@ async fn chat_completions(
     let created = now();
     let model = req.model.clone();
     if !c.stream {
-        collect(&mut sub, tok).await?;
+        if let Err(e) = collect(&mut sub, tok).await {
+            // Failed, not answered: no attribution event.
+            attr.discard();
+            return Err(e);
+        }
         record(&mut attr, &sub.choices).await?;
         let ch = &sub.choices[0];
         let mut choice = json!({
@@ -1120,6 +1129,7 @@ async fn chat_completions(
                 return;
             };
             if let Err(e) = ch.on_event(ev, tok) {
+                attr.discard();
                 let _ = out_tx.send(e.body().to_string());
                 return;
             }

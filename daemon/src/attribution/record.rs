@@ -5,7 +5,7 @@
 //! [`RequestAttribution::record`] before it sends the answer's last bytes: in strict durability
 //! the answer waits for the event's fsync, so an answered request is always counted. A request
 //! whose client went away is recorded as cancelled, with the tokens it had generated, when its
-//! guard drops.
+//! guard drops; one that failed (an adapter that could not load) is not recorded.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -116,6 +116,12 @@ impl RequestAttribution {
             .map_err(|e| format!("attribution ledger: {e}"))?
             .map(Some)
             .map_err(|e| format!("attribution ledger: {e}"))
+    }
+
+    /// The request failed (its adapter could not load, the engine errored): nothing was
+    /// answered, so nothing is recorded.
+    pub fn discard(&mut self) {
+        self.recorded = true;
     }
 
     /// Records the prompt tokens a cancelled request had, for its drop.

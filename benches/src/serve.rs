@@ -54,7 +54,8 @@ impl Drop for Server {
     }
 }
 
-fn get_status(port: u16, path: &str) -> Option<u16> {
+/// The status of a GET on the local server (`None` while it does not answer).
+pub fn get_status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     write!(
         s,
@@ -66,11 +67,20 @@ fn get_status(port: u16, path: &str) -> Option<u16> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// One streaming completion; returns (time to first token, tokens received, total time).
-fn stream_once(port: u16, body: &str) -> Result<(Duration, usize, Duration)> {
+/// What one streaming completion took.
+pub struct Streamed {
+    /// Until the first chunk carrying a token (`None`: none did).
+    pub ttft: Option<Duration>,
+    pub tokens: usize,
+    pub total: Duration,
+}
+
+/// One streaming completion of `body`, read to its end.
+pub fn stream_once(port: u16, body: &str) -> Result<Streamed> {
     let t0 = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    s.set_nodelay(true)?;
     write!(
         s,
         "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
@@ -81,7 +91,9 @@ fn stream_once(port: u16, body: &str) -> Result<(Duration, usize, Duration)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
     if !line.contains(" 200 ") {
-        bail!("server answered {}", line.trim());
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut r, &mut rest);
+        bail!("server answered {}: {}", line.trim(), rest.trim());
     }
     let (mut ttft, mut tokens) = (None, 0usize);
     loop {
@@ -104,7 +116,22 @@ fn stream_once(port: u16, body: &str) -> Result<(Duration, usize, Duration)> {
         }
         tokens += n;
     }
-    Ok((ttft.unwrap_or_else(|| t0.elapsed()), tokens, t0.elapsed()))
+    Ok(Streamed {
+        ttft,
+        tokens,
+        total: t0.elapsed(),
+    })
+}
+
+/// The `edgelorad` binary: `given`, else the one next to this bench binary.
+pub fn edgelorad_bin(given: Option<&std::path::Path>) -> Result<std::path::PathBuf> {
+    Ok(match given {
+        Some(p) => p.to_path_buf(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("bench binary folder")?
+            .join("edgelorad"),
+    })
 }
 
 fn percentile(v: &mut [f64], p: f64) -> f64 {
@@ -119,13 +146,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     let threads = resolve_threads(a.threads);
     init_threads(threads);
     let path = a.m.path()?;
-    let bin = match &a.edgelorad {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("bench binary folder")?
-            .join("edgelorad"),
-    };
+    let bin = edgelorad_bin(a.edgelorad.as_deref())?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -180,7 +201,7 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
     for &c in &a.clients {
         eprintln!("{c} clients x {} requests ...", a.requests);
         let t0 = Instant::now();
-        let results: Vec<Result<Vec<(Duration, usize, Duration)>>> = std::thread::scope(|s| {
+        let results: Vec<Result<Vec<Streamed>>> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..c)
                 .map(|_| {
                     s.spawn(|| {
@@ -198,9 +219,9 @@ pub fn run(a: ServeBenchArgs) -> Result<()> {
         let mut ttft = Vec::new();
         let mut tokens = 0usize;
         for r in results {
-            for (t, n, _) in r? {
-                ttft.push(t.as_secs_f64() * 1e3);
-                tokens += n;
+            for st in r? {
+                ttft.push(st.ttft.unwrap_or(st.total).as_secs_f64() * 1e3);
+                tokens += st.tokens;
             }
         }
         let n_req = ttft.len();

@@ -18,8 +18,6 @@
 //! first request (its pack must be read and decoded) is timed against its next two (resident),
 //! with the base model's TTFT as the yardstick.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +34,7 @@ use serde_json::{Value, json};
 use crate::common::{init_threads, model_label, resolve_threads};
 use crate::report::{Context, Report, Row};
 use crate::rng::{Rng, seed_of};
+use crate::serve::{edgelorad_bin, get_status, stream_once};
 use crate::synth::Shape;
 
 #[derive(Args, Debug)]
@@ -562,64 +561,12 @@ impl Drop for Scratch {
     }
 }
 
-fn get_status(port: u16, path: &str) -> Option<u16> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).ok()?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Seconds from sending a streaming completion to the first SSE chunk carrying a token; the
-/// rest of the stream is read (and the tokens counted) before returning.
+/// Seconds from sending a streaming completion to the first chunk carrying a token, and the
+/// tokens of the whole stream.
 fn ttft_once(port: u16, body: &str) -> Result<(f64, usize)> {
-    let t0 = Instant::now();
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    s.set_nodelay(true)?;
-    write!(
-        s,
-        "POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    if !line.contains(" 200 ") {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut r, &mut rest);
-        bail!("server answered {}: {}", line.trim(), rest.trim());
-    }
-    let (mut ttft, mut tokens) = (None, 0usize);
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            break;
-        }
-        let Some(data) = line.trim().strip_prefix("data: ") else {
-            continue;
-        };
-        if data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(data)?;
-        let n = v["choices"][0]["token_ids"]
-            .as_array()
-            .map_or(0, |a| a.len());
-        if n > 0 && ttft.is_none() {
-            ttft = Some(t0.elapsed().as_secs_f64());
-        }
-        tokens += n;
-    }
-    match ttft {
-        Some(t) => Ok((t, tokens)),
-        None => bail!("the stream carried no token"),
-    }
+    let st = stream_once(port, body)?;
+    let t = st.ttft.context("the stream carried no token")?;
+    Ok((t.as_secs_f64(), st.tokens))
 }
 
 const TTFT_PROMPT: &str = "The history of the region begins with small farming villages";
@@ -646,13 +593,7 @@ fn ttft(
             p
         }
     };
-    let bin = match &a.edgelorad {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("bench binary folder")?
-            .join("edgelorad"),
-    };
+    let bin = edgelorad_bin(a.edgelorad.as_deref())?;
     if !bin.is_file() {
         eprintln!(
             "skipping TTFT: {} not found (`cargo build --release -p edgelora-daemon`, or pass \

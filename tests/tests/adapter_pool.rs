@@ -150,6 +150,27 @@ fn info(reg: &Registry, id: &str) -> Arc<PackInfo> {
     Arc::new(e.info.clone().expect("header read"))
 }
 
+/// The real scheduler over `pages` KV pages of 16 tokens, exact activations, with a residency
+/// manager holding at most `max_adapters` adapters (0: as many as the pages hold).
+fn scheduler(
+    m: &Arc<Model>,
+    pages: usize,
+    limits: Limits,
+    max_adapters: usize,
+) -> Scheduler<KvPool> {
+    let mut sched = Scheduler::new(
+        m.clone(),
+        Box::new(kv_pool(m, pages)),
+        ForwardOptions::exact(),
+        limits,
+    );
+    sched.set_residency(ResidencyConfig {
+        max_adapters,
+        ..ResidencyConfig::default()
+    });
+    sched
+}
+
 /// Steps until idle, checking after every step that the pool never holds more than `cap`.
 fn run(sched: &mut Scheduler<KvPool>, cap: usize) -> usize {
     let mut steps = 0;
@@ -224,19 +245,11 @@ fn a_thousand_adapters_through_a_pool_of_eight_each_match_the_adapter_alone() {
     assert_eq!(reg.len(), 1000);
 
     let cap = 8;
-    let mut sched = Scheduler::new(
-        m.clone(),
-        Box::new(kv_pool(&m, 400)),
-        opts,
-        Limits {
-            max_step_tokens: 64,
-            max_running: 16,
-        },
-    );
-    sched.set_residency(ResidencyConfig {
-        max_adapters: cap,
-        ..ResidencyConfig::default()
-    });
+    let limits = Limits {
+        max_step_tokens: 64,
+        max_running: 16,
+    };
+    let mut sched = scheduler(&m, 400, limits, cap);
     // Random order, some adapters asked for twice, submitted in waves while others run.
     let mut order: Vec<usize> = (0..1000).chain((0..200).map(|i| i * 5)).collect();
     for i in (1..order.len()).rev() {
@@ -330,16 +343,7 @@ fn bad_packs_are_refused_with_their_error_while_the_others_keep_serving() {
             s => panic!("{id} should be refused, is {s:?}"),
         }
     }
-    let mut sched = Scheduler::new(
-        m.clone(),
-        Box::new(kv_pool(&m, 200)),
-        ForwardOptions::exact(),
-        Limits::default(),
-    );
-    sched.set_residency(ResidencyConfig {
-        max_adapters: 4,
-        ..ResidencyConfig::default()
-    });
+    let mut sched = scheduler(&m, 200, Limits::default(), 4);
     let vanished = info(&reg, "vanished");
     std::fs::remove_file(&vanished.path).unwrap();
     let prompt: Vec<u32> = vec![1, 40, 41, 42, 43];
@@ -415,17 +419,8 @@ fn one_load_serves_every_request_for_a_cold_adapter_and_pinned_adapters_stay() {
     write(&dir, &a, &fp);
     write(&dir, &b, &fp);
     let reg = Registry::open(&dir, fp).unwrap();
-    let mut sched = Scheduler::new(
-        m.clone(),
-        Box::new(kv_pool(&m, 200)),
-        ForwardOptions::exact(),
-        Limits::default(),
-    );
     // Room for one adapter: "other" must wait until every "shared" sequence is done.
-    sched.set_residency(ResidencyConfig {
-        max_adapters: 1,
-        ..ResidencyConfig::default()
-    });
+    let mut sched = scheduler(&m, 200, Limits::default(), 1);
     let prompt: Vec<u32> = vec![1, 7, 8, 9];
     let mut rxs = Vec::new();
     for id in ["shared", "shared", "shared", "other", "shared"] {
@@ -461,17 +456,10 @@ fn adapters_and_kv_share_one_page_pool() {
     write(&dir, &a, &fp);
     let reg = Registry::open(&dir, fp).unwrap();
     let big = info(&reg, "big");
-    let pool = kv_pool(&m, 40);
-    let page_bytes = pool.bytes_per_page();
+    let page_bytes = kv_pool(&m, 1).bytes_per_page();
     let need = edgelora_daemon::adapters::residency::pages_for(&big, page_bytes);
     assert!(need > 10 && need < 30, "the adapter takes {need} pages");
-    let mut sched = Scheduler::new(
-        m.clone(),
-        Box::new(pool),
-        ForwardOptions::exact(),
-        Limits::default(),
-    );
-    sched.set_residency(ResidencyConfig::default());
+    let mut sched = scheduler(&m, 40, Limits::default(), 0);
     use edgelora_daemon::engine::Backend;
     let free0 = 40;
     let (req, mut rx) = request(vec![1, 2, 3], big.clone(), 2);
@@ -535,16 +523,11 @@ fn a_pool_barely_larger_than_one_adapter_and_its_sequence_never_fails_a_request(
         .unwrap();
     // Room for the largest adapter, one sequence of 56 tokens and a little more: adapters and
     // sequences must take turns, evicting and preempting, and no request may fail.
-    let mut sched = Scheduler::new(
-        m.clone(),
-        Box::new(kv_pool(&m, largest + 6)),
-        opts,
-        Limits {
-            max_step_tokens: 16,
-            max_running: 8,
-        },
-    );
-    sched.set_residency(ResidencyConfig::default());
+    let limits = Limits {
+        max_step_tokens: 16,
+        max_running: 8,
+    };
+    let mut sched = scheduler(&m, largest + 6, limits, 0);
     let mut rxs = Vec::new();
     for k in 0..36 {
         let i = (k * 7) % cases.len();

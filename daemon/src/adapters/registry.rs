@@ -174,6 +174,31 @@ pub struct Registry {
     entries: BTreeMap<String, RegistryEntry>,
 }
 
+/// The conversion half of [`Registry::import`]: checks the id and that `config` is the
+/// registry's base model, and writes the pack into `dir`. It touches no registry, so a server can
+/// run it without holding the registry's lock.
+pub fn convert(
+    dir: &Path,
+    fingerprint: &[u8; 32],
+    peft_dir: &Path,
+    req: &ImportRequest,
+    config: &ModelConfig,
+) -> Result<PackInfo, PackError> {
+    validate_id(&req.id).map_err(|msg| PackError::Invalid {
+        adapter: req.id.clone(),
+        msg,
+    })?;
+    let fp = pack::fingerprint(config);
+    if &fp != fingerprint {
+        return Err(PackError::WrongBase {
+            adapter: req.id.clone(),
+            expected: pack::fingerprint_short(fingerprint),
+            found: pack::fingerprint_short(&fp),
+        });
+    }
+    pack::import_peft(peft_dir, dir, req, config)
+}
+
 impl Registry {
     /// Indexes every `*.elpack` in `dir` (creating `dir` when missing), reading headers and
     /// metadata only, on a few threads. Bad packs are kept as unavailable with their error.
@@ -260,26 +285,21 @@ impl Registry {
         req: &ImportRequest,
         config: &ModelConfig,
     ) -> Result<&RegistryEntry, PackError> {
-        validate_id(&req.id).map_err(|msg| PackError::Invalid {
-            adapter: req.id.clone(),
-            msg,
-        })?;
-        let fp = pack::fingerprint(config);
-        if fp != self.fingerprint {
-            return Err(PackError::WrongBase {
-                adapter: req.id.clone(),
-                expected: pack::fingerprint_short(&self.fingerprint),
-                found: pack::fingerprint_short(&fp),
-            });
-        }
-        let info = pack::import_peft(peft_dir, &self.dir, req, config)?;
+        let info = convert(&self.dir, &self.fingerprint, peft_dir, req, config)?;
+        Ok(self.insert(info))
+    }
+
+    /// Registers a pack [`convert`] wrote into this registry's folder (replacing an entry of
+    /// the same id).
+    pub fn insert(&mut self, info: PackInfo) -> &RegistryEntry {
+        let id = info.id().to_string();
         let entry = RegistryEntry {
             path: info.path.clone(),
             info: Some(info),
             state: EntryState::Available,
         };
-        self.entries.insert(req.id.clone(), entry);
-        Ok(&self.entries[&req.id])
+        self.entries.insert(id.clone(), entry);
+        &self.entries[&id]
     }
 
     /// Deletes the pack file (and syncs the folder) and forgets the entry.

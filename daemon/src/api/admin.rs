@@ -210,7 +210,7 @@ pub async fn import_adapter(
     if b.contributor.trim().is_empty() {
         return Err(ApiError::invalid("contributor", "contributor is empty"));
     }
-    let src = {
+    let (src, dir, fingerprint) = {
         let reg = read_lock(&r.registry, "registry")?;
         if !b.replace && reg.get(&b.id).is_some() {
             return Err(ApiError::new(
@@ -224,8 +224,10 @@ pub async fn import_adapter(
             .param("id")
             .code("adapter_exists"));
         }
-        reg.resolve_in_dir(std::path::Path::new(&b.path))
-            .map_err(|e| ApiError::invalid("path", e))?
+        let src = reg
+            .resolve_in_dir(std::path::Path::new(&b.path))
+            .map_err(|e| ApiError::invalid("path", e))?;
+        (src, reg.dir().to_path_buf(), *reg.fingerprint())
     };
     if b.replace && in_use(r, &b.id) > 0 {
         return Err(in_use_error(&b.id));
@@ -237,18 +239,16 @@ pub async fn import_adapter(
         display_name: b.display_name,
         replace: b.replace,
     };
-    let registry = r.registry.clone();
     let model = r.model.clone();
-    // Conversion reads and writes files: off the async workers.
-    let out = tokio::task::spawn_blocking(move || {
-        let mut reg = write_lock(&registry, "registry")?;
-        reg.import(&src, &req, &model.config)
-            .map(|_| ())
-            .map_err(import_error)
+    // Conversion reads and writes files: off the async workers, and outside the registry's
+    // lock so requests keep resolving their adapters meanwhile.
+    let info = tokio::task::spawn_blocking(move || {
+        crate::adapters::registry::convert(&dir, &fingerprint, &src, &req, &model.config)
     })
     .await
-    .map_err(|e| ApiError::internal(format!("import task: {e}")))?;
-    out?;
+    .map_err(|e| ApiError::internal(format!("import task: {e}")))?
+    .map_err(import_error)?;
+    write_lock(&r.registry, "registry")?.insert(info);
     // A replaced pack's old copy must not be served again.
     let _ = r.tx.send(EngineMsg::Forget(b.id.clone()));
     let reg = read_lock(&r.registry, "registry")?;

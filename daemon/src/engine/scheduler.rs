@@ -636,6 +636,8 @@ impl<B: Backend + ?Sized> Scheduler<B> {
         let page_size = self.backend_page_size();
         // Requests whose adapter is still loading are passed over this step.
         let mut blocked: HashSet<u64> = HashSet::new();
+        // Adapters the queue wants, as of the step's start (a superset as requests leave it).
+        let wanted = wanted_keys(&self.waiting);
         while self.running.len() < self.limits.max_running {
             // Prefer an adapter that is not running yet (fairness), else the oldest request.
             let running_keys: Vec<usize> = self.running.iter().map(Seq::adapter_key).collect();
@@ -651,7 +653,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
             let committed = reserve_pages(&self.running, page_size);
             if self.waiting[pick].pending_pack().is_some() {
                 let id = self.waiting[pick].id;
-                if !self.acquire(pick, committed) {
+                if !self.acquire(pick, committed, &wanted) {
                     // Loading, or failed and gone from the queue.
                     blocked.insert(id);
                     continue;
@@ -659,7 +661,6 @@ impl<B: Backend + ?Sized> Scheduler<B> {
             }
             let need = self.pages_for(self.waiting[pick].tokens.len() + 1, page_size);
             if need + committed > self.backend_free_pages() && !self.running.is_empty() {
-                let wanted = wanted_keys(&self.waiting);
                 let room = self.residency.as_mut().is_some_and(|r| {
                     r.evict_for_pages(need + committed, self.backend.as_mut(), &wanted, true)
                 });
@@ -683,8 +684,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
     /// Pins the adapter of waiting sequence `pick`, starting its load on a miss. Returns
     /// whether it is resident now; a sequence whose adapter failed leaves the queue with the
     /// error.
-    fn acquire(&mut self, pick: usize, committed: usize) -> bool {
-        let wanted = wanted_keys(&self.waiting);
+    fn acquire(&mut self, pick: usize, committed: usize, wanted: &HashSet<AdapterKey>) -> bool {
         let running_empty = self.running.is_empty();
         let r = self.residency.as_mut().expect("set at submit");
         let s = &mut self.waiting[pick];
@@ -695,7 +695,7 @@ impl<B: Backend + ?Sized> Scheduler<B> {
         match r.acquire(
             &info,
             self.backend.as_mut(),
-            &wanted,
+            wanted,
             committed,
             must_progress,
         ) {

@@ -7,6 +7,8 @@
 #     drives the daemon with it);
 #   - installs NVRTC (pip package nvidia-cuda-nvrtc-cu12, into a venv in the cache) so every CUDA
 #     kernel is compiled for sm_87/sm_80/sm_90 by the tests; CUDA tests that need a GPU skip here;
+#   - starts a throwaway PostgreSQL server (scripts/pg.sh, installing Debian's postgresql when
+#     root and missing) for the collector's store tests, and stops it on exit;
 #   - runs `cargo test --release --workspace`;
 #   - cross-compiles the kernels for aarch64 (Jetson) and runs their tests under qemu-user, after
 #     installing the rustup target, Debian's cross linker and qemu-user-static when missing.
@@ -49,6 +51,17 @@ if "$OPENAI_VENV/bin/python" -c "import openai" 2>/dev/null; then
     export EDGELORA_OPENAI_PYTHON="$OPENAI_VENV/bin/python" EDGELORA_REQUIRE_OPENAI=1
 else
     loud "openai client test SKIPPED"
+fi
+
+echo "== PostgreSQL for the collector's tests"
+# A throwaway server (scripts/pg.sh); stopped again on exit if this script started it.
+if ! scripts/pg.sh status 2>/dev/null; then
+    trap 'scripts/pg.sh stop >/dev/null 2>&1 || true' EXIT
+fi
+if PG_URL="$(scripts/pg.sh)"; then
+    export EDGELORA_TEST_PG="$PG_URL" EDGELORA_REQUIRE_PG=1
+else
+    loud "could not start PostgreSQL: the collector's PostgreSQL store tests will be SKIPPED"
 fi
 
 echo "== test (host)"

@@ -13,6 +13,7 @@ mod report;
 mod rng;
 mod serve;
 mod swap;
+mod sync;
 mod synth;
 
 use anyhow::Result;
@@ -59,6 +60,9 @@ enum Cmd {
     /// Attribution ledger crash torture: SIGKILL a writing child process at random moments;
     /// every acknowledged event must be present exactly once and `verify` pass after each reopen.
     LedgerSoak(ledger::SoakArgs),
+    /// Fleet sync over loopback mTLS: catch-up time for a backlog (default a week offline,
+    /// 1,000,000 events) and events/s, beside raw TLS throughput and the device-side build rate.
+    Sync(sync::SyncArgs),
     /// The crash-torture child that `ledger-soak` starts (not for use by hand).
     #[command(name = "ledger-soak-child", hide = true)]
     LedgerSoakChild,
@@ -121,6 +125,7 @@ fn main() -> Result<()> {
         Cmd::Adapters(a) => adapters::run(a),
         Cmd::Ledger(a) => ledger::run(a),
         Cmd::LedgerSoak(a) => ledger::run_soak(a),
+        Cmd::Sync(a) => sync::run(a),
         Cmd::LedgerSoakChild => ledger::run_soak_child(),
     }
 }

@@ -51,6 +51,9 @@ pub enum Command {
     /// The attribution ledger: verify, inspect, counters, proofs.
     #[command(subcommand)]
     Ledger(LedgerCommand),
+    /// This appliance's fleet identity: certificate signing request, certificate install.
+    #[command(subcommand)]
+    Identity(crate::identity::IdentityCommand),
 }
 
 #[derive(Args, Debug)]
@@ -361,6 +364,9 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Adapters(a) => cmd_adapters(a),
         Command::Ledger(l) => cmd_ledger(l),
+        Command::Identity(c) => {
+            crate::identity::run(c, crate::adapters::registry::default_data_dir)
+        }
         Command::Model(ModelCommand::Fetch) => {
             let p = crate::default_model::ensure().map_err(anyhow::Error::msg)?;
             println!("{}", p.display());

@@ -7,4 +7,6 @@ pub mod cli;
 pub mod default_model;
 pub mod device;
 pub mod engine;
+pub mod identity;
 pub mod model;
+pub mod sync;

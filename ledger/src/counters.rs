@@ -42,6 +42,30 @@ impl ContributionKind {
     }
 }
 
+/// Every distinct `(contributor, kind)` the event names, sorted: what one event credits under the
+/// rule above. `Counters::apply` uses it, and so does anyone who stores credits row by row (the
+/// fleet collector), so both count the same way.
+pub fn credits(body: &EventBody) -> Vec<(&str, ContributionKind)> {
+    let mut seen: Vec<(&str, ContributionKind)> =
+        Vec::with_capacity(3 + body.data_chunks.len() + body.tools.len());
+    seen.push((&body.base_model.contributor, ContributionKind::Base));
+    if let Some(a) = &body.adapter {
+        seen.push((&a.contributor, ContributionKind::Adapter));
+    }
+    if let Some(p) = &body.prompt_template {
+        seen.push((&p.contributor, ContributionKind::Prompt));
+    }
+    for c in &body.data_chunks {
+        seen.push((&c.contributor, ContributionKind::Data));
+    }
+    for t in &body.tools {
+        seen.push((&t.contributor, ContributionKind::Tool));
+    }
+    seen.sort_unstable();
+    seen.dedup();
+    seen
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counter {
     pub requests: u64,
@@ -99,25 +123,9 @@ impl Counters {
         self.by_contributor.len()
     }
 
-    /// Adds one event.
+    /// Adds one event: one request and its tokens for each of `credits(body)`.
     pub fn apply(&mut self, body: &EventBody) {
-        let mut seen: Vec<(&str, ContributionKind)> = Vec::with_capacity(4);
-        seen.push((&body.base_model.contributor, ContributionKind::Base));
-        if let Some(a) = &body.adapter {
-            seen.push((&a.contributor, ContributionKind::Adapter));
-        }
-        if let Some(p) = &body.prompt_template {
-            seen.push((&p.contributor, ContributionKind::Prompt));
-        }
-        for c in &body.data_chunks {
-            seen.push((&c.contributor, ContributionKind::Data));
-        }
-        for t in &body.tools {
-            seen.push((&t.contributor, ContributionKind::Tool));
-        }
-        seen.sort_unstable();
-        seen.dedup();
-        for (name, kind) in seen {
+        for (name, kind) in credits(body) {
             let row = match self.by_contributor.get_mut(name) {
                 Some(r) => r,
                 None => self.by_contributor.entry(name.to_string()).or_default(),

@@ -266,6 +266,12 @@ impl LedgerHandle {
         self.state().damage.clone()
     }
 
+    /// Bytes of log holding the events at and after `seq` (to within 256 events): what an
+    /// unsynced backlog from `seq` weighs on disk.
+    pub fn bytes_since(&self, seq: u64) -> u64 {
+        self.state().bytes_since(seq)
+    }
+
     /// The sequence number the next append will get.
     pub fn next_seq(&self) -> u64 {
         self.state().next_seq

@@ -30,6 +30,7 @@ mod recovery;
 mod report;
 mod segment;
 mod state;
+pub mod sync;
 mod ticket;
 pub mod torture;
 mod verify;
@@ -37,7 +38,7 @@ mod writer;
 
 pub use checkpoint::{Checkpoint, NoteError, epoch_of_origin, origin_for};
 pub use config::{Durability, LedgerConfig};
-pub use counters::{ContributionKind, Counter, CounterRow, Counters};
+pub use counters::{ContributionKind, Counter, CounterRow, Counters, credits};
 pub use error::{KeyError, LedgerError};
 pub use event::{
     Attribution, DataChunk, Event, EventBody, MAX_LIST_LEN, MAX_STRING_BYTES, Outcome, ToolUse,

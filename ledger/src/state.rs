@@ -110,6 +110,14 @@ impl State {
         }
         plans
     }
+
+    /// Bytes of log from the event `since` (to within one sparse-index step) to the end.
+    pub fn bytes_since(&self, since: u64) -> u64 {
+        self.plan_reads(since)
+            .iter()
+            .map(|p| p.end.saturating_sub(p.offset))
+            .sum()
+    }
 }
 
 /// Reads up to `limit` events with sequence numbers `>= since`, in order, following `plans`.

@@ -118,58 +118,6 @@ fn start_with(adapters_dir: &std::path::Path, extra: &[&str]) -> Server {
     }
 }
 
-/// One HTTP/1.1 request; returns (status, body), the body de-chunked.
-fn request_on(
-    port: u16,
-    method: &str,
-    path: &str,
-    body: Option<&[u8]>,
-    headers: &[(&str, &str)],
-) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if let Some(b) = body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            b.len()
-        ));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    if let Some(b) = body {
-        s.write_all(b)?;
-    }
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("header end");
-    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
-    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut rest = raw[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        let mut out = Vec::new();
-        let mut i = 0;
-        loop {
-            let nl = rest[i..].windows(2).position(|w| w == b"\r\n").unwrap() + i;
-            let n = usize::from_str_radix(std::str::from_utf8(&rest[i..nl]).unwrap().trim(), 16)
-                .unwrap();
-            if n == 0 {
-                break;
-            }
-            out.extend_from_slice(&rest[nl + 2..nl + 2 + n]);
-            i = nl + 2 + n + 2;
-        }
-        rest = out;
-    }
-    Ok((status, rest))
-}
-
 impl Server {
     /// Sends SIGTERM and waits (at most 30 s) for a clean exit.
     fn sigterm_and_wait(&mut self) {

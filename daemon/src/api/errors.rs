@@ -91,6 +91,12 @@ impl ApiError {
         .code("model_loading")
     }
 
+    /// 503: the unsynced attribution log is over the device's cap; nothing was accepted.
+    pub fn attribution_backlog_full(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+            .code("attribution_backlog_full")
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

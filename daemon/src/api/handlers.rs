@@ -83,6 +83,14 @@ async fn metrics(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResul
             .ledger_damaged_segments
             .set(l.damaged().len() as i64);
     }
+    if let Some(st) = s
+        .sync
+        .lock()
+        .ok()
+        .and_then(|g| g.as_ref().map(|x| x.status()))
+    {
+        s.metrics.sync.set(&st);
+    }
     let mut body = String::new();
     prometheus_client::encoding::text::encode(&mut body, &s.registry)
         .map_err(|e| ApiError::internal(format!("encoding metrics: {e}")))?;
@@ -109,6 +117,7 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
                     "checkpoint_size": l.latest_checkpoint().map(|c| c.tree_size),
                     "damage": l.damaged().iter().map(|d| d.to_string()).collect::<Vec<_>>(),
                 })),
+                "sync": s.sync.lock().ok().and_then(|g| g.as_ref().map(|x| x.health())),
                 "running": st.running, "waiting": st.waiting,
                 "steps": st.stats.steps, "preemptions": st.stats.preemptions,
                 "cancelled": st.stats.cancelled, "prompt_tokens": st.stats.prompt_tokens,
@@ -147,6 +156,19 @@ pub(super) fn same_secret(given: &str, secret: &str) -> bool {
             .zip(secret.bytes())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0
+}
+
+/// Refuses new work while the unsynced attribution log is over its cap (policy "refuse").
+fn check_backlog(s: &AppState) -> ApiResult<()> {
+    let verdict = s
+        .sync
+        .lock()
+        .ok()
+        .and_then(|g| g.as_ref().map(|x| x.admission()));
+    match verdict {
+        Some(Err(msg)) => Err(ApiError::attribution_backlog_full(msg)),
+        _ => Ok(()),
+    }
 }
 
 pub(super) fn ready(s: &AppState) -> ApiResult<&Ready> {
@@ -657,6 +679,7 @@ async fn completions(
 ) -> ApiResult<Response> {
     check_auth(&s, &headers)?;
     let r = ready(&s)?;
+    check_backlog(&s)?;
     let (req, raw): (CompletionRequest, _) = read_json_raw(&s, &headers, body).await?;
     let adapter = resolve_model(r, &req.model)?;
     if let Some(b) = req.best_of
@@ -960,6 +983,7 @@ async fn chat_completions(
 ) -> ApiResult<Response> {
     check_auth(&s, &headers)?;
     let r = ready(&s)?;
+    check_backlog(&s)?;
     let (req, raw): (ChatRequest, _) = read_json_raw(&s, &headers, body).await?;
     let adapter = resolve_model(r, &req.model)?;
     let c = common(

@@ -124,6 +124,10 @@ pub struct ServeArgs {
     /// number of adapters, whether a key is required).
     #[arg(long)]
     pub mdns: bool,
+    /// Sync the attribution ledger to the fleet's collector with this device bundle (default:
+    /// `[sync] bundle` in the config, else <data dir>/identity when it holds a bundle.toml).
+    #[arg(long)]
+    pub sync_bundle: Option<PathBuf>,
 }
 
 /// The `--config` file.
@@ -155,6 +159,7 @@ struct ConfigFile {
     shutdown_grace_secs: Option<u64>,
     watchdog: Option<PathBuf>,
     mdns: Option<bool>,
+    sync: Option<crate::sync::SyncSection>,
 }
 
 /// Flags over the file over the defaults.
@@ -177,6 +182,11 @@ pub struct ServeConfig {
     pub grace: Duration,
     pub watchdog: Option<PathBuf>,
     pub mdns: bool,
+    /// Ledger sync to the fleet (`None`: off).
+    pub sync: Option<crate::sync::SyncSettings>,
+    /// The ledger signing key: the bundle's `ledger.key` when it has one, else
+    /// `<data dir>/ledger/ledger.key` (created on first start).
+    pub ledger_key: PathBuf,
 }
 
 fn parse_opt<T: std::str::FromStr>(v: Option<String>, key: &str) -> Result<Option<T>>
@@ -280,9 +290,28 @@ impl ServeArgs {
             Some("relaxed") => true,
             Some(o) => bail!("durability {o:?}: use \"strict\" or \"relaxed\""),
         };
-        let device_id = self
-            .device_id
-            .or(file.device_id)
+        let mut sync_section = file.sync;
+        if let Some(b) = sync_section.as_mut().and_then(|s| s.bundle.take()) {
+            sync_section.as_mut().expect("some").bundle = Some(rel(b));
+        }
+        let sync = crate::sync::SyncSettings::resolve(sync_section, self.sync_bundle, &data_dir)?;
+        let explicit_id = self.device_id.or(file.device_id);
+        if let (Some(s), Some(id)) = (&sync, &explicit_id)
+            && &s.bundle.device_id != id
+        {
+            bail!(
+                "device id {id:?} differs from the bundle's {:?} ({}): the ledger must be signed \
+                 as the device the fleet enrolled",
+                s.bundle.device_id,
+                s.bundle.dir.display()
+            );
+        }
+        let ledger_key = sync
+            .as_ref()
+            .and_then(|s| s.bundle.ledger_key_path())
+            .unwrap_or_else(|| data_dir.join("ledger").join("ledger.key"));
+        let device_id = explicit_id
+            .or_else(|| sync.as_ref().map(|s| s.bundle.device_id.clone()))
             .or_else(|| {
                 std::fs::read_to_string("/etc/hostname")
                     .ok()
@@ -321,6 +350,8 @@ impl ServeArgs {
             ),
             watchdog: self.watchdog.or(file.watchdog.map(rel)),
             mdns: self.mdns || file.mdns.unwrap_or(false),
+            sync,
+            ledger_key,
         })
     }
 }
@@ -373,6 +404,8 @@ pub struct AppState {
     /// Beaten by the engine loop; the watchdog guard pets only while it beats.
     pub heartbeat: Heartbeat,
     pub watchdog: Mutex<Option<WatchdogGuard>>,
+    /// The ledger's sync to the fleet, once started.
+    pub sync: Mutex<Option<crate::sync::Sync>>,
 }
 
 impl AppState {
@@ -390,13 +423,14 @@ impl AppState {
 /// Opens (or creates) the attribution ledger and its signing key; recovery is reported loudly.
 fn open_ledger(
     dir: &Path,
+    key_path: &Path,
     device_id: &str,
     relaxed: bool,
 ) -> Result<edgelora_ledger::LedgerHandle> {
     use edgelora_ledger::{Durability, LedgerConfig, LedgerKey};
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let key = LedgerKey::load_or_create(&dir.join("ledger.key"), device_id)
-        .with_context(|| format!("the ledger key in {}", dir.display()))?;
+    let key = LedgerKey::load_or_create(key_path, device_id)
+        .with_context(|| format!("the ledger key {}", key_path.display()))?;
     let mut cfg = LedgerConfig::new(device_id, key);
     if relaxed {
         cfg.durability = Durability::Relaxed {
@@ -467,6 +501,7 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
         m: cfg_m,
         adapters_dir,
         data_dir,
+        ledger_key,
         device_id,
         relaxed,
         base_contributor,
@@ -479,7 +514,7 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
     let model = Arc::new(loaded.model);
     let base_id = model.name.clone();
     let registry = open_registry(&adapters_dir, &model, &base_id)?;
-    let ledger = open_ledger(&data_dir.join("ledger"), &device_id, relaxed)?;
+    let ledger = open_ledger(&data_dir.join("ledger"), &ledger_key, &device_id, relaxed)?;
     let prompts_dir = data_dir.join("prompts");
     let prompts = crate::attribution::PromptStore::open(&prompts_dir)
         .with_context(|| format!("opening the prompt templates in {}", prompts_dir.display()))?;
@@ -588,6 +623,7 @@ struct EngineCfg {
     m: ModelArgs,
     adapters_dir: PathBuf,
     data_dir: PathBuf,
+    ledger_key: PathBuf,
     device_id: String,
     relaxed: bool,
     base_contributor: String,
@@ -632,6 +668,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             .map_or(0, |d| d.as_secs()),
         heartbeat: Heartbeat::new(Arc::new(MonotonicClock::new())),
         watchdog: Mutex::new(None),
+        sync: Mutex::new(None),
     });
     eprintln!(
         "edgelorad: listening on http://{addr} (loading the model; /health answers 503 until ready)"
@@ -646,6 +683,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             m: cfg.m.clone(),
             adapters_dir: cfg.adapters_dir.clone(),
             data_dir: cfg.data_dir.clone(),
+            ledger_key: cfg.ledger_key.clone(),
             device_id: cfg.device_id.clone(),
             relaxed: cfg.relaxed,
             base_contributor: cfg.base_contributor.clone(),
@@ -681,6 +719,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     let server = tokio::spawn(async move { server.await });
     // Announce readiness (or fail) once the engine has loaded.
     let mdns = cfg.mdns;
+    let mut sync_settings = cfg.sync.clone();
     let mut advert: Option<mdns::Advert> = None;
     let announce = {
         let state = state.clone();
@@ -688,6 +727,16 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         async move {
             loop {
                 if let Some(r) = state.ready.get() {
+                    if let (Some(settings), Some(ledger)) = (sync_settings.take(), &r.ledger) {
+                        match crate::sync::Sync::start(settings, ledger.clone()) {
+                            Ok(s) => {
+                                if let Ok(mut g) = state.sync.lock() {
+                                    *g = Some(s);
+                                }
+                            }
+                            Err(e) => eprintln!("edgelorad: ledger sync NOT started: {e:#}"),
+                        }
+                    }
                     if mdns {
                         match mdns::advertise(
                             addr.port(),
@@ -723,6 +772,10 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     }
     server.await??;
     drop(advert);
+    let sync = state.sync.lock().ok().and_then(|mut g| g.take());
+    if let Some(s) = sync {
+        s.shutdown().await;
+    }
     // A final signed checkpoint over everything answered.
     if let Some(l) = state.ready.get().and_then(|r| r.ledger.as_ref()) {
         match l.close() {

@@ -79,6 +79,8 @@ pub struct EngineMetrics {
     pub ledger_events: Gauge,
     /// Ledger segments found damaged (quarantined or cut) since they were last repaired.
     pub ledger_damaged_segments: Gauge,
+    /// The ledger's sync to the fleet collector.
+    pub sync: crate::sync::SyncMetrics,
 }
 
 impl Default for EngineMetrics {
@@ -106,6 +108,7 @@ impl Default for EngineMetrics {
             storage_reader: Family::default(),
             ledger_events: Gauge::default(),
             ledger_damaged_segments: Gauge::default(),
+            sync: Default::default(),
         }
     }
 }
@@ -223,6 +226,7 @@ impl EngineMetrics {
             "Damage the attribution ledger found at open (quarantined segments): non-zero needs an operator",
             self.ledger_damaged_segments.clone(),
         );
+        self.sync.register(registry);
     }
 
     pub fn adapter(id: &str) -> AdapterLabel {

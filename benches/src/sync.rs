@@ -137,6 +137,14 @@ async fn run_async(a: SyncArgs, root: PathBuf) -> Result<()> {
     let raw_secs = raw_tls(&fleet_dir, &bundle, wire_bytes).await?;
     let raw_mbs = wire_bytes as f64 / 1e6 / raw_secs;
 
+    eprintln!("the collector's work without the network (verify + store, in process) ...");
+    let inproc_secs = {
+        let ledger = ledger.clone();
+        let (batch, backlog) = (a.batch, a.backlog);
+        let db = root.join("inproc.db");
+        tokio::task::spawn_blocking(move || in_process(&ledger, &db, batch, backlog)).await??
+    };
+
     eprintln!("catch-up through the collector ...");
     let collector = Collector::start(CollectorOptions::new(&fleet_dir, "127.0.0.1:0")).await?;
     let mut opts = SyncOptions::new(
@@ -213,6 +221,12 @@ async fn run_async(a: SyncArgs, root: PathBuf) -> Result<()> {
             .vs("device builds uploads alone", a.backlog as f64 / build_secs),
     );
     report.push(
+        Row::new("sync", "events/s over loopback mTLS", eps, "events/s").vs(
+            "same uploads verified + stored in process",
+            a.backlog as f64 / inproc_secs,
+        ),
+    );
+    report.push(
         Row::new("sync", "wire throughput", sync_mbs, "MB/s")
             .vs("raw TLS 1.3 loopback, same certs", raw_mbs)
             .note(format!(
@@ -259,6 +273,39 @@ fn build_all(ledger: &LedgerHandle, batch: usize, backlog: u64) -> Result<(f64, 
         bytes += 4 + postcard::to_allocvec(&msg)?.len() as u64;
     }
     Ok((t0.elapsed().as_secs_f64(), bytes))
+}
+
+/// Seconds to build, verify and store every upload in one process (no TLS, no network): the
+/// catch-up's ceiling on this machine.
+fn in_process(
+    ledger: &LedgerHandle,
+    db: &std::path::Path,
+    batch: usize,
+    backlog: u64,
+) -> Result<f64> {
+    use edgelora_fleet::collector::server::{CollectorStats, process_upload};
+    use edgelora_ledger::sync::proto::ServerMsg;
+    let store = edgelora_fleet::collector::sqlite::SqliteStore::open(db)?;
+    let stats = CollectorStats::default();
+    let key = ledger.public_key().clone();
+    let t0 = Instant::now();
+    let mut pos = Position::default();
+    while pos.next_seq < backlog {
+        let Some(up) = build_upload(ledger, pos, batch)? else {
+            bail!("nothing to send at {}", pos.next_seq);
+        };
+        match process_upload(&store, &stats, DEVICE, &key, &up) {
+            ServerMsg::Ack(a) => {
+                pos = Position {
+                    next_seq: a.next_seq,
+                    epoch: a.epoch,
+                    checkpoint_size: a.checkpoint_size,
+                }
+            }
+            other => bail!("in-process collector: {other:?}"),
+        }
+    }
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 /// Seconds to push `bytes` through a fresh TLS 1.3 connection made with the fleet's

@@ -407,8 +407,9 @@ fn refused(code: RefuseCode, message: impl Into<String>) -> ServerMsg {
 }
 
 /// Verifies and stores one upload; the reply to send. Retries when another upload for the
-/// same device (on another connection or collector process) committed first.
-fn process_upload(
+/// same device (on another connection or collector process) committed first. (Public for the
+/// sync bench's no-network yardstick.)
+pub fn process_upload(
     store: &dyn Store,
     stats: &CollectorStats,
     device: &str,

@@ -97,17 +97,11 @@ async fn wait_acked(client: &SyncClient, want: u64, limit: Duration) {
     }
 }
 
-/// The collector's totals for `device` equal the device's own counters, row for row, and every
-/// event is stored exactly once.
-fn assert_exact(store: &dyn Store, device: &str, ledger: &LedgerHandle, events: u64) {
-    let (count, distinct) = store.event_count(device).unwrap();
-    assert_eq!(
-        (count, distinct),
-        (events, events),
-        "events stored (total, distinct)"
-    );
-    let report = store.report(Some(device)).unwrap();
-    let mut theirs: Vec<(String, String, u64, u64, u64)> = report
+/// (contributor, kind, requests, prompt tokens, completion tokens) of a collector report.
+type Row = (String, String, u64, u64, u64);
+
+fn collector_rows(report: &edgelora_fleet::collector::store::Report) -> Vec<Row> {
+    report
         .contributors
         .iter()
         .map(|r| {
@@ -119,8 +113,21 @@ fn assert_exact(store: &dyn Store, device: &str, ledger: &LedgerHandle, events: 
                 r.totals.completion_tokens,
             )
         })
-        .collect();
-    let mut ours: Vec<(String, String, u64, u64, u64)> = ledger
+        .collect()
+}
+
+/// The collector's totals for `device` equal the device's own counters, row for row, and every
+/// event is stored exactly once.
+fn assert_exact(store: &dyn Store, device: &str, ledger: &LedgerHandle, events: u64) {
+    let (count, distinct) = store.event_count(device).unwrap();
+    assert_eq!(
+        (count, distinct),
+        (events, events),
+        "events stored (total, distinct)"
+    );
+    let report = store.report(Some(device)).unwrap();
+    let mut theirs = collector_rows(&report);
+    let mut ours: Vec<Row> = ledger
         .counters()
         .iter()
         .map(|(c, k, v)| {
@@ -560,7 +567,7 @@ fn edgelorad_syncs_its_ledger_and_refuses_work_while_the_backlog_is_over_its_cap
     )
     .unwrap();
     let ours: serde_json::Value = serde_json::from_slice(&b).unwrap();
-    let mut ours: Vec<(String, String, u64, u64, u64)> = ours["data"]
+    let mut ours: Vec<Row> = ours["data"]
         .as_array()
         .unwrap()
         .iter()
@@ -575,19 +582,7 @@ fn edgelorad_syncs_its_ledger_and_refuses_work_while_the_backlog_is_over_its_cap
         })
         .collect();
     let report = collector.store().report(Some("box-daemon")).unwrap();
-    let mut theirs: Vec<(String, String, u64, u64, u64)> = report
-        .contributors
-        .iter()
-        .map(|r| {
-            (
-                r.contributor.clone(),
-                r.kind.clone(),
-                r.totals.requests,
-                r.totals.prompt_tokens,
-                r.totals.completion_tokens,
-            )
-        })
-        .collect();
+    let mut theirs = collector_rows(&report);
     ours.sort();
     theirs.sort();
     assert_eq!(theirs, ours);
@@ -595,4 +590,46 @@ fn edgelorad_syncs_its_ledger_and_refuses_work_while_the_backlog_is_over_its_cap
     drop(proxy);
     rt.block_on(collector.shutdown());
     let _ = std::fs::remove_dir_all(&data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_client_closes_its_session_and_reconnects_when_the_log_grows() {
+    let s = setup("box-idle");
+    let c = Collector::start(collector_opts(&s.fleet_dir, None))
+        .await
+        .unwrap();
+    let mut opts = sync_opts(&s, c.local_addr());
+    opts.idle_close = Duration::from_millis(200);
+    let mut mix = Mix::new(5);
+    let ledger = s.ledger.clone();
+    let mut mix = tokio::task::spawn_blocking(move || {
+        append(&ledger, &mut mix, 100);
+        mix
+    })
+    .await
+    .unwrap();
+    let client = SyncClient::spawn(s.ledger.clone(), opts);
+    wait_acked(&client, 100, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let st = client.status();
+    assert!(
+        !st.connected && st.failures == 0 && st.sessions == 1,
+        "{st:?}"
+    );
+    // Still caught up: no new connection while nothing is new.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(client.status().sessions, 1);
+    let ledger = s.ledger.clone();
+    tokio::task::spawn_blocking(move || append(&ledger, &mut mix, 10))
+        .await
+        .unwrap();
+    wait_acked(&client, 110, Duration::from_secs(30)).await;
+    let st = client.status();
+    assert_eq!(
+        (st.sessions, st.failures, st.backlog_events),
+        (2, 0, 0),
+        "{st:?}"
+    );
+    client.shutdown().await;
+    c.shutdown().await;
 }

@@ -124,6 +124,10 @@ pub struct SyncOptions {
     pub backoff_max: Duration,
     /// Limit for connecting + handshaking, and for each reply.
     pub timeout: Duration,
+    /// A session with nothing to send for this long is closed (cleanly); the next one starts
+    /// when the log has grown past the acknowledgement. Keep it below the collector's idle
+    /// timeout (300 s).
+    pub idle_close: Duration,
     /// The unsynced backlog that raises the alarm (bytes of log); `None`: no limit.
     pub max_backlog_bytes: Option<u64>,
     /// Free text sent in `Hello`.
@@ -147,6 +151,7 @@ impl SyncOptions {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(60),
             timeout: Duration::from_secs(30),
+            idle_close: Duration::from_secs(60),
             max_backlog_bytes: None,
             agent: format!("edgelora-ledger {}", env!("CARGO_PKG_VERSION")),
         }
@@ -303,6 +308,8 @@ fn now_ms() -> u64 {
 #[derive(Debug)]
 enum SessionEnd {
     Stopped,
+    /// Caught up and idle: closed cleanly.
+    Idle,
     Failed(String),
     Refused(RefuseCode, String),
 }
@@ -315,6 +322,15 @@ async fn run(shared: Arc<Shared>, opts: SyncOptions, mut stop: watch::Receiver<b
         if *stop.borrow() {
             return;
         }
+        // Caught up (as far as the last acknowledgement tells): no connection until the log
+        // grows.
+        let acked = shared.status.lock().map(|s| s.acked).unwrap_or(None);
+        if acked.is_some_and(|p| p.next_seq >= shared.ledger.next_seq()) {
+            tokio::select! {
+                _ = tokio::time::sleep(opts.poll_interval) => continue,
+                _ = stop.changed() => return,
+            }
+        }
         let addr = opts.collectors[next_collector % opts.collectors.len().max(1)].clone();
         shared.update(|s| s.sessions += 1);
         let mut progressed = false;
@@ -322,6 +338,10 @@ async fn run(shared: Arc<Shared>, opts: SyncOptions, mut stop: watch::Receiver<b
         shared.update(|s| s.connected = false);
         let wait = match end {
             SessionEnd::Stopped => return,
+            SessionEnd::Idle => {
+                backoff = opts.backoff_min;
+                continue;
+            }
             SessionEnd::Failed(e) => {
                 tracing::warn!(collector = %addr, "sync: {e}");
                 shared.update(|s| {
@@ -405,6 +425,7 @@ async fn session(
     };
     shared.update(|s| s.connected = true);
     shared.acked(pos);
+    let mut idle_since = tokio::time::Instant::now();
     loop {
         let ledger = shared.ledger.clone();
         let batch = opts.batch_events;
@@ -415,6 +436,10 @@ async fn session(
             Err(e) => return SessionEnd::Failed(format!("reading the log: {e}")),
         };
         let Some(upload) = upload else {
+            if idle_since.elapsed() >= opts.idle_close {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut tls).await;
+                return SessionEnd::Idle;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(opts.poll_interval) => continue,
                 _ = stop.changed() => return SessionEnd::Stopped,
@@ -424,6 +449,7 @@ async fn session(
         match exchange(&mut tls, &ClientMsg::Upload(upload), opts.timeout, stop).await {
             Ok((ServerMsg::Ack(a), sent)) => {
                 *progressed = true;
+                idle_since = tokio::time::Instant::now();
                 pos = Position {
                     next_seq: a.next_seq,
                     epoch: a.epoch,

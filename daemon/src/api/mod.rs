@@ -291,8 +291,8 @@ impl ServeArgs {
             Some(o) => bail!("durability {o:?}: use \"strict\" or \"relaxed\""),
         };
         let mut sync_section = file.sync;
-        if let Some(b) = sync_section.as_mut().and_then(|s| s.bundle.take()) {
-            sync_section.as_mut().expect("some").bundle = Some(rel(b));
+        if let Some(sec) = sync_section.as_mut() {
+            sec.bundle = sec.bundle.take().map(rel);
         }
         let sync = crate::sync::SyncSettings::resolve(sync_section, self.sync_bundle, &data_dir)?;
         let explicit_id = self.device_id.or(file.device_id);

@@ -27,19 +27,25 @@ struct Setup {
     ledger: LedgerHandle,
 }
 
-fn setup(device: &str) -> Setup {
-    let tmp = tempfile::tempdir().unwrap();
-    let fleet_dir = tmp.path().join("fleet");
+/// A fleet in `root/fleet` with `device` enrolled; returns its bundle directory.
+fn enrolled_fleet(root: &Path, device: &str) -> PathBuf {
     let fleet = Fleet::init(
-        &fleet_dir,
+        &root.join("fleet"),
         &InitOptions {
             name: "test".into(),
             ..Default::default()
         },
     )
     .unwrap();
-    let bundle_dir = tmp.path().join("bundle");
+    let bundle_dir = root.join("bundle");
     fleet.enroll(device, &bundle_dir, 30).unwrap();
+    bundle_dir
+}
+
+fn setup(device: &str) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let fleet_dir = tmp.path().join("fleet");
+    let bundle_dir = enrolled_fleet(tmp.path(), device);
     let bundle = DeviceBundle::load(&bundle_dir).unwrap();
     let key = LedgerKey::load_or_create(&bundle.ledger_key_path().unwrap(), device).unwrap();
     let (ledger, _) =
@@ -434,16 +440,7 @@ fn edgelorad_syncs_its_ledger_and_refuses_work_while_the_backlog_is_over_its_cap
     let _rt = rt.enter();
     let tmp = tempfile::tempdir().unwrap();
     let fleet_dir = tmp.path().join("fleet");
-    let fleet = Fleet::init(
-        &fleet_dir,
-        &InitOptions {
-            name: "test".into(),
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let bundle_dir = tmp.path().join("bundle");
-    fleet.enroll("box-daemon", &bundle_dir, 30).unwrap();
+    let bundle_dir = enrolled_fleet(tmp.path(), "box-daemon");
     let (collector, proxy) = rt.block_on(async {
         let c = Collector::start(collector_opts(&fleet_dir, None))
             .await

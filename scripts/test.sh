@@ -9,6 +9,8 @@
 #     kernel is compiled for sm_87/sm_80/sm_90 by the tests; CUDA tests that need a GPU skip here;
 #   - starts a throwaway PostgreSQL server (scripts/pg.sh, installing Debian's postgresql when
 #     root and missing) for the collector's store tests, and stops it on exit;
+#   - as root, installs QEMU, OVMF, debootstrap and the mkfs tools (Debian packages) so the
+#     appliance image test builds an image and boots it under QEMU;
 #   - runs `cargo test --release --workspace`;
 #   - cross-compiles the kernels for aarch64 (Jetson) and runs their tests under qemu-user, after
 #     installing the rustup target, Debian's cross linker and qemu-user-static when missing.
@@ -62,6 +64,30 @@ if PG_URL="$(scripts/pg.sh)"; then
     export EDGELORA_TEST_PG="$PG_URL" EDGELORA_REQUIRE_PG=1
 else
     loud "could not start PostgreSQL: the collector's PostgreSQL store tests will be SKIPPED"
+fi
+
+echo "== tools for the appliance image test (QEMU, OVMF, debootstrap, mkfs)"
+# The test builds an image from debootstrap with the real daemon and boots it under QEMU.
+vm_tools_ready() {
+    for t in qemu-system-x86_64 debootstrap mke2fs mkfs.vfat mcopy sfdisk depmod; do
+        PATH="$PATH:/usr/sbin:/sbin" command -v "$t" >/dev/null || return 1
+    done
+    [ -f /usr/share/OVMF/OVMF_CODE_4M.fd ]
+}
+if [ "$(id -u)" -eq 0 ]; then
+    if ! vm_tools_ready; then
+        VM_PKGS="qemu-system-x86 ovmf debootstrap e2fsprogs dosfstools mtools fdisk kmod"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $VM_PKGS >/dev/null 2>&1 ||
+            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+                --no-install-recommends $VM_PKGS >/dev/null; } || true
+    fi
+    if vm_tools_ready; then
+        export EDGELORA_REQUIRE_VM=1
+    else
+        loud "could not install QEMU/debootstrap: the appliance image test will be SKIPPED"
+    fi
+else
+    loud "not root: the appliance image test (debootstrap, image ownership) will be SKIPPED"
 fi
 
 echo "== test (host)"

@@ -54,6 +54,9 @@ pub enum Command {
     /// This appliance's fleet identity: certificate signing request, certificate install.
     #[command(subcommand)]
     Identity(crate::identity::IdentityCommand),
+    /// A/B system updates from signed bundles: apply, status, mark-good.
+    #[command(subcommand)]
+    Update(crate::update::UpdateCommand),
 }
 
 #[derive(Args, Debug)]
@@ -367,6 +370,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Identity(c) => {
             crate::identity::run(c, crate::adapters::registry::default_data_dir)
         }
+        Command::Update(c) => crate::update::run(c),
         Command::Model(ModelCommand::Fetch) => {
             let p = crate::default_model::ensure().map_err(anyhow::Error::msg)?;
             println!("{}", p.display());

@@ -10,3 +10,4 @@ pub mod engine;
 pub mod identity;
 pub mod model;
 pub mod sync;
+pub mod update;

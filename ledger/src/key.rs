@@ -120,7 +120,7 @@ impl LedgerKey {
         }
     }
 
-    pub(crate) fn sign(&self, msg: &[u8]) -> [u8; 64] {
+    pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.signing.sign(msg).to_bytes()
     }
 }

@@ -734,6 +734,12 @@ impl Fleet {
                 ca.pem.as_bytes(),
                 0o644,
             )?;
+            // The update key's public half travels with the identity, so an image built from
+            // this bundle accepts this fleet's update bundles and no others.
+            let update_pub = self.dir.join(UPDATE_PUB_FILE);
+            if let Ok(text) = fs::read(&update_pub) {
+                write_file_atomic(&partial.join(UPDATE_PUB_FILE), &text, 0o644)?;
+            }
             DeviceBundle::write_manifest(
                 &partial,
                 id,

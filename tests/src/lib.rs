@@ -12,6 +12,7 @@ use std::time::Duration;
 use safetensors::{Dtype, SafeTensors};
 
 pub mod fault_proxy;
+pub mod vm;
 
 /// `tests/fixtures`, or `$EDGELORA_FIXTURES` (test binaries carried to another machine).
 pub fn fixtures() -> PathBuf {
@@ -133,36 +134,40 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 /// Path of the `edgelorad` binary of this build profile, building it when absent.
 pub fn edgelorad() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("EDGELORAD_BIN") {
-            return PathBuf::from(p);
-        }
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root")
-            .to_path_buf();
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("target"));
-        // Test binaries live in target/<profile>/deps; the binary sits one level up.
-        let profile_dir = std::env::current_exe()
-            .ok()
-            .and_then(|p| p.parent().and_then(Path::parent).map(Path::to_path_buf))
-            .unwrap_or_else(|| target.join("release"));
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let bin = profile_dir.join("edgelorad");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&root)
-            .args(["build", "-q", "-p", "edgelora-daemon", "--bin", "edgelorad"]);
-        if release {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("running cargo build");
-        assert!(status.success(), "building edgelorad failed");
-        assert!(bin.exists(), "{} missing after build", bin.display());
-        bin
+    BIN.get_or_init(|| match std::env::var_os("EDGELORAD_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => workspace_bin("edgelora-daemon", "edgelorad"),
     })
     .clone()
+}
+
+/// Path of a workspace binary of this build profile, built (`cargo build -p PACKAGE --bin BIN`)
+/// first so it is never stale.
+pub fn workspace_bin(package: &str, bin: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    // Test binaries live in target/<profile>/deps; the binary sits one level up.
+    let profile_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().and_then(Path::parent).map(Path::to_path_buf))
+        .unwrap_or_else(|| target.join("release"));
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let path = profile_dir.join(bin);
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root)
+        .args(["build", "-q", "-p", package, "--bin", bin]);
+    if release {
+        cmd.arg("--release");
+    }
+    let status = cmd.status().expect("running cargo build");
+    assert!(status.success(), "building {bin} failed");
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
 }
 
 /// Runs `edgelorad` with `args`; returns (success, stdout, stderr).

@@ -4,6 +4,8 @@
 //! backend never crosses threads); HTTP handlers on a small tokio runtime validate requests,
 //! turn them into [`GenRequest`]s sent over a channel, and stream the engine's events back.
 //! `/health` answers 503 until the model and adapters are loaded.
+//! Run by a systemd `Type=notify` unit, it sends `READY=1` at that same moment, `STATUS=` while
+//! loading, `STOPPING=1` on SIGTERM, and `WATCHDOG=1` only while the engine's step loop beats.
 
 mod admin;
 mod errors;
@@ -17,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use edgelora_hal::board::{GuardConfig, Heartbeat, LinuxWatchdog, WatchdogGuard};
+use edgelora_hal::board::{
+    GuardConfig, Heartbeat, LinuxWatchdog, SystemdNotifier, SystemdWatchdog, WatchdogGuard,
+};
 use edgelora_hal::clock::MonotonicClock;
 
 use anyhow::{Context, Result, bail};
@@ -118,6 +122,8 @@ pub struct ServeArgs {
     pub shutdown_grace_secs: Option<u64>,
     /// A hardware watchdog device (e.g. /dev/watchdog): armed once the model is loaded and
     /// petted only while the engine's step loop is alive, so a stuck engine reboots the box.
+    /// Under systemd with `WatchdogSec=` ($WATCHDOG_USEC), systemd's watchdog is petted the same
+    /// way, beside this one.
     #[arg(long)]
     pub watchdog: Option<PathBuf>,
     /// Advertise the server on the LAN over mDNS/DNS-SD as `_edgelora._tcp` (TXT: base model,
@@ -401,15 +407,19 @@ pub struct AppState {
     pub admin_token: Option<String>,
     pub max_body_bytes: usize,
     pub created: u64,
-    /// Beaten by the engine loop; the watchdog guard pets only while it beats.
+    /// Beaten by the engine loop; the watchdog guards pet only while it beats.
     pub heartbeat: Heartbeat,
     pub watchdog: Mutex<Option<WatchdogGuard>>,
+    /// systemd's `$NOTIFY_SOCKET`, when run by a `Type=notify` unit.
+    pub systemd: Option<SystemdNotifier>,
+    /// The guard sending systemd `WATCHDOG=1`, when the unit has `WatchdogSec=`.
+    pub systemd_watchdog: Mutex<Option<WatchdogGuard>>,
     /// The ledger's sync to the fleet, once started.
     pub sync: Mutex<Option<crate::sync::Sync>>,
 }
 
 impl AppState {
-    /// Disarms the hardware watchdog (magic close) on a clean stop.
+    /// Disarms the hardware watchdog (magic close) and stops petting systemd's on a clean stop.
     pub fn disarm_watchdog(&self) {
         if let Some(g) = self.watchdog.lock().ok().and_then(|mut g| g.take()) {
             match g.shutdown() {
@@ -417,7 +427,61 @@ impl AppState {
                 Err(e) => eprintln!("edgelorad: disarming the watchdog: {e}"),
             }
         }
+        if let Some(g) = self.systemd_watchdog.lock().ok().and_then(|mut g| g.take()) {
+            match g.shutdown() {
+                Ok(()) => eprintln!("edgelorad: systemd watchdog no longer petted"),
+                Err(e) => eprintln!("edgelorad: stopping systemd's watchdog: {e}"),
+            }
+        }
     }
+
+    /// Tells systemd (when it runs us) `STATUS=<status>`; a failure is logged, never fatal.
+    pub fn sd_status(&self, status: &str) {
+        self.sd_notify(|n| n.status(status));
+    }
+
+    fn sd_notify(&self, f: impl FnOnce(&SystemdNotifier) -> Result<(), edgelora_hal::HalError>) {
+        if let Some(n) = &self.systemd
+            && let Err(e) = f(n)
+        {
+            eprintln!("edgelorad: notifying systemd: {e}");
+        }
+    }
+}
+
+/// systemd's notification socket and watchdog interval, when run by a `Type=notify` unit
+/// (`$NOTIFY_SOCKET`, `$WATCHDOG_USEC`/`$WATCHDOG_PID`); neither when not. Nonsense in them is
+/// logged and ignored.
+fn systemd_from_env() -> (Option<SystemdNotifier>, Option<Duration>) {
+    let notifier = SystemdNotifier::from_env().unwrap_or_else(|e| {
+        eprintln!("edgelorad: ignoring $NOTIFY_SOCKET: {e}");
+        None
+    });
+    let interval = edgelora_hal::board::watchdog_interval_from_env().unwrap_or_else(|e| {
+        eprintln!("edgelorad: ignoring systemd's watchdog: {e}");
+        None
+    });
+    match (&notifier, interval) {
+        (Some(n), _) => eprintln!(
+            "edgelorad: systemd: notifying {} (READY=1 once the model is loaded); {}",
+            n.socket_name().display(),
+            match interval {
+                Some(i) => format!(
+                    "its watchdog ({i:?}) petted every {:?} while the engine's step loop is alive",
+                    edgelora_hal::board::guard_config_for(i).pet_every
+                ),
+                None => "no watchdog (WatchdogSec= unset)".to_owned(),
+            }
+        ),
+        (None, Some(_)) => {
+            eprintln!(
+                "edgelorad: $WATCHDOG_USEC without $NOTIFY_SOCKET: systemd's watchdog ignored"
+            );
+        }
+        (None, None) => {}
+    }
+    let interval = interval.filter(|_| notifier.is_some());
+    (notifier, interval)
 }
 
 /// Opens (or creates) the attribution ledger and its signing key; recovery is reported loudly.
@@ -509,10 +573,14 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
         kv_tokens,
         limits,
         watchdog,
+        systemd_watchdog,
     } = cfg;
     let loaded = cfg_m.load()?;
     let model = Arc::new(loaded.model);
     let base_id = model.name.clone();
+    state.sd_status(&format!(
+        "{base_id} loaded; opening the adapters and the ledger"
+    ));
     let registry = open_registry(&adapters_dir, &model, &base_id)?;
     let ledger = open_ledger(&data_dir.join("ledger"), &ledger_key, &device_id, relaxed)?;
     let prompts_dir = data_dir.join("prompts");
@@ -582,6 +650,27 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
             *g = Some(guard);
         }
     }
+    // systemd watches from READY=1 (sent once `ready` is set), with the unit's interval; on the
+    // same heartbeat as the hardware watchdog when both are configured.
+    if let (Some(interval), Some(notifier)) = (systemd_watchdog, &state.systemd) {
+        state.heartbeat.beat();
+        let wd = SystemdWatchdog::new(notifier.clone(), interval);
+        let config = wd.guard_config();
+        let guard = WatchdogGuard::start(Box::new(wd), state.heartbeat.clone(), config)
+            .context("arming systemd's watchdog")?;
+        eprintln!(
+            "edgelorad: systemd watchdog armed: WATCHDOG=1 every {:?} (WatchdogSec {interval:?}) while the engine beats{}",
+            config.pet_every,
+            if state.watchdog.lock().is_ok_and(|g| g.is_some()) {
+                "; the hardware watchdog too"
+            } else {
+                ""
+            }
+        );
+        if let Ok(mut g) = state.systemd_watchdog.lock() {
+            *g = Some(guard);
+        }
+    }
     loop {
         state.heartbeat.beat();
         if sched.is_idle() {
@@ -631,6 +720,8 @@ struct EngineCfg {
     kv_tokens: usize,
     limits: Limits,
     watchdog: Option<PathBuf>,
+    /// systemd's watchdog interval (only with a notification socket).
+    systemd_watchdog: Option<Duration>,
 }
 
 pub fn serve(args: ServeArgs) -> Result<()> {
@@ -647,6 +738,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let addr = listener.local_addr()?;
+    let (systemd, systemd_watchdog) = systemd_from_env();
     let metrics = crate::engine::metrics::EngineMetrics::default();
     let mut registry = prometheus_client::registry::Registry::with_prefix("edgelora");
     metrics.register(&mut registry);
@@ -668,8 +760,11 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             .map_or(0, |d| d.as_secs()),
         heartbeat: Heartbeat::new(Arc::new(MonotonicClock::new())),
         watchdog: Mutex::new(None),
+        systemd,
+        systemd_watchdog: Mutex::new(None),
         sync: Mutex::new(None),
     });
+    state.sd_status("loading the model");
     eprintln!(
         "edgelorad: listening on http://{addr} (loading the model; /health answers 503 until ready)"
     );
@@ -691,6 +786,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
             kv_tokens: cfg.kv_tokens,
             limits: cfg.limits.clone(),
             watchdog: cfg.watchdog.clone(),
+            systemd_watchdog,
         };
         std::thread::Builder::new()
             .name("edgelora-engine".into())
@@ -705,6 +801,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
                         return;
                     }
                     eprintln!("edgelorad: engine stopped: {e:#}");
+                    state.sd_status(&format!("engine stopped: {e:#}"));
                     std::process::exit(1);
                 }
             })?;
@@ -751,6 +848,13 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
                             Err(e) => eprintln!("edgelorad: mDNS advertisement failed: {e:#}"),
                         }
                     }
+                    // /health answers 200 from now on: tell systemd start-up is over.
+                    state.sd_notify(|n| {
+                        n.ready(&format!(
+                            "serving {} on {} at http://{addr}",
+                            r.base_id, r.device
+                        ))
+                    });
                     eprintln!(
                         "edgelorad: ready; try:\n  curl -s http://{addr}/v1/completions{curl_key} \
                          -H 'Content-Type: application/json' -d '{{\"model\": \"{}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'",
@@ -765,6 +869,7 @@ async fn serve_async(cfg: ServeConfig) -> Result<()> {
     tokio::select! {
         r = ready_rx => {
             if let Ok(Err(e)) = r {
+                state.sd_status(&format!("failed: {e:#}"));
                 return Err(e);
             }
         }
@@ -813,6 +918,12 @@ async fn shutdown_signal(grace: Duration, state: Arc<AppState>) {
         "edgelorad: shutting down: no new requests; finishing running ones for up to {}s",
         grace.as_secs()
     );
+    state.sd_notify(|n| {
+        n.stopping(&format!(
+            "shutting down: finishing running requests for up to {}s",
+            grace.as_secs()
+        ))
+    });
     std::thread::spawn(move || {
         std::thread::sleep(grace);
         eprintln!("edgelorad: grace period over; cancelling what still runs and exiting");

@@ -183,6 +183,12 @@ impl Vm {
         }
     }
 
+    /// Reads (and keeps) what the console printed; call it while waiting on something else: an
+    /// unread console stalls the guest.
+    pub fn drain_console(&mut self) {
+        self.drain();
+    }
+
     /// Reads what the console has printed so far into `pending`.
     fn drain(&mut self) {
         let mut buf = [0u8; 65536];
@@ -258,6 +264,26 @@ impl Vm {
                 "no shell on the console within {timeout:?}:\n{}",
                 self.console_tail(4000)
             );
+        }
+    }
+
+    /// Waits until the console prints `needle` (reading it as it comes: an unread console
+    /// stalls the guest).
+    pub fn wait_for_console(&mut self, needle: &str, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        loop {
+            self.drain();
+            if self.pending.contains(needle) {
+                self.pending.clear();
+                return;
+            }
+            self.assert_running();
+            assert!(
+                Instant::now() < until,
+                "{needle:?} not on the console within {timeout:?}:\n{}",
+                self.console_tail(4000)
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 

@@ -334,6 +334,7 @@ fn reboot_and_wait(vm: &mut Vm, timeout: Duration) -> Duration {
     vm.send("systemctl reboot");
     let t = Instant::now();
     while vm.http_status("/health") == Some(200) && t.elapsed() < Duration::from_secs(120) {
+        vm.drain_console();
         std::thread::sleep(Duration::from_millis(300));
     }
     vm.wait_http_ok("/health", timeout);
@@ -372,6 +373,12 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
     let first = completion(&vm);
     vm.wait_shell(Duration::from_secs(120));
 
+    // Where the boot time goes (firmware, loader, kernel, initrd, userspace), same boot.
+    let (_, analyze) = vm.shell(
+        "systemd-analyze time 2>&1 | head -3",
+        Duration::from_secs(60),
+    );
+    eprintln!("systemd-analyze: {}", analyze.trim());
     let st = status_json(&mut vm);
     assert_eq!(st["current_slot"], "a", "{st}");
     assert_eq!(entries(&mut vm), "edgelora-a.conf");
@@ -538,14 +545,7 @@ fn appliance_survives_power_cut_and_rolls_back_a_broken_update() {
     vm.wait_http_ok("/health", Duration::from_secs(420));
     vm.wait_shell(Duration::from_secs(120));
     vm.send("edgelorad update apply /dev/disk/by-id/virtio-good >/dev/console 2>&1 &");
-    let t = Instant::now();
-    while !vm.console_tail(20000).contains("writing slot") {
-        assert!(
-            t.elapsed() < Duration::from_secs(900),
-            "apply never started writing"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    vm.wait_for_console("writing slot", Duration::from_secs(900));
     std::thread::sleep(Duration::from_secs(3));
     vm.kill();
     let mut vm = Vm::start(&cfg, &vmdir);
@@ -567,9 +567,8 @@ fn appliance_survives_power_cut_and_rolls_back_a_broken_update() {
     let t = Instant::now();
     vm.send("systemctl reboot");
     std::thread::sleep(Duration::from_secs(20));
-    wait_for("rollback to slot a", Duration::from_secs(1800), || {
-        (vm.http_status("/health") == Some(200)).then_some(())
-    });
+    // Three failed boots (each: boot, no health within 60 s, reboot), then slot A serves.
+    vm.wait_http_ok("/health", Duration::from_secs(1800));
     let rollback_secs = t.elapsed().as_secs_f64();
     vm.wait_shell(Duration::from_secs(120));
     let (_, cmdline) = vm.shell("cat /proc/cmdline", Duration::from_secs(30));

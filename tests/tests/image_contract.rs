@@ -54,8 +54,8 @@ fn the_first_boot_entry_is_slot_a_good_and_chosen() {
     // fallback once B is bad.
     let b_text = loader::render_entry(Slot::B, "1.1.0", 2, "ro rootwait");
     let b = Entry::from_parts("edgelora-b+3.conf", &b_text, true).unwrap();
-    let chosen = loader::choose(&[a.clone(), b]).unwrap();
-    assert_eq!(chosen.slot(), Some(Slot::B));
+    let trying = [a.clone(), b];
+    assert_eq!(loader::choose(&trying).unwrap().slot(), Some(Slot::B));
     let bad = Entry::from_parts("edgelora-b+0-3.conf", &b_text, true).unwrap();
     assert_eq!(loader::choose(&[a, bad]).unwrap().slot(), Some(Slot::A));
 }
@@ -110,47 +110,19 @@ fn build_refuses_bad_inputs_before_any_work() {
     let pubk = pubk.to_str().unwrap();
     let daemon = edgelora_tests::edgelorad();
     let daemon = daemon.to_str().unwrap();
-    let base = ["build", "--base", "debootstrap:bookworm", "--out", "x.img"];
-    let e = run(&[&base[..], &["--daemon", daemon, "--config", "c.toml"]].concat());
+    let build = |daemon: &str, config: &str, key: Option<&str>| {
+        let mut args = vec!["build", "--base", "debootstrap:bookworm", "--out", "x.img"];
+        args.extend(["--daemon", daemon, "--config", config]);
+        args.extend(key.map(|k| ["--update-pub", k]).into_iter().flatten());
+        run(&args)
+    };
+    let e = build(daemon, "c.toml", None);
     assert!(e.contains("update key"), "{e}");
-    let e = run(&[
-        &base[..],
-        &[
-            "--daemon",
-            "not-elf",
-            "--config",
-            "c.toml",
-            "--update-pub",
-            pubk,
-        ],
-    ]
-    .concat());
+    let e = build("not-elf", "c.toml", Some(pubk));
     assert!(e.contains("not an ELF"), "{e}");
-    let e = run(&[
-        &base[..],
-        &[
-            "--daemon",
-            daemon,
-            "--config",
-            "bad.toml",
-            "--update-pub",
-            pubk,
-        ],
-    ]
-    .concat());
+    let e = build(daemon, "bad.toml", Some(pubk));
     assert!(e.contains("bad.toml"), "{e}");
-    let e = run(&[
-        &base[..],
-        &[
-            "--daemon",
-            daemon,
-            "--config",
-            "c.toml",
-            "--update-pub",
-            "c.toml",
-        ],
-    ]
-    .concat());
+    let e = build(daemon, "c.toml", Some("c.toml"));
     assert!(e.contains("update key"), "{e}");
     let e = run(&[
         "build",

@@ -97,9 +97,11 @@ impl Vm {
             .arg(format!("if=pflash,format=raw,file={}", vars.display()))
             .arg("-drive")
             .arg(format!(
-                "file={},format=raw,if=virtio,cache=unsafe",
+                "file={},format=raw,if=none,id=disk,cache=unsafe",
                 cfg.disk.display()
             ))
+            // The firmware tries this disk first, not the bundle disks.
+            .args(["-device", "virtio-blk-pci,drive=disk,bootindex=0"])
             .args(["-netdev"])
             .arg(format!(
                 "user,id=n0,hostfwd=tcp:127.0.0.1:{}-:8080",

@@ -369,7 +369,7 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
         mem_mib: 1536,
     };
     let mut vm = Vm::start(&cfg, &vmdir);
-    let boot_to_ready = vm.wait_http_ok("/health", Duration::from_secs(420));
+    let boot_to_ready = vm.wait_http_ok("/health", Duration::from_secs(900));
     let first = completion(&vm);
     vm.wait_shell(Duration::from_secs(120));
 
@@ -444,7 +444,7 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
     let apply_secs = t.elapsed().as_secs_f64();
     assert_eq!(rc, 0, "good update refused: {out}");
     assert!(entries(&mut vm).contains("edgelora-b+3.conf"));
-    let reboot = reboot_and_wait(&mut vm, Duration::from_secs(420));
+    let reboot = reboot_and_wait(&mut vm, Duration::from_secs(900));
     vm.wait_shell(Duration::from_secs(120));
     let (_, ver) = vm.shell("cat /etc/edgelora/version", Duration::from_secs(30));
     assert!(ver.contains("1.1.0"), "{ver}");
@@ -542,14 +542,14 @@ fn appliance_survives_power_cut_and_rolls_back_a_broken_update() {
 
     // Power cut while slot B is being written.
     let mut vm = Vm::start(&cfg, &vmdir);
-    vm.wait_http_ok("/health", Duration::from_secs(420));
+    vm.wait_http_ok("/health", Duration::from_secs(900));
     vm.wait_shell(Duration::from_secs(120));
     vm.send("edgelorad update apply /dev/disk/by-id/virtio-good >/dev/console 2>&1 &");
     vm.wait_for_console("writing slot", Duration::from_secs(900));
     std::thread::sleep(Duration::from_secs(3));
     vm.kill();
     let mut vm = Vm::start(&cfg, &vmdir);
-    vm.wait_http_ok("/health", Duration::from_secs(420));
+    vm.wait_http_ok("/health", Duration::from_secs(900));
     vm.wait_shell(Duration::from_secs(120));
     let (_, cmdline) = vm.shell("cat /proc/cmdline", Duration::from_secs(30));
     assert!(

@@ -178,7 +178,7 @@ pub fn build(o: &BuildOptions) -> Result<String> {
     data_tree(&o.data, &data_dir)?;
     match o.arch {
         Arch::X86_64 => build_x86_64(o, &root, &data_dir, work.path(), &version),
-        Arch::Aarch64 => crate::jetson::handoff(o, &root, &data_dir, work.path(), &version),
+        Arch::Aarch64 => crate::jetson::handoff(o, &root, &data_dir, &version),
     }
 }
 

@@ -58,7 +58,6 @@ pub fn handoff(
     o: &BuildOptions,
     root: &Path,
     data_dir: &Path,
-    _work: &Path,
     version: &semver::Version,
 ) -> Result<String> {
     let out = &o.out;

@@ -185,14 +185,9 @@ impl Vm {
         }
     }
 
-    /// Reads (and keeps) what the console printed; call it while waiting on something else: an
-    /// unread console stalls the guest.
-    pub fn drain_console(&mut self) {
-        self.drain();
-    }
-
-    /// Reads what the console has printed so far into `pending`.
-    fn drain(&mut self) {
+    /// Reads what the console has printed so far into `pending`. Call it while waiting on
+    /// anything else: an unread console stalls the guest.
+    pub fn drain(&mut self) {
         let mut buf = [0u8; 65536];
         loop {
             match self.serial.read(&mut buf) {

@@ -61,7 +61,6 @@ fn run(cmd: &mut Command) -> String {
 struct Artifacts {
     dir: PathBuf,
     image: PathBuf,
-    fleet: PathBuf,
     /// serial → bundle file padded to whole sectors (a virtio disk is whole sectors).
     drives: Vec<(String, PathBuf)>,
     build_secs: f64,
@@ -257,7 +256,6 @@ fn artifacts() -> &'static Artifacts {
         Artifacts {
             dir,
             image,
-            fleet,
             drives,
             build_secs,
         }
@@ -334,7 +332,7 @@ fn reboot_and_wait(vm: &mut Vm, timeout: Duration) -> Duration {
     vm.send("systemctl reboot");
     let t = Instant::now();
     while vm.http_status("/health") == Some(200) && t.elapsed() < Duration::from_secs(120) {
-        vm.drain_console();
+        vm.drain();
         std::thread::sleep(Duration::from_millis(300));
     }
     vm.wait_http_ok("/health", timeout);
@@ -506,7 +504,6 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
         first["choices"][0]["text"],
         second["choices"][0]["text"]
     );
-    let _ = a.fleet;
 }
 
 #[test]

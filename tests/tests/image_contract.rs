@@ -110,49 +110,26 @@ fn build_refuses_bad_inputs_before_any_work() {
     let pubk = pubk.to_str().unwrap();
     let daemon = edgelora_tests::edgelorad();
     let daemon = daemon.to_str().unwrap();
-    let build = |daemon: &str, config: &str, key: Option<&str>| {
-        let mut args = vec!["build", "--base", "debootstrap:bookworm", "--out", "x.img"];
+    // Every build below must be refused; `--base debootstrap:bookworm` unless overridden.
+    let build = |base: &str, daemon: &str, config: &str, key: Option<&str>, extra: &[&str]| {
+        let mut args = vec!["build", "--base", base, "--out", "x.img"];
         args.extend(["--daemon", daemon, "--config", config]);
         args.extend(key.map(|k| ["--update-pub", k]).into_iter().flatten());
+        args.extend(extra);
         run(&args)
     };
-    let e = build(daemon, "c.toml", None);
+    let deb = "debootstrap:bookworm";
+    let e = build(deb, daemon, "c.toml", None, &[]);
     assert!(e.contains("update key"), "{e}");
-    let e = build("not-elf", "c.toml", Some(pubk));
+    let e = build(deb, "not-elf", "c.toml", Some(pubk), &[]);
     assert!(e.contains("not an ELF"), "{e}");
-    let e = build(daemon, "bad.toml", Some(pubk));
+    let e = build(deb, daemon, "bad.toml", Some(pubk), &[]);
     assert!(e.contains("bad.toml"), "{e}");
-    let e = build(daemon, "c.toml", Some("c.toml"));
+    let e = build(deb, daemon, "c.toml", Some("c.toml"), &[]);
     assert!(e.contains("update key"), "{e}");
-    let e = run(&[
-        "build",
-        "--base",
-        "debootstrap:bookworm",
-        "--arch",
-        "aarch64",
-        "--daemon",
-        daemon,
-        "--config",
-        "c.toml",
-        "--update-pub",
-        pubk,
-        "--out",
-        "o",
-    ]);
+    let e = build(deb, daemon, "c.toml", Some(pubk), &["--arch", "aarch64"]);
     assert!(e.contains("ELF machine"), "{e}");
-    let e = run(&[
-        "build",
-        "--base",
-        "bogus",
-        "--daemon",
-        daemon,
-        "--config",
-        "c.toml",
-        "--update-pub",
-        pubk,
-        "--out",
-        "o",
-    ]);
+    let e = build("bogus", daemon, "c.toml", Some(pubk), &[]);
     assert!(e.contains("debootstrap:<suite>"), "{e}");
     // Nothing was left behind.
     assert!(!dir.path().join("x.img").exists());

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use edgelora_kernels::Q8Matrix;
-use edgelora_kernels::cpu::q8::Q8Rows;
+use edgelora_kernels::cpu::lora::LoraB;
 use serde_json::Value;
 
 use crate::model::st::TensorStore;
@@ -21,15 +21,16 @@ pub enum AdapterError {
     Invalid { adapter: String, msg: String },
 }
 
-/// One adapted projection: `A [r, in]`, `B [out, r]`, in f32 (exact path), and A and `B^T`
-/// `[r, out]` as Q8_0 (int8 fast path; transposed so the expand is rank-many row updates).
+/// One adapted projection: `A [r, in]`, `B [out, r]`, in f32 (exact path), and for the int8 fast
+/// path A as Q8_0 in the base weights' tiled layout and B as int8 rows grouped by eight
+/// ([`LoraB`]), so the shrink and the fused expand run on integer dot products.
 #[derive(Clone, Debug)]
 pub struct LoraPair {
     pub rank: usize,
     pub a: Vec<f32>,
     pub b: Vec<f32>,
     pub a_q8: Q8Matrix,
-    pub bt_q8: Q8Rows,
+    pub b_q8: LoraB,
 }
 
 impl LoraPair {
@@ -38,26 +39,19 @@ impl LoraPair {
         let inp = a.len() / rank.max(1);
         let out = b.len() / rank.max(1);
         let a_q8 = Q8Matrix::quantize(&a, rank, inp).map_err(|e| e.to_string())?;
-        let mut bt = vec![0f32; rank * out];
-        for (o, row) in b.chunks_exact(rank.max(1)).enumerate() {
-            for (r, &v) in row.iter().enumerate() {
-                bt[r * out + o] = v;
-            }
-        }
-        let bt_q8 =
-            Q8Rows::from_matrix(&Q8Matrix::quantize(&bt, rank, out).map_err(|e| e.to_string())?);
+        let b_q8 = LoraB::quantize(&b, out, rank).map_err(|e| e.to_string())?;
         Ok(Self {
             rank,
             a,
             b,
             a_q8,
-            bt_q8,
+            b_q8,
         })
     }
 
     /// Bytes the int8 path reads per use.
     pub fn nbytes_q8(&self) -> usize {
-        self.a_q8.nbytes() + self.bt_q8.nbytes()
+        self.a_q8.nbytes() + self.b_q8.nbytes()
     }
 }
 

@@ -9,8 +9,8 @@ use edgelora_kernels::Weight;
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::attention::{Query, SparseConfig, paged_attention_rows};
 use edgelora_kernels::cpu::kv::KvPool;
-use edgelora_kernels::cpu::lora::{LoraSegment, LoraSegmentQ8, sgmv_q8_many, sgmv_reference};
-use edgelora_kernels::cpu::matmul::Input;
+use edgelora_kernels::cpu::lora::{LoraSegment, LoraSegmentQ8, sgmv_reference};
+use edgelora_kernels::cpu::matmul::{Input, ProjQ8, project_q8};
 use edgelora_kernels::cpu::ops::{Rope, rms_norm, rms_norm_rows, swiglu};
 use edgelora_kernels::cpu::qdot::best_isa;
 
@@ -238,44 +238,21 @@ pub fn forward(
             xq.quantize_from(input, rows, cols);
         }
     };
-    // The LoRA deltas of projections that read the same input, added per segment of rows
-    // sharing an adapter (all of them in one parallel region on the int8 path).
-    let lora = |xq: &ActQ8, layer: usize, input: &[f32], outs: &mut [(Proj, &mut [f32])]| {
-        if segments.is_empty() {
-            return;
-        }
-        if int8 {
-            let segs: Vec<Vec<LoraSegmentQ8<'_>>> = outs
-                .iter()
-                .map(|(p, _)| {
-                    segments
-                        .iter()
-                        .filter_map(|(range, a)| {
-                            a.get(layer, *p).map(|pair| LoraSegmentQ8 {
-                                rows: range.clone(),
-                                a: &pair.a_q8,
-                                bt: &pair.bt_q8,
-                                scaling: a.scaling,
-                            })
-                        })
-                        .collect()
-                })
-                .collect();
-            let mut jobs: Vec<(&mut [f32], usize, &[LoraSegmentQ8<'_>])> = outs
-                .iter_mut()
-                .zip(&segs)
-                .filter(|(_, sg)| !sg.is_empty())
-                .map(|((p, o), sg)| {
-                    let out_dim = w.layers[layer].get(*p).weight.rows();
-                    (&mut **o, out_dim, sg.as_slice())
-                })
-                .collect();
-            if !jobs.is_empty() {
-                sgmv_q8_many(xq, &mut jobs, best_isa());
-            }
-        } else {
+    // Projections that read the same input (q, k, v; gate, up), with the LoRA deltas of every
+    // segment of rows sharing an adapter. On the int8 path all of it is one parallel region.
+    let project = |xq: &ActQ8, layer: usize, input: &[f32], outs: &mut [(Proj, &mut [f32])]| {
+        let lw = &w.layers[layer];
+        if !int8 {
             for (p, out) in outs.iter_mut() {
-                let lin = w.layers[layer].get(*p);
+                let lin = lw.get(*p);
+                lin.forward(
+                    &Input {
+                        x: input,
+                        m: rows,
+                        q8: None,
+                    },
+                    out,
+                );
                 let (cols, out_dim) = (lin.weight.cols(), lin.weight.rows());
                 let segs: Vec<LoraSegment<'_>> = segments
                     .iter()
@@ -293,37 +270,59 @@ pub fn forward(
                     sgmv_reference(input, cols, out, out_dim, &segs);
                 }
             }
+            return;
         }
-    };
-
-    // Projections that read the same input (q, k, v; gate, up) run in one parallel region.
-    let project = |xq: &ActQ8, layer: usize, input: &[f32], outs: &mut [(Proj, &mut [f32])]| {
-        let lw = &w.layers[layer];
+        // Dense (f32) weights take the exact product; their LoRA deltas still run on int8.
         let quantized = outs
             .iter()
             .all(|(p, _)| !matches!(lw.get(*p).weight, Weight::F32(_)));
-        if int8 && quantized {
-            let mut jobs: Vec<(&Weight, &mut [f32])> = outs
-                .iter_mut()
-                .map(|(p, o)| (&lw.get(*p).weight, &mut **o))
-                .collect();
-            Weight::matmul_q8_many(&mut jobs, xq, best_isa());
-            for (p, o) in outs.iter_mut() {
-                lw.get(*p).add_bias(o);
-            }
-        } else {
+        if !quantized {
             for (p, o) in outs.iter_mut() {
                 lw.get(*p).forward(
                     &Input {
                         x: input,
                         m: rows,
-                        q8: int8.then_some(xq),
+                        q8: Some(xq),
                     },
                     o,
                 );
             }
         }
-        lora(xq, layer, input, outs);
+        let segs: Vec<Vec<LoraSegmentQ8<'_>>> = outs
+            .iter()
+            .map(|(p, _)| {
+                segments
+                    .iter()
+                    .filter_map(|(range, a)| {
+                        a.get(layer, *p).map(|pair| LoraSegmentQ8 {
+                            rows: range.clone(),
+                            a: &pair.a_q8,
+                            b: &pair.b_q8,
+                            scaling: a.scaling,
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut jobs: Vec<ProjQ8<'_, '_>> = outs
+            .iter_mut()
+            .zip(&segs)
+            .map(|((p, o), sg)| {
+                let weight = &lw.get(*p).weight;
+                ProjQ8 {
+                    weight: quantized.then_some(weight),
+                    out_dim: weight.rows(),
+                    out: o,
+                    lora: sg,
+                }
+            })
+            .collect();
+        project_q8(&mut jobs, xq, best_isa());
+        if quantized {
+            for (p, o) in outs.iter_mut() {
+                lw.get(*p).add_bias(o);
+            }
+        }
     };
 
     for (li, lw) in w.layers.iter().enumerate() {

@@ -4,13 +4,15 @@
 
 use std::ops::Range;
 
-use crate::Q8Matrix;
+use half::f16;
+
 use crate::cpu::act::{ActQ8, BlockQ8A};
+use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
 use crate::cpu::ops::dot;
-use crate::cpu::q4::{QK, TILE_ROWS};
-use crate::cpu::q8::Q8Rows;
+use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::qdot::{Isa, TileOut, q8q8_tiles};
 use crate::cpu::threads::SharedOut;
+use crate::{KernelError, Q8Matrix};
 
 /// One run of consecutive rows that share an adapter's A `[rank, in]` and B `[out, rank]`.
 #[derive(Clone, Debug)]
@@ -49,23 +51,110 @@ pub fn sgmv_reference(
     }
 }
 
-/// A segment for the int8 path: A `[rank, in]` and B transposed, `B^T [rank, out]`, as Q8_0.
+/// B `[out, rank]` of an adapted projection for the int8 expand: int8 codes with one scale per
+/// output row (over its `rank` values), in groups of eight rows laid out like the base weights'
+/// tiles — eight f16 scales, then per four columns one 32-byte chunk whose 32-bit lane `i` holds
+/// those four columns of row `i` — so that a `dpbusd` gives eight outputs. The rank is padded to
+/// a multiple of four only (rank 16: 144 bytes per eight outputs), not to a block of 32.
+#[derive(Clone, Debug)]
+pub struct LoraB {
+    rows: usize,
+    rank: usize,
+    chunks: usize,
+    data: Vec<u8>,
+}
+
+impl LoraB {
+    /// Quantizes `b` (`[rows, rank]`, row-major): `d = max|row| / 127` (as f16), codes rounded
+    /// half away from zero and clamped to ±127.
+    pub fn quantize(b: &[f32], rows: usize, rank: usize) -> Result<Self, KernelError> {
+        if b.len() != rows * rank || rank == 0 {
+            return Err(KernelError::Shape(format!(
+                "LoRA B: {} values for [{rows}, {rank}]",
+                b.len()
+            )));
+        }
+        let chunks = rank.div_ceil(4);
+        let stride = Self::stride_for(chunks);
+        let mut data = vec![0u8; rows.div_ceil(TILE_ROWS) * stride];
+        for n in 0..rows {
+            let row = &b[n * rank..(n + 1) * rank];
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // The scale as stored (f16), so that codes and scale agree.
+            let d = f16::from_f32(amax / 127.0).to_f32();
+            if !d.is_finite() {
+                return Err(KernelError::Unsupported(format!(
+                    "LoRA B row {n}: magnitude {amax} is beyond an f16 scale"
+                )));
+            }
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            let (g, i) = (n / TILE_ROWS, n % TILE_ROWS);
+            let base = g * stride;
+            data[base + 2 * i..base + 2 * i + 2]
+                .copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
+            for (k, &v) in row.iter().enumerate() {
+                let t = v * id;
+                let q = (t + 0.5f32.copysign(t)) as i32;
+                data[base + 16 + 32 * (k / 4) + 4 * i + k % 4] = q.clamp(-127, 127) as i8 as u8;
+            }
+        }
+        Ok(Self {
+            rows,
+            rank,
+            chunks,
+            data,
+        })
+    }
+
+    fn stride_for(chunks: usize) -> usize {
+        16 + 32 * chunks
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    /// Groups of four columns (the rank rounded up to a multiple of four, over four).
+    pub fn chunks(&self) -> usize {
+        self.chunks
+    }
+    /// Bytes per group of eight rows.
+    pub fn stride(&self) -> usize {
+        Self::stride_for(self.chunks)
+    }
+    /// The bytes of row groups `gs`, group after group.
+    pub fn groups_data(&self, gs: Range<usize>) -> &[u8] {
+        &self.data[gs.start * self.stride()..gs.end * self.stride()]
+    }
+    /// Row `n`'s scale.
+    pub fn scale(&self, n: usize) -> f32 {
+        let at = (n / TILE_ROWS) * self.stride() + 2 * (n % TILE_ROWS);
+        f16::from_bits(u16::from_le_bytes([self.data[at], self.data[at + 1]])).to_f32()
+    }
+    /// Row `n`'s code of column `k`.
+    pub fn code(&self, n: usize, k: usize) -> i8 {
+        self.data[(n / TILE_ROWS) * self.stride() + 16 + 32 * (k / 4) + 4 * (n % TILE_ROWS) + k % 4]
+            as i8
+    }
+    pub fn nbytes(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A segment for the int8 path: A `[rank, in]` as Q8_0 in the base weights' tiled layout (the
+/// shrink runs on their micro-kernels) and B as [`LoraB`]. The expand is fused into the base
+/// projection's row-group tasks, see [`crate::cpu::matmul::project_q8`].
 #[derive(Clone, Debug)]
 pub struct LoraSegmentQ8<'a> {
     pub rows: Range<usize>,
     pub a: &'a Q8Matrix,
-    pub bt: &'a Q8Rows,
+    pub b: &'a LoraB,
     pub scaling: f32,
 }
 
-/// Rows per task: the shrink reuses each A tile for up to four rows.
-const ROWS_PER_TASK: usize = 4;
-
-/// SGMV on the int8 path in one parallel region whatever the number of adapters: segments are cut
-/// into pieces of at most four rows (so one adapter shared by a whole batch still uses every
-/// core). Shrink `t = A x` with the quantized input (its outliers applied exactly), then expand
-/// `out += scaling * B t` with `t` in f32 as rank-many row updates from `B^T`, which vectorize.
-/// `out` is `[rows, out_dim]`.
+/// SGMV on the int8 path: `out [rows, out_dim] += scaling * B (A x)` per segment, in one parallel
+/// region (the fused projection with no base weight).
 pub fn sgmv_q8(
     x: &ActQ8,
     out: &mut [f32],
@@ -73,121 +162,153 @@ pub fn sgmv_q8(
     segments: &[LoraSegmentQ8<'_>],
     isa: Isa,
 ) {
-    sgmv_q8_many(x, &mut [(out, out_dim, segments)], isa);
+    crate::cpu::matmul::project_q8(
+        &mut [crate::cpu::matmul::ProjQ8 {
+            weight: None,
+            out,
+            out_dim,
+            lora: segments,
+        }],
+        x,
+        isa,
+    );
 }
 
-/// The LoRA deltas of several projections of the same input (q, k and v; gate and up) in one
-/// parallel region: `jobs[i] = (out, out_dim, segments)`. A region costs a wake-up and a barrier
-/// of the pool, which for a small model's narrow projections is as much as the work.
-pub fn sgmv_q8_many(x: &ActQ8, jobs: &mut [(&mut [f32], usize, &[LoraSegmentQ8<'_>])], isa: Isa) {
-    let mut pieces = Vec::new();
-    for (ji, (out, out_dim, segments)) in jobs.iter().enumerate() {
-        assert_eq!(out.len(), x.rows() * out_dim, "output shape");
-        for (si, s) in segments.iter().enumerate() {
-            assert!(
-                s.rows.end <= x.rows() && s.a.cols() == x.cols(),
-                "segment rows or input width"
-            );
-            assert!(
-                s.bt.cols() == *out_dim && s.bt.rows() == s.a.rows(),
-                "B^T shape"
-            );
-            let mut r = s.rows.start;
-            while r < s.rows.end {
-                let e = (r + ROWS_PER_TASK).min(s.rows.end);
-                pieces.push((ji, si, r..e));
-                r = e;
-            }
-        }
-    }
-    if pieces.is_empty() {
-        return;
-    }
-    let ops: Vec<(SharedOut, usize, &[LoraSegmentQ8<'_>])> = jobs
-        .iter_mut()
-        .map(|(o, d, segs)| (SharedOut::new(o), *d, *segs))
-        .collect();
-    crate::cpu::threads::global().run(pieces.len(), &|pi| {
-        let (ji, si, rows) = &pieces[pi];
-        let (op, out_dim, segments) = ops[*ji];
-        let seg = &segments[*si];
-        let rank = seg.a.rows();
-        let groups = seg.a.row_groups();
-        let n = rows.len();
-        let xs: Vec<&[BlockQ8A]> = rows.clone().map(|r| x.row(r)).collect();
-        // t[i][j]: rank values per row, padded to whole tiles.
-        let mut t = vec![[0f32; TILE_ROWS]; n * groups];
-        let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
-        for g in 0..groups {
-            q8q8_tiles(isa, seg.a.group_tiles(g), &xs, &mut tmp);
-            for i in 0..n {
-                t[i * groups + g] = tmp[i];
-                for &(k, v) in x.outliers(rows.start + i) {
-                    for (ti, c) in t[i * groups + g]
-                        .iter_mut()
-                        .zip(seg.a.group_column(g, k as usize))
-                    {
-                        *ti += v * c;
-                    }
-                }
-            }
-        }
-        // Expand: per output row and block of 32 columns, the rank updates are summed in
-        // registers straight from the int8 codes of B^T (plain row order), then added once.
-        let coef: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                let t = &t;
-                (0..rank).map(move |j| seg.scaling * t[i * groups + j / TILE_ROWS][j % TILE_ROWS])
-            })
-            .collect();
-        for i in 0..n {
-            let r = rows.start + i;
-            // SAFETY: row r belongs to this piece only; in bounds by the asserts.
-            let orow = unsafe { op.slice_mut(r * out_dim, out_dim) };
-            expand_row_dispatch(isa, orow, &coef[i * rank..(i + 1) * rank], seg.bt);
-        }
-    });
-}
+/// Rows per shrink task: each A tile is reused for up to four rows.
+pub(crate) const ROWS_PER_TASK: usize = 4;
 
-/// `orow += Σ_j c[j] · B^T[j]`, per 32-column block summed in registers straight from the int8
-/// codes, then added once.
-#[inline(always)]
-fn expand_row(orow: &mut [f32], c: &[f32], bt: &Q8Rows) {
-    let bpr = bt.blocks_per_row();
-    let out_dim = orow.len();
-    for b in 0..bpr {
-        let mut acc = [0f32; QK];
-        for (j, &cj) in c.iter().enumerate() {
-            let cd = cj * bt.d[j * bpr + b];
-            let q: &[i8; QK] = bt.q[(j * bpr + b) * QK..][..QK]
-                .try_into()
-                .expect("32 codes");
-            for (a, &v) in acc.iter_mut().zip(q) {
-                *a += cd * v as f32;
-            }
+/// The shrink of up to four rows `rows` of `x` that share `a`: `t = A x` with `x`'s outliers
+/// applied exactly, then quantized to int8 with one scale per row into `codes` (`stride` per row,
+/// zero past the rank) and `scales`, for the expand's integer product.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn shrink_rows(
+    isa: Isa,
+    x: &ActQ8,
+    plan: &OutlierPlan,
+    rows: Range<usize>,
+    a: &Q8Matrix,
+    codes: &mut [i8],
+    stride: usize,
+    scales: &mut [f32],
+) {
+    let n = rows.len();
+    debug_assert!(n <= ROWS_PER_TASK && codes.len() == n * stride && scales.len() == n);
+    let rank = a.rows();
+    let groups = a.row_groups();
+    let empty: &[BlockQ8A] = &[];
+    let mut xs = [empty; ROWS_PER_TASK];
+    for (i, r) in rows.clone().enumerate() {
+        xs[i] = x.row(r);
+    }
+    let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
+    // t of row i, row group g at [(i * groups + g) * 8 ..].
+    let mut t = vec![0f32; n * groups * TILE_ROWS];
+    let mut cols = Vec::new();
+    for g in 0..groups {
+        q8q8_tiles(isa, a.group_tiles(g), &xs[..n], &mut tmp);
+        q8_group_columns(isa, a, g, &plan.cols, &mut cols);
+        for (i, vals) in tmp[..n].iter().enumerate() {
+            let acc = add_outliers(*vals, &plan.rows[rows.start + i], &cols);
+            t[(i * groups + g) * TILE_ROWS..][..TILE_ROWS].copy_from_slice(&acc);
         }
-        let k0 = b * QK;
-        let k1 = (k0 + QK).min(out_dim);
-        for (o, a) in orow[k0..k1].iter_mut().zip(acc) {
-            *o += a;
+    }
+    for i in 0..n {
+        let ti = &t[i * groups * TILE_ROWS..][..rank];
+        let amax = ti.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let row = &mut codes[i * stride..(i + 1) * stride];
+        row.fill(0);
+        for (q, &v) in row.iter_mut().zip(ti) {
+            let s = v * id;
+            *q = ((s + 0.5f32.copysign(s)) as i32).clamp(-127, 127) as i8;
         }
+        scales[i] = d;
     }
 }
 
-/// The same loop compiled for AVX2 + FMA (the crate's baseline is plain x86-64, where it
-/// vectorizes to 4-wide SSE without FMA).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn expand_row_avx2(orow: &mut [f32], c: &[f32], bt: &Q8Rows) {
-    expand_row(orow, c, bt)
+/// The expand of row groups `gs` (output columns `8 gs.start .. 8 gs.end`) for the rows of
+/// `seg`: `out[r][n] += scaling * d_t * d_B[n] * dot(B[n], t[r])`, where `t_row(r)` gives row
+/// `r`'s codes and scale and `op` is `out` (`[rows, out_dim]`; the caller owns these columns):
+/// one [`lora_axpy`] per row over the whole run of groups.
+pub(crate) fn expand_groups<'t>(
+    isa: Isa,
+    seg: &LoraSegmentQ8<'_>,
+    gs: Range<usize>,
+    t_row: impl Fn(usize) -> (&'t [i8], f32),
+    op: SharedOut,
+    out_dim: usize,
+) {
+    let n0 = gs.start * TILE_ROWS;
+    let n1 = (gs.end * TILE_ROWS).min(out_dim);
+    // Whole groups straight into the output; a partial last group through a scratch.
+    let whole = if n1 - n0 == gs.len() * TILE_ROWS {
+        gs.end
+    } else {
+        gs.end - 1
+    };
+    for r in seg.rows.clone() {
+        let (t, td) = t_row(r);
+        let scale = seg.scaling * td;
+        if whole > gs.start {
+            // SAFETY: these columns of row r belong to the calling task.
+            let dst = unsafe { op.slice_mut(r * out_dim + n0, (whole - gs.start) * TILE_ROWS) };
+            lora_axpy(isa, seg.b, gs.start..whole, t, scale, dst);
+        }
+        if whole < gs.end {
+            let mut tmp = [0f32; TILE_ROWS];
+            lora_axpy(isa, seg.b, whole..gs.end, t, scale, &mut tmp);
+            let m0 = whole * TILE_ROWS;
+            // SAFETY: as above.
+            let dst = unsafe { op.slice_mut(r * out_dim + m0, n1 - m0) };
+            for (d, v) in dst.iter_mut().zip(tmp) {
+                *d += v;
+            }
+        }
+    }
 }
 
-fn expand_row_dispatch(isa: Isa, orow: &mut [f32], c: &[f32], bt: &Q8Rows) {
+/// The expand's micro-kernel: `out[8(g - gs.start) + i] += scale * d_B[8g + i] * dot(B[8g + i],
+/// t)` for the row groups `gs` of `b`; `t` holds `4 * b.chunks()` codes (zero past the rank) and
+/// `out` eight values per group.
+pub fn lora_axpy(isa: Isa, b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, out: &mut [f32]) {
+    assert!(t.len() >= 4 * b.chunks(), "t codes");
+    assert_eq!(out.len(), TILE_ROWS * gs.len(), "output length");
+    assert!(gs.end <= b.rows().div_ceil(TILE_ROWS), "row groups");
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: these instruction sets are only chosen when the CPU has AVX2 and FMA.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { expand_row_avx2(orow, c, bt) },
-        _ => expand_row(orow, c, bt),
+        Isa::Avx2 | Isa::Avx512Vnni => {
+            // SAFETY: `isa` came from `available_isas`, so the CPU has these features; the
+            // shapes were checked above.
+            unsafe {
+                crate::cpu::x86::lora_axpy(
+                    isa == Isa::Avx512Vnni,
+                    b.groups_data(gs),
+                    b.stride(),
+                    b.chunks(),
+                    t,
+                    scale,
+                    out,
+                )
+            }
+        }
+        _ => lora_axpy_reference(b, gs, t, scale, out),
+    }
+}
+
+/// Reference for [`lora_axpy`] (also the path of the ISAs without a SIMD version).
+pub fn lora_axpy_reference(b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, out: &mut [f32]) {
+    for (o, n) in out.iter_mut().zip(gs.start * TILE_ROWS..) {
+        if n >= b.rows() {
+            continue; // padding rows of the last group (their codes are zero anyway)
+        }
+        let sumi: i32 = (0..4 * b.chunks())
+            .map(|k| {
+                let c = if k < b.rank() { b.code(n, k) } else { 0 };
+                c as i32 * t[k] as i32
+            })
+            .sum();
+        *o += sumi as f32 * (b.scale(n) * scale);
     }
 }
 
@@ -232,25 +353,21 @@ mod tests {
         ];
         let mut want = vec![0.25f32; rows * out_dim];
         sgmv_reference(&x, in_dim, &mut want, out_dim, &segs);
-        // B transposed, [rank, out], as the int8 path stores it.
-        let bt: Vec<f32> = (0..rank * out_dim)
-            .map(|i| b[(i % out_dim) * rank + i / out_dim])
-            .collect();
         let (aq, bq) = (
             Q8Matrix::quantize(&a, rank, in_dim).unwrap(),
-            Q8Rows::from_matrix(&Q8Matrix::quantize(&bt, rank, out_dim).unwrap()),
+            LoraB::quantize(&b, out_dim, rank).unwrap(),
         );
         let segs_q8 = [
             LoraSegmentQ8 {
                 rows: 0..2,
                 a: &aq,
-                bt: &bq,
+                b: &bq,
                 scaling: 2.0,
             },
             LoraSegmentQ8 {
                 rows: 3..5,
                 a: &aq,
-                bt: &bq,
+                b: &bq,
                 scaling: 0.5,
             },
         ];
@@ -258,7 +375,7 @@ mod tests {
         let scale = want.iter().fold(0f32, |m, v| m.max((v - 0.25).abs()));
         let mut scalar = vec![0.25f32; rows * out_dim];
         sgmv_q8(&xq, &mut scalar, out_dim, &segs_q8, Isa::Scalar);
-        // Three int8 roundings (x, A, B) on uniform data: a few percent of the delta's scale; a
+        // Four int8 roundings (x, A, t, B) on uniform data: a few percent of the delta's scale; a
         // wrong kernel is off by the whole delta.
         let err = scalar
             .iter()
@@ -285,6 +402,60 @@ mod tests {
                 isa.name()
             );
         }
+    }
+
+    #[test]
+    fn lora_b_round_trips_and_the_expand_kernel_equals_its_reference_on_every_isa() {
+        let mut seed = 7u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for (rows, rank) in [
+            (1, 1),
+            (8, 4),
+            (13, 7),
+            (40, 16),
+            (33, 30),
+            (64, 64),
+            (20, 100),
+        ] {
+            let b: Vec<f32> = (0..rows * rank).map(|_| next()).collect();
+            let lb = LoraB::quantize(&b, rows, rank).unwrap();
+            assert_eq!(lb.chunks(), rank.div_ceil(4));
+            for n in 0..rows {
+                let d = lb.scale(n);
+                for k in 0..rank {
+                    let back = lb.code(n, k) as f32 * d;
+                    // Half a step, plus the clamp when the f16 scale rounded down (127 * 2^-11 steps).
+                    assert!((back - b[n * rank + k]).abs() <= d * 0.57, "[{n},{k}]");
+                }
+            }
+            let t: Vec<i8> = (0..4 * lb.chunks())
+                .map(|k| if k < rank { (next() * 127.0) as i8 } else { 0 })
+                .collect();
+            let groups = rows.div_ceil(TILE_ROWS);
+            for gs in [0..groups, groups / 2..groups, 0..groups.div_ceil(2)] {
+                let mut want = vec![0.5f32; gs.len() * TILE_ROWS];
+                lora_axpy_reference(&lb, gs.clone(), &t, 0.75, &mut want);
+                // Against the definition, row by row.
+                for (o, n) in want.iter().zip(gs.start * TILE_ROWS..) {
+                    if n < rows {
+                        let dot: i32 = (0..rank).map(|k| lb.code(n, k) as i32 * t[k] as i32).sum();
+                        let exact = 0.5 + dot as f32 * lb.scale(n) * 0.75;
+                        assert!((o - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "row {n}");
+                    }
+                }
+                for isa in crate::cpu::qdot::available_isas() {
+                    let mut got = vec![0.5f32; gs.len() * TILE_ROWS];
+                    lora_axpy(isa, &lb, gs.clone(), &t, 0.75, &mut got);
+                    assert_eq!(got, want, "{} [{rows},{rank}] {gs:?}", isa.name());
+                }
+            }
+        }
+        assert!(LoraB::quantize(&[1.0; 6], 2, 4).is_err());
     }
 
     #[test]

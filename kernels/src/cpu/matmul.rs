@@ -6,12 +6,17 @@
 //! Both loop over weight rows outermost, so each weight byte is read from memory once per call
 //! whatever the number of activation rows, and split the rows across the thread pool.
 
-use crate::Weight;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use crate::cpu::act::{ActQ8, BlockQ8A};
+use crate::cpu::lora::{LoraSegmentQ8, ROWS_PER_TASK, expand_groups, shrink_rows};
 use crate::cpu::ops::dot;
-use crate::cpu::q4::TILE_ROWS;
+use crate::cpu::q4::Q4Kind;
+use crate::cpu::q4::{QK, TILE_ROWS};
+use crate::cpu::qdot::f16_to_f32;
 use crate::cpu::qdot::{Isa, TileOut, best_isa, q4q8_tiles, q8q8_tiles};
 use crate::cpu::threads::{SharedOut, parallel_ranges};
+use crate::{Q4Matrix, Q8Matrix, Weight};
 
 /// Output rows per task are a multiple of this (cache-line-friendly writes for m = 1).
 const ROW_ALIGN: usize = 16;
@@ -83,37 +88,38 @@ impl Weight {
     /// Several products of the same int8 input (q, k and v; gate and up) in one parallel region:
     /// fewer barriers per token and one balanced split of all their rows.
     pub fn matmul_q8_many(jobs: &mut [(&Weight, &mut [f32])], x: &ActQ8, isa: Isa) {
-        let m = x.rows();
-        let mut starts = Vec::with_capacity(jobs.len() + 1);
-        let mut total = 0;
-        for (w, out) in jobs.iter() {
-            assert!(
-                !matches!(w, Weight::F32(_)),
-                "dense weights take the exact path"
-            );
-            assert_eq!(x.cols(), w.cols(), "activation width");
-            assert_eq!(out.len(), m * w.rows(), "output shape");
-            starts.push(total);
-            total += w.rows().div_ceil(TILE_ROWS);
-        }
-        starts.push(total);
-        let outs: Vec<(&Weight, SharedOut)> = jobs
+        let mut projs: Vec<ProjQ8<'_, '_>> = jobs
             .iter_mut()
-            .map(|(w, o)| (*w, SharedOut::new(o)))
+            .map(|(w, out)| ProjQ8 {
+                weight: Some(*w),
+                out_dim: w.rows(),
+                out,
+                lora: &[],
+            })
             .collect();
-        let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
-        parallel_ranges(total, GROUP_ALIGN, &|range| {
-            for gg in range {
-                let j = starts.partition_point(|&s| s <= gg) - 1;
-                let (w, op) = outs[j];
-                w.q8_group(gg - starts[j], x, &xrows, isa, op);
-            }
-        });
+        project_q8(&mut projs, x, isa);
     }
 
-    /// Row group `g` of `x W^T` into `op` (`[m, rows]`).
-    fn q8_group(&self, g: usize, x: &ActQ8, xrows: &[&[BlockQ8A]], isa: Isa, op: SharedOut) {
+    /// Row group `g` of `x W^T` into `op` (`[m, rows]`). `cols` holds this group's weight
+    /// columns at `plan`'s outlier columns.
+    fn q8_group(
+        &self,
+        g: usize,
+        plan: &OutlierPlan,
+        xrows: &[&[BlockQ8A]],
+        isa: Isa,
+        op: SharedOut,
+        cols: &mut Vec<[f32; TILE_ROWS]>,
+    ) {
         let (rows, m) = (self.rows(), xrows.len());
+        cols.clear();
+        match self {
+            Weight::Q4(w) => q4_group_columns(isa, w, g, &plan.cols, cols),
+            Weight::Q8(w) => q8_group_columns(isa, w, g, &plan.cols, cols),
+            Weight::F32(_) => unreachable!("dense weights take the exact path"),
+        }
+        let n0 = g * TILE_ROWS;
+        let n1 = (n0 + TILE_ROWS).min(rows);
         let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
         for r0 in (0..m).step_by(4) {
             let xs = &xrows[r0..(r0 + 4).min(m)];
@@ -122,26 +128,337 @@ impl Weight {
                 Weight::Q8(w) => q8q8_tiles(isa, w.group_tiles(g), xs, &mut tmp),
                 Weight::F32(_) => unreachable!("dense weights take the exact path"),
             }
-            let n0 = g * TILE_ROWS;
-            let n1 = (n0 + TILE_ROWS).min(rows);
-            if x.has_outliers() {
-                for (i, vals) in tmp[..xs.len()].iter_mut().enumerate() {
-                    for &(k, v) in x.outliers(r0 + i) {
-                        let col = self.group_column(g, k as usize);
-                        for (o, c) in vals.iter_mut().zip(col) {
-                            *o += v * c;
-                        }
-                    }
-                }
-            }
             for (i, vals) in tmp[..xs.len()].iter().enumerate() {
-                for (n, &v) in (n0..n1).zip(vals) {
-                    // SAFETY: index < m * rows; row group g belongs to this task only.
-                    unsafe { op.write((r0 + i) * rows + n, v) };
+                // Summed in a local (registers): scalar stores into `tmp` followed by a vector
+                // load of it would stall on store forwarding.
+                let acc = add_outliers(*vals, &plan.rows[r0 + i], cols);
+                // SAFETY: in bounds (checked by `slice_mut`); row group g belongs to this task.
+                let dst = unsafe { op.slice_mut((r0 + i) * rows + n0, n1 - n0) };
+                if let Ok(d) = <&mut [f32; TILE_ROWS]>::try_from(&mut *dst) {
+                    *d = acc;
+                } else {
+                    dst.copy_from_slice(&acc[..dst.len()]);
                 }
             }
         }
     }
+}
+
+/// `vals + Σ v · cols[u]` over a row's outliers `(u, v)`.
+#[inline]
+pub(crate) fn add_outliers(
+    mut acc: [f32; TILE_ROWS],
+    outliers: &[(u32, f32)],
+    cols: &[[f32; TILE_ROWS]],
+) -> [f32; TILE_ROWS] {
+    for &(u, v) in outliers {
+        let c = &cols[u as usize];
+        for l in 0..TILE_ROWS {
+            acc[l] += v * c[l];
+        }
+    }
+    acc
+}
+
+/// Columns `ks` (sorted) of the eight rows of row group `g`, dequantized into `out`, one per
+/// column; each tile's scales are converted once however many of the columns it holds.
+pub(crate) fn q4_group_columns(
+    isa: Isa,
+    w: &Q4Matrix,
+    g: usize,
+    ks: &[u32],
+    out: &mut Vec<[f32; TILE_ROWS]>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        // SAFETY: these instruction sets are only chosen when the CPU has AVX2, FMA and F16C.
+        unsafe { crate::cpu::x86::q4_columns(w.kind(), w.group_tiles(g), ks, out) };
+        return;
+    }
+    let _ = isa;
+    out.clear();
+    let tiles = w.group_tiles(g);
+    let mut cur = usize::MAX;
+    let (mut d, mut m) = ([0f32; TILE_ROWS], [0f32; TILE_ROWS]);
+    for &k in ks {
+        let (b, c) = (k as usize / QK, k as usize % QK);
+        let t = &tiles[b];
+        if b != cur {
+            cur = b;
+            d = t.d.map(f16_to_f32);
+            m = match w.kind() {
+                Q4Kind::ZeroPoint => t.m.map(|z| z as f32),
+                Q4Kind::Affine => t.m.map(f16_to_f32),
+            };
+        }
+        out.push(std::array::from_fn(|i| {
+            let code = t.code(i, c) as f32;
+            match w.kind() {
+                Q4Kind::ZeroPoint => (code - m[i]) * d[i],
+                Q4Kind::Affine => d[i] * code + m[i],
+            }
+        }));
+    }
+}
+
+/// As [`q4_group_columns`] for a Q8_0 matrix.
+pub(crate) fn q8_group_columns(
+    isa: Isa,
+    w: &Q8Matrix,
+    g: usize,
+    ks: &[u32],
+    out: &mut Vec<[f32; TILE_ROWS]>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(isa, Isa::Avx2 | Isa::Avx512Vnni) {
+        // SAFETY: these instruction sets are only chosen when the CPU has AVX2, FMA and F16C.
+        unsafe { crate::cpu::x86::q8_columns(w.group_tiles(g), ks, out) };
+        return;
+    }
+    let _ = isa;
+    out.clear();
+    let tiles = w.group_tiles(g);
+    let mut cur = usize::MAX;
+    let mut d = [0f32; TILE_ROWS];
+    for &k in ks {
+        let (b, c) = (k as usize / QK, k as usize % QK);
+        let t = &tiles[b];
+        if b != cur {
+            cur = b;
+            d = t.d.map(f16_to_f32);
+        }
+        out.push(std::array::from_fn(|i| t.q(i, c) as f32 * d[i]));
+    }
+}
+
+/// The outlier columns of an [`ActQ8`] deduplicated across its rows (the same few channels are
+/// outliers in most tokens), so that a row group dequantizes each such weight column once, not
+/// once per row and outlier.
+pub(crate) struct OutlierPlan {
+    pub(crate) cols: Vec<u32>,
+    /// Per row: (index into `cols`, exact value).
+    pub(crate) rows: Vec<Vec<(u32, f32)>>,
+}
+
+impl OutlierPlan {
+    fn new(x: &ActQ8) -> Self {
+        let mut cols: Vec<u32> = (0..x.rows())
+            .flat_map(|r| x.outliers(r).iter().map(|o| o.0))
+            .collect();
+        cols.sort_unstable();
+        cols.dedup();
+        let rows: Vec<Vec<(u32, f32)>> = (0..x.rows())
+            .map(|r| {
+                x.outliers(r)
+                    .iter()
+                    .map(|&(k, v)| {
+                        let u = cols
+                            .binary_search(&k)
+                            .expect("every column is in the union");
+                        (u as u32, v)
+                    })
+                    .collect()
+            })
+            .collect();
+        Self { cols, rows }
+    }
+}
+
+/// One projection of a shared int8 input: `out = x W^T` when `weight` is given (else `out` is
+/// left as it is), then `out[r] += scaling * B (A x_r)` for the rows of each LoRA segment.
+/// `out` is `[x.rows(), out_dim]`.
+pub struct ProjQ8<'w, 'o> {
+    pub weight: Option<&'w Weight>,
+    pub out: &'o mut [f32],
+    pub out_dim: usize,
+    pub lora: &'w [LoraSegmentQ8<'w>],
+}
+
+/// A buffer that the tasks of one region write at disjoint places and read only after every
+/// write is done (the shrink results: written by the shrink tasks, read by the row-group tasks
+/// once the shrink counter, released by each writer, says all are done).
+struct RawBuf<T> {
+    ptr: *mut T,
+    len: usize,
+}
+impl<T> Clone for RawBuf<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for RawBuf<T> {}
+// SAFETY: see the type's contract; the buffer outlives the region.
+unsafe impl<T: Send> Send for RawBuf<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for RawBuf<T> {}
+
+impl<T> RawBuf<T> {
+    fn new(v: &mut [T]) -> Self {
+        Self {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+    /// # Safety
+    /// No other live reference covers `start .. start + len`.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice_mut(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "shared buffer range");
+        // SAFETY: in bounds (checked); exclusive by the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+    /// # Safety
+    /// No task writes `start .. start + len` while the slice lives.
+    unsafe fn slice(&self, start: usize, len: usize) -> &[T] {
+        assert!(start + len <= self.len, "shared buffer range");
+        // SAFETY: in bounds (checked); no concurrent writer by the caller's contract.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(start), len) }
+    }
+}
+
+/// Projections of the same int8 input (q, k and v; gate and up), their base products and every
+/// LoRA segment's shrink and expand, in **one** parallel region: the shrink tasks come first, then
+/// the row-group tasks, each of which computes its eight output columns for every row and adds
+/// the expand of those columns for the rows that have an adapter. The adapters' bytes are read
+/// while the base product computes, and a mixed batch costs no region or barrier more than a
+/// batch with no adapter.
+///
+/// The pool hands tasks out in index order and a claimed task always runs to its end, so when a
+/// row-group task waits for the shrink tasks, each of them is running on some thread and none
+/// of them waits: the wait always ends.
+pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
+    let m = x.rows();
+    for j in jobs.iter() {
+        if let Some(w) = j.weight {
+            assert!(
+                !matches!(w, Weight::F32(_)),
+                "dense weights take the exact path"
+            );
+            assert_eq!(x.cols(), w.cols(), "activation width");
+            assert_eq!(j.out_dim, w.rows(), "output width");
+        }
+        assert_eq!(j.out.len(), m * j.out_dim, "output shape");
+        for s in j.lora {
+            assert!(
+                s.rows.end <= m && s.a.cols() == x.cols(),
+                "segment rows or input width"
+            );
+            assert!(
+                s.b.rows() == j.out_dim && s.b.rank() == s.a.rows(),
+                "B shape"
+            );
+        }
+    }
+    // Shrink pieces (job, segment, up to four rows) and where each job's t rows live.
+    let mut pieces = Vec::new();
+    // Per job: where its rows' t codes start, their stride, and where its rows' scales start.
+    let mut tq_at = Vec::with_capacity(jobs.len());
+    let mut tq_len = 0;
+    for (ji, j) in jobs.iter().enumerate() {
+        let stride = j.lora.iter().map(|s| 4 * s.b.chunks()).max().unwrap_or(0);
+        tq_at.push((tq_len, stride, ji * m));
+        tq_len += m * stride;
+        for (si, s) in j.lora.iter().enumerate() {
+            let mut r = s.rows.start;
+            while r < s.rows.end {
+                let e = (r + ROWS_PER_TASK).min(s.rows.end);
+                pieces.push((ji, si, r..e));
+                r = e;
+            }
+        }
+    }
+    let mut tq = vec![0i8; tq_len];
+    let mut td = vec![0f32; jobs.len() * m];
+    let (tqb, tdb) = (RawBuf::new(&mut tq), RawBuf::new(&mut td));
+    // Row groups of every job that has something to compute.
+    let mut starts = Vec::with_capacity(jobs.len() + 1);
+    let mut total = 0;
+    for j in jobs.iter() {
+        starts.push(total);
+        if j.weight.is_some() || !j.lora.is_empty() {
+            total += j.out_dim.div_ceil(TILE_ROWS);
+        }
+    }
+    starts.push(total);
+    if total == 0 {
+        return;
+    }
+    let plan = OutlierPlan::new(x);
+    let outs: Vec<(Option<&Weight>, SharedOut, usize, &[LoraSegmentQ8<'_>])> = jobs
+        .iter_mut()
+        .map(|j| (j.weight, SharedOut::new(j.out), j.out_dim, j.lora))
+        .collect();
+    let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
+    let pool = crate::cpu::threads::global();
+    let units = total.div_ceil(GROUP_ALIGN);
+    let tasks = (pool.threads() * 4).min(units).max(1);
+    let per = units.div_ceil(tasks) * GROUP_ALIGN;
+    let group_tasks = total.div_ceil(per);
+    let n_pieces = pieces.len();
+    let shrunk = AtomicUsize::new(0);
+    pool.run(n_pieces + group_tasks, &|t| {
+        if t < n_pieces {
+            let (ji, si, rows) = &pieces[t];
+            let (at, stride, sat) = tq_at[*ji];
+            // SAFETY: rows of this piece belong to it alone (segments are disjoint).
+            let (codes, scales) = unsafe {
+                (
+                    tqb.slice_mut(at + rows.start * stride, rows.len() * stride),
+                    tdb.slice_mut(sat + rows.start, rows.len()),
+                )
+            };
+            let a = outs[*ji].3[*si].a;
+            shrink_rows(isa, x, &plan, rows.clone(), a, codes, stride, scales);
+            shrunk.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let t = t - n_pieces;
+        let (first, end) = (t * per, ((t + 1) * per).min(total));
+        let mut cols = Vec::new();
+        let mut shrink_done = n_pieces == 0;
+        let mut gg = first;
+        // The task's row groups, job by job: the base product of each group, then the expand of
+        // every segment over the whole run of groups (one kernel call per row and run).
+        while gg < end {
+            let j = starts.partition_point(|&s| s <= gg) - 1;
+            let (weight, op, out_dim, lora) = outs[j];
+            let gs = gg - starts[j]..end.min(starts[j + 1]) - starts[j];
+            gg = starts[j] + gs.end;
+            if let Some(w) = weight {
+                for g in gs.clone() {
+                    w.q8_group(g, &plan, &xrows, isa, op, &mut cols);
+                }
+            }
+            if lora.is_empty() {
+                continue;
+            }
+            if !shrink_done {
+                let mut spins = 0u32;
+                while shrunk.load(Ordering::Acquire) < n_pieces {
+                    spins += 1;
+                    if spins.is_multiple_of(1 << 14) {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+                shrink_done = true;
+            }
+            let (at, stride, sat) = tq_at[j];
+            for seg in lora {
+                expand_groups(
+                    isa,
+                    seg,
+                    gs.clone(),
+                    // SAFETY: every shrink task is done (acquire above); nothing writes now.
+                    |r| unsafe { (tqb.slice(at + r * stride, stride), tdb.slice(sat + r, 1)[0]) },
+                    op,
+                    out_dim,
+                );
+            }
+        }
+    });
+    drop((tq, td));
 }
 
 #[cfg(test)]
@@ -239,6 +556,154 @@ mod tests {
                         &want,
                         1e-5,
                         &format!("{} {} [{rows},{cols}] m={m}", isa.name(), w.format_name()),
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fused_lora_projection_matches_base_plus_reference_sgmv_on_every_isa() {
+        use crate::cpu::lora::{LoraB, LoraSegment, sgmv_reference};
+        let mut g = Lcg(31);
+        // (rows, cols, m, segments as (row range, rank)); ranks 8, 16, 40 (a partial second
+        // block) and 64 mixed in one job; rows with no adapter in between.
+        type Segs = &'static [(std::ops::Range<usize>, usize)];
+        let cases: &[(usize, usize, usize, Segs)] = &[
+            (40, 96, 1, &[(0..1, 16)]),
+            (33, 70, 5, &[(0..2, 8), (3..5, 40)]),
+            (64, 576, 13, &[(0..4, 16), (4..5, 64), (6..13, 16)]),
+            (17, 160, 7, &[(1..7, 40)]),
+            (24, 64, 3, &[]),
+        ];
+        for (ci, (rows, cols, m, segs)) in cases.iter().enumerate() {
+            let (rows, cols, m) = (*rows, *cols, *m);
+            let mut x = g.vec(m * cols);
+            x[cols / 2] = 300.0; // an outlier channel in row 0, exact on every path
+            if m > 2 {
+                x[2 * cols + 3] = -250.0;
+            }
+            let xq = ActQ8::quantize(&x, m, cols);
+            assert!(xq.has_outliers());
+            let ab: Vec<(Vec<f32>, Vec<f32>, usize)> = segs
+                .iter()
+                .map(|(_, rank)| {
+                    let a: Vec<f32> = g.vec(rank * cols).iter().map(|v| v * 0.1).collect();
+                    let b: Vec<f32> = g.vec(rows * rank).iter().map(|v| v * 0.1).collect();
+                    (a, b, *rank)
+                })
+                .collect();
+            let q8s: Vec<(Q8Matrix, LoraB)> = ab
+                .iter()
+                .map(|(a, b, rank)| {
+                    (
+                        Q8Matrix::quantize(a, *rank, cols).unwrap(),
+                        LoraB::quantize(b, rows, *rank).unwrap(),
+                    )
+                })
+                .collect();
+            let lora: Vec<LoraSegmentQ8<'_>> = segs
+                .iter()
+                .zip(&q8s)
+                .enumerate()
+                .map(|(i, ((r, _), (a, b)))| LoraSegmentQ8 {
+                    rows: r.clone(),
+                    a,
+                    b,
+                    scaling: 0.5 + i as f32,
+                })
+                .collect();
+            let exact_segs: Vec<LoraSegment<'_>> = segs
+                .iter()
+                .zip(&ab)
+                .enumerate()
+                .map(|(i, ((r, _), (a, b, rank)))| LoraSegment {
+                    rows: r.clone(),
+                    a,
+                    b,
+                    rank: *rank,
+                    scaling: 0.5 + i as f32,
+                })
+                .collect();
+            let w = Weight::Q4(affine(rows, cols, &mut g));
+            let w8 = Weight::Q8(q8(rows, cols, &mut g));
+            for (wi, weight) in [Some(&w), Some(&w8), None].into_iter().enumerate() {
+                let what = format!("case {ci} weight {wi}");
+                let run = |isa: Isa| {
+                    let mut out = vec![0.25f32; m * rows];
+                    project_q8(
+                        &mut [ProjQ8 {
+                            weight,
+                            out: &mut out,
+                            out_dim: rows,
+                            lora: &lora,
+                        }],
+                        &xq,
+                        isa,
+                    );
+                    out
+                };
+                let scalar = run(Isa::Scalar);
+                // The base alone, through the plain product of this file.
+                let mut base = vec![0.25f32; m * rows];
+                if let Some(w) = weight {
+                    w.matmul_q8(&xq, Isa::Scalar, &mut base);
+                }
+                let mut exact = base.clone();
+                sgmv_reference(&x, cols, &mut exact, rows, &exact_segs);
+                let covered = |r: usize| segs.iter().any(|(s, _)| s.contains(&r));
+                for r in 0..m {
+                    let (got, b) = (&scalar[r * rows..][..rows], &base[r * rows..][..rows]);
+                    if !covered(r) {
+                        assert_eq!(got, b, "{what}: row {r} has no adapter");
+                        continue;
+                    }
+                    // The delta against the exact f32 delta: int8 roundings of x, A, t and B.
+                    let want = &exact[r * rows..][..rows];
+                    let scale = want
+                        .iter()
+                        .zip(b)
+                        .fold(0f32, |s, (w, b)| s.max((w - b).abs()));
+                    let err = got
+                        .iter()
+                        .zip(want)
+                        .fold(0f32, |e, (g, w)| e.max((g - w).abs()));
+                    assert!(
+                        scale > 0.0 && err < 0.05 * scale,
+                        "{what}: row {r} delta error {err} vs scale {scale}"
+                    );
+                }
+                for isa in available_isas() {
+                    close(&run(isa), &scalar, 1e-5, &format!("{what} {}", isa.name()));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn group_columns_equal_the_tile_accessors_bit_for_bit_on_every_isa() {
+        let mut g = Lcg(77);
+        let (rows, cols) = (20, 100);
+        let zp = Q4Matrix::quantize(&g.vec(rows * cols), rows, cols, 32).unwrap();
+        let af = affine(rows, cols, &mut g);
+        let w8 = q8(rows, cols, &mut g);
+        let ks: Vec<u32> = (0..cols as u32).collect();
+        for isa in available_isas() {
+            let mut got = Vec::new();
+            for grp in 0..rows.div_ceil(TILE_ROWS) {
+                for m in [&zp, &af] {
+                    q4_group_columns(isa, m, grp, &ks, &mut got);
+                    for (&k, c) in ks.iter().zip(&got) {
+                        assert_eq!(*c, m.group_column(grp, k as usize), "{} q4 {k}", isa.name());
+                    }
+                }
+                q8_group_columns(isa, &w8, grp, &ks, &mut got);
+                for (&k, c) in ks.iter().zip(&got) {
+                    assert_eq!(
+                        *c,
+                        w8.group_column(grp, k as usize),
+                        "{} q8 {k}",
+                        isa.name()
                     );
                 }
             }

@@ -200,58 +200,6 @@ impl Q8Matrix {
     }
 }
 
-/// A Q8_0 matrix in plain row order (each row's 32-column blocks contiguous, scales as f32):
-/// the layout the LoRA expand streams, where the tiled [`Q8Matrix`] would need a gather per
-/// value. Holds exactly the values of the `Q8Matrix` it is made from.
-#[derive(Clone, Debug)]
-pub struct Q8Rows {
-    rows: usize,
-    cols: usize,
-    /// `[rows][blocks]` scales.
-    pub d: Vec<f32>,
-    /// `[rows][blocks][32]` codes (the last block of a row zero-padded).
-    pub q: Vec<i8>,
-}
-
-impl Q8Rows {
-    pub fn from_matrix(m: &Q8Matrix) -> Self {
-        let bpr = m.blocks_per_row();
-        let mut d = Vec::with_capacity(m.rows() * bpr);
-        let mut q = Vec::with_capacity(m.rows() * bpr * QK);
-        for n in 0..m.rows() {
-            for b in 0..bpr {
-                let blk = m.block(n, b);
-                d.push(f16::from_bits(blk.d).to_f32());
-                let valid = (m.cols() - b * QK).min(QK);
-                q.extend(
-                    blk.qs
-                        .iter()
-                        .enumerate()
-                        .map(|(e, &v)| if e < valid { v } else { 0 }),
-                );
-            }
-        }
-        Self {
-            rows: m.rows(),
-            cols: m.cols(),
-            d,
-            q,
-        }
-    }
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-    pub fn blocks_per_row(&self) -> usize {
-        self.cols.div_ceil(QK)
-    }
-    pub fn nbytes(&self) -> usize {
-        self.q.len() + self.d.len() * 2
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -137,6 +137,149 @@ macro_rules! q8_tiles_impl {
     };
 }
 
+macro_rules! lora_axpy_impl {
+    ($name:ident, $feat:literal, $dp:ident) => {
+        #[target_feature(enable = $feat)]
+        fn $name(data: &[u8], stride: usize, chunks: usize, t: &[i8], scale: f32, out: &mut [f32]) {
+            let groups = out.len() / 8;
+            assert!(
+                data.len() >= groups * stride
+                    && stride >= 16 + 32 * chunks
+                    && t.len() >= 4 * chunks,
+                "LoRA B layout"
+            );
+            let s = _mm256_set1_ps(scale);
+            for gi in 0..groups {
+                // SAFETY: group gi's bytes are in `data` (asserted above).
+                let base = unsafe { data.as_ptr().add(gi * stride) };
+                // SAFETY: the group starts with eight f16 scales (16 bytes); unaligned load.
+                let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base as *const __m128i) });
+                let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+                let mut j = 0;
+                while j < chunks {
+                    // SAFETY: chunk j is 32 bytes at 16 + 32j < stride; t has 4 * chunks codes.
+                    let (w, x) = unsafe {
+                        (
+                            _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i),
+                            _mm256_set1_epi32(
+                                (t.as_ptr().add(4 * j) as *const i32).read_unaligned(),
+                            ),
+                        )
+                    };
+                    a0 = $dp(a0, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                    std::mem::swap(&mut a0, &mut a1);
+                    j += 1;
+                }
+                let acc = _mm256_add_epi32(a0, a1);
+                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dvec, s));
+                // SAFETY: 8gi + 8 <= out.len(); unaligned load and store.
+                unsafe {
+                    let o = out.as_mut_ptr().add(8 * gi);
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
+                }
+            }
+        }
+    };
+}
+
+lora_axpy_impl!(lora_axpy_avx2, "avx2,fma,f16c", dpbusd_avx2);
+lora_axpy_impl!(
+    lora_axpy_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dpbusd_vnni
+);
+
+/// The LoRA expand over consecutive groups of a `LoraB` (`data`, `stride` bytes per group):
+/// `out[8g + i] += scale * d[i] * dot(codes of row i, t)`.
+///
+/// # Safety
+/// As [`q4q8_tiles`].
+pub unsafe fn lora_axpy(
+    vnni: bool,
+    data: &[u8],
+    stride: usize,
+    chunks: usize,
+    t: &[i8],
+    scale: f32,
+    out: &mut [f32],
+) {
+    // SAFETY: the caller guarantees the features.
+    unsafe {
+        if vnni {
+            lora_axpy_vnni(data, stride, chunks, t, scale, out)
+        } else {
+            lora_axpy_avx2(data, stride, chunks, t, scale, out)
+        }
+    }
+}
+
+/// Columns `ks` of an INT4 row group (`tiles`, one per 32 columns), dequantized as
+/// `(code - z) * d` or `d * code + m`, one `[f32; 8]` per column: one load and shift per column
+/// (each 32-bit lane of the tile holds four columns of one row).
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn q4_columns(kind: Q4Kind, tiles: &[TileQ4], ks: &[u32], out: &mut Vec<[f32; 8]>) {
+    out.clear();
+    let m4 = _mm256_set1_epi32(0x0F);
+    for &k in ks {
+        let (b, c) = (k as usize / 32, k as usize % 32);
+        let t = &tiles[b];
+        let q = c % 16;
+        // SAFETY: `qs` is 128 bytes; bytes 32(q/4) .. +32. `d` and `m` are 16 bytes.
+        let (v, draw, mraw) = unsafe {
+            (
+                _mm256_loadu_si256(t.qs.as_ptr().add((q / 4) * 32) as *const __m256i),
+                _mm_loadu_si128(t.d.as_ptr() as *const __m128i),
+                _mm_loadu_si128(t.m.as_ptr() as *const __m128i),
+            )
+        };
+        let shift = _mm_cvtsi32_si128((8 * (q % 4) + if c < 16 { 0 } else { 4 }) as i32);
+        let codes = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srl_epi32(v, shift), m4));
+        let d = _mm256_cvtph_ps(draw);
+        let col = match kind {
+            Q4Kind::ZeroPoint => _mm256_mul_ps(
+                _mm256_sub_ps(codes, _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(mraw))),
+                d,
+            ),
+            Q4Kind::Affine => _mm256_add_ps(_mm256_mul_ps(d, codes), _mm256_cvtph_ps(mraw)),
+        };
+        let mut o = [0f32; 8];
+        // SAFETY: `o` is 8 f32; unaligned store.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), col) };
+        out.push(o);
+    }
+}
+
+/// As [`q4_columns`] for a Q8_0 row group: `code * d`.
+///
+/// # Safety
+/// As [`q4_columns`].
+#[target_feature(enable = "avx2,fma,f16c")]
+pub fn q8_columns(tiles: &[TileQ8], ks: &[u32], out: &mut Vec<[f32; 8]>) {
+    out.clear();
+    for &k in ks {
+        let (b, c) = (k as usize / 32, k as usize % 32);
+        let t = &tiles[b];
+        // SAFETY: `qs` is 256 bytes; bytes 32(c/4) .. +32. `d` is 16 bytes.
+        let (v, draw) = unsafe {
+            (
+                _mm256_loadu_si256(t.qs.as_ptr().add((c / 4) * 32) as *const __m256i),
+                _mm_loadu_si128(t.d.as_ptr() as *const __m128i),
+            )
+        };
+        // Byte c % 4 of each lane to the top, then an arithmetic shift sign-extends it.
+        let up = _mm256_sll_epi32(v, _mm_cvtsi32_si128((24 - 8 * (c % 4)) as i32));
+        let codes = _mm256_cvtepi32_ps(_mm256_srai_epi32::<24>(up));
+        let col = _mm256_mul_ps(codes, _mm256_cvtph_ps(draw));
+        let mut o = [0f32; 8];
+        // SAFETY: `o` is 8 f32; unaligned store.
+        unsafe { _mm256_storeu_ps(o.as_mut_ptr(), col) };
+        out.push(o);
+    }
+}
+
 q4_tiles_impl!(q4_avx2, "avx2,fma,f16c", dpbusd_avx2);
 q4_tiles_impl!(q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dpbusd_vnni);
 q8_tiles_impl!(q8_avx2, "avx2,fma,f16c", dpbusd_avx2);

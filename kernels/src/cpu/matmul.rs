@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::lora::{LoraSegmentQ8, ROWS_PER_TASK, expand_groups, shrink_rows};
 use crate::cpu::ops::dot;
-use crate::cpu::q4::Q4Kind;
-use crate::cpu::q4::{QK, TILE_ROWS};
-use crate::cpu::qdot::f16_to_f32;
+use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::qdot::{Isa, TileOut, best_isa, q4q8_tiles, q8q8_tiles};
 use crate::cpu::threads::{SharedOut, parallel_ranges};
 use crate::{Q4Matrix, Q8Matrix, Weight};
@@ -160,8 +158,8 @@ pub(crate) fn add_outliers(
     acc
 }
 
-/// Columns `ks` (sorted) of the eight rows of row group `g`, dequantized into `out`, one per
-/// column; each tile's scales are converted once however many of the columns it holds.
+/// Columns `ks` of the eight rows of row group `g`, dequantized into `out`, one per column (the
+/// AVX2 path: one load and shift per column; otherwise the tile accessor).
 pub(crate) fn q4_group_columns(
     isa: Isa,
     w: &Q4Matrix,
@@ -177,28 +175,7 @@ pub(crate) fn q4_group_columns(
     }
     let _ = isa;
     out.clear();
-    let tiles = w.group_tiles(g);
-    let mut cur = usize::MAX;
-    let (mut d, mut m) = ([0f32; TILE_ROWS], [0f32; TILE_ROWS]);
-    for &k in ks {
-        let (b, c) = (k as usize / QK, k as usize % QK);
-        let t = &tiles[b];
-        if b != cur {
-            cur = b;
-            d = t.d.map(f16_to_f32);
-            m = match w.kind() {
-                Q4Kind::ZeroPoint => t.m.map(|z| z as f32),
-                Q4Kind::Affine => t.m.map(f16_to_f32),
-            };
-        }
-        out.push(std::array::from_fn(|i| {
-            let code = t.code(i, c) as f32;
-            match w.kind() {
-                Q4Kind::ZeroPoint => (code - m[i]) * d[i],
-                Q4Kind::Affine => d[i] * code + m[i],
-            }
-        }));
-    }
+    out.extend(ks.iter().map(|&k| w.group_column(g, k as usize)));
 }
 
 /// As [`q4_group_columns`] for a Q8_0 matrix.
@@ -217,18 +194,7 @@ pub(crate) fn q8_group_columns(
     }
     let _ = isa;
     out.clear();
-    let tiles = w.group_tiles(g);
-    let mut cur = usize::MAX;
-    let mut d = [0f32; TILE_ROWS];
-    for &k in ks {
-        let (b, c) = (k as usize / QK, k as usize % QK);
-        let t = &tiles[b];
-        if b != cur {
-            cur = b;
-            d = t.d.map(f16_to_f32);
-        }
-        out.push(std::array::from_fn(|i| t.q(i, c) as f32 * d[i]));
-    }
+    out.extend(ks.iter().map(|&k| w.group_column(g, k as usize)));
 }
 
 /// The outlier columns of an [`ActQ8`] deduplicated across its rows (the same few channels are

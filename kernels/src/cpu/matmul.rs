@@ -314,6 +314,13 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
                 "B shape"
             );
         }
+        // Shrink tasks write their segment's rows unsynchronized: segments must not overlap.
+        let mut ranges: Vec<_> = j.lora.iter().map(|s| (s.rows.start, s.rows.end)).collect();
+        ranges.sort_unstable();
+        assert!(
+            ranges.windows(2).all(|w| w[0].1 <= w[1].0),
+            "LoRA segments of one projection overlap"
+        );
     }
     // Shrink pieces (job, segment, up to four rows) and where each job's t rows live.
     let mut pieces = Vec::new();
@@ -674,6 +681,34 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "LoRA segments of one projection overlap")]
+    fn overlapping_lora_segments_are_refused() {
+        use crate::cpu::lora::LoraB;
+        let mut g = Lcg(3);
+        let x = ActQ8::quantize(&g.vec(4 * 64), 4, 64);
+        let a = Q8Matrix::quantize(&g.vec(8 * 64), 8, 64).unwrap();
+        let b = LoraB::quantize(&g.vec(16 * 8), 16, 8).unwrap();
+        let seg = |rows| LoraSegmentQ8 {
+            rows,
+            a: &a,
+            b: &b,
+            scaling: 1.0,
+        };
+        let segs = [seg(0..3), seg(2..4)];
+        let mut out = vec![0f32; 4 * 16];
+        project_q8(
+            &mut [ProjQ8 {
+                weight: None,
+                out: &mut out,
+                out_dim: 16,
+                lora: &segs,
+            }],
+            &x,
+            Isa::Scalar,
+        );
     }
 
     #[test]

@@ -16,7 +16,16 @@ const DEVICE: &str = "box-7";
 fn ledger(dir: &std::path::Path, seed: u8, events: usize, mix_seed: u64) -> LedgerHandle {
     let key = LedgerKey::from_seed(DEVICE, [seed; 32]).unwrap();
     let mut cfg = LedgerConfig::new(DEVICE, key);
+    // Checkpoints exactly every 1000 events, whatever the machine's speed: one append per write
+    // (group commit would put them at the end of whatever batch crosses 1000, and batches grow
+    // under load) and no timer checkpoints. Upload batches end at checkpoints, so the counts
+    // below depend on where they are. Durability plays no part here.
     cfg.checkpoint_every_events = 1000;
+    cfg.max_batch = 1;
+    cfg.checkpoint_interval = std::time::Duration::from_secs(3600);
+    cfg.durability = edgelora_ledger::Durability::Relaxed {
+        interval: std::time::Duration::from_secs(3600),
+    };
     let (h, _) = Ledger::open(dir, cfg).unwrap();
     append(&h, events, mix_seed);
     h

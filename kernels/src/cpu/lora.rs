@@ -1,6 +1,9 @@
 //! Multi-LoRA products, SGMV-style: the rows of a batch are split into segments that share an
-//! adapter, and each segment gets `out += scaling * B (A x)` with its own A and B. The base
-//! projection has already run once over all rows; adapters are never merged into it.
+//! adapter, and each segment gets `out += scaling * B (A x)` with its own A and B; adapters are
+//! never merged into the base weights. [`sgmv_reference`] is the exact f32 definition; on the int8
+//! path the shrink and the expand run inside the base projection's parallel region
+//! ([`crate::cpu::matmul::project_q8`]), with B as [`LoraB`] and [`lora_axpy`] as the expand's
+//! micro-kernel.
 
 use std::ops::Range;
 

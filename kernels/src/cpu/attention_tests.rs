@@ -379,3 +379,65 @@ fn batched_rows_equal_one_row_at_a_time_per_head_and_per_group() {
         }
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_avx2_build_of_a_group_gives_the_same_bits_as_the_baseline_build() {
+    if !is_x86_feature_detected!("avx2") {
+        eprintln!("no AVX2 here: nothing to compare");
+        return;
+    }
+    for (dtype, n_tokens, sparse) in [
+        (KvDtype::F32, 45, None),
+        (KvDtype::F16, 70, None),
+        (KvDtype::Int4, 150, None),
+        (KvDtype::F32, 150, Some(SparseConfig::new(64))),
+    ] {
+        let c = case(dtype, 16, 2, 6, 40, n_tokens, 9);
+        let q = Rng::new(4).vec(6 * 40);
+        let query = Query {
+            pages: &c.pages,
+            n_tokens,
+        };
+        for h0 in [0, 3] {
+            let mut base = vec![f32::NAN; 3 * 40];
+            let mut wide = vec![f32::NAN; 3 * 40];
+            let scale = 0.3;
+            attend_group_body(
+                &c.pool,
+                c.layer,
+                query,
+                &q,
+                6,
+                scale,
+                sparse.as_ref(),
+                h0,
+                &mut base,
+            );
+            // SAFETY: AVX2 was detected above.
+            unsafe {
+                attend_group_avx2(
+                    &c.pool,
+                    c.layer,
+                    query,
+                    &q,
+                    6,
+                    scale,
+                    sparse.as_ref(),
+                    h0,
+                    &mut wide,
+                )
+            };
+            assert!(base.iter().all(|v| v.is_finite()), "{dtype:?}");
+            let same = base
+                .iter()
+                .zip(&wide)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{dtype:?} {n_tokens} sparse {} h0 {h0}",
+                sparse.is_some()
+            );
+        }
+    }
+}

@@ -47,14 +47,6 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// A free loopback TCP port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 pub struct VmConfig {
     pub disk: PathBuf,
     /// (serial, file): extra read-only disks.

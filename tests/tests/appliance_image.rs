@@ -16,7 +16,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use edgelora_tests::vm::{self, Vm, VmConfig};
-use edgelora_tests::{edgelorad, request_on, tiny, workspace_bin};
+use edgelora_tests::{edgelorad, free_port, request_on, tiny, workspace_bin};
 
 const API_KEY: &str = "vm-test-key";
 const ADMIN: &str = "vm-admin-token";
@@ -363,7 +363,7 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
     let cfg = VmConfig {
         disk,
         drives: a.drives.clone(),
-        http_port: vm::free_port(),
+        http_port: free_port(),
         mem_mib: 1536,
     };
     let mut vm = Vm::start(&cfg, &vmdir);
@@ -533,7 +533,7 @@ fn appliance_survives_power_cut_and_rolls_back_a_broken_update() {
     let cfg = VmConfig {
         disk,
         drives,
-        http_port: vm::free_port(),
+        http_port: free_port(),
         mem_mib: 1536,
     };
 

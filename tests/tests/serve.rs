@@ -21,14 +21,6 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The fixture's three PEFT adapters imported into packs (once per test process), as a user
 /// does with `edgelorad adapters import`.
 fn fixture_packs() -> &'static std::path::Path {

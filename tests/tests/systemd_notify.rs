@@ -85,14 +85,6 @@ impl Daemon {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// systemd's end of `$NOTIFY_SOCKET`, bound at `dir/notify`.
 fn bind_notify_socket(dir: &Path) -> (UnixDatagram, PathBuf) {
     let path = dir.join("notify");

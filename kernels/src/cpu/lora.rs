@@ -211,7 +211,7 @@ pub(crate) fn shrink_rows(
         q8q8_tiles(isa, a.group_tiles(g), &xs[..n], &mut tmp);
         q8_group_columns(isa, a, g, &plan.cols, &mut cols);
         for (i, vals) in tmp[..n].iter().enumerate() {
-            let acc = add_outliers(*vals, &plan.rows[rows.start + i], &cols);
+            let acc = add_outliers(*vals, plan.row(rows.start + i), &cols);
             t[(i * groups + g) * TILE_ROWS..][..TILE_ROWS].copy_from_slice(&acc);
         }
     }

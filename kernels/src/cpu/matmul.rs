@@ -129,7 +129,7 @@ impl Weight {
             for (i, vals) in tmp[..xs.len()].iter().enumerate() {
                 // Summed in a local (registers): scalar stores into `tmp` followed by a vector
                 // load of it would stall on store forwarding.
-                let acc = add_outliers(*vals, &plan.rows[r0 + i], cols);
+                let acc = add_outliers(*vals, plan.row(r0 + i), cols);
                 // SAFETY: in bounds (checked by `slice_mut`); row group g belongs to this task.
                 let dst = unsafe { op.slice_mut((r0 + i) * rows + n0, n1 - n0) };
                 store_group(dst, &acc);
@@ -220,8 +220,10 @@ pub(crate) fn q8_group_columns(
 /// once per row and outlier.
 pub(crate) struct OutlierPlan {
     pub(crate) cols: Vec<u32>,
-    /// Per row: (index into `cols`, exact value).
-    pub(crate) rows: Vec<Vec<(u32, f32)>>,
+    /// Every row's (index into `cols`, exact value), row after row; row `r` is
+    /// `entries[starts[r] .. starts[r + 1]]`. Flat: one allocation per call, not one per row.
+    entries: Vec<(u32, f32)>,
+    starts: Vec<usize>,
 }
 
 impl OutlierPlan {
@@ -231,20 +233,28 @@ impl OutlierPlan {
             .collect();
         cols.sort_unstable();
         cols.dedup();
-        let rows: Vec<Vec<(u32, f32)>> = (0..x.rows())
-            .map(|r| {
-                x.outliers(r)
-                    .iter()
-                    .map(|&(k, v)| {
-                        let u = cols
-                            .binary_search(&k)
-                            .expect("every column is in the union");
-                        (u as u32, v)
-                    })
-                    .collect()
-            })
-            .collect();
-        Self { cols, rows }
+        let mut entries = Vec::new();
+        let mut starts = Vec::with_capacity(x.rows() + 1);
+        for r in 0..x.rows() {
+            starts.push(entries.len());
+            entries.extend(x.outliers(r).iter().map(|&(k, v)| {
+                let u = cols
+                    .binary_search(&k)
+                    .expect("every column is in the union");
+                (u as u32, v)
+            }));
+        }
+        starts.push(entries.len());
+        Self {
+            cols,
+            entries,
+            starts,
+        }
+    }
+
+    /// Row `r`'s outliers as (index into `cols`, exact value).
+    pub(crate) fn row(&self, r: usize) -> &[(u32, f32)] {
+        &self.entries[self.starts[r]..self.starts[r + 1]]
     }
 }
 

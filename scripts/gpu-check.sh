@@ -5,6 +5,15 @@
 # Results go to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Unpack what gpu-pack.sh put in gpu-xfer/ into /tmp (kept there while the machine stays warm, so
+# a second call can bring the model's other half) and link it where the steps below look.
+T=/tmp/edgelora-xfer; mkdir -p $T/gpu-model
+[ -f gpu-xfer/bin.txz ] && tar -xJf gpu-xfer/bin.txz -C $T
+for part in a b; do
+    [ -f gpu-xfer/$part.xz ] && xz -dc gpu-xfer/$part.xz > $T/gpu-model/$part
+done
+[ -e gpu-carry ] || ln -s $T/gpu-carry gpu-carry
+[ -e gpu-model ] || ln -s $T/gpu-model gpu-model
 C=gpu-carry
 OUTDIR="${OUT:-/tmp/edgelora-gpu}"; mkdir -p "$OUTDIR"
 export EDGELORA_PTX_DIR="$PWD/$C/ptx" EDGELORA_KERNELS="$PWD/$C/ptx" EDGELORA_REQUIRE_GPU=1
@@ -15,19 +24,24 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 what="${1:-all}"
 rc=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-    echo "== kernel tests (CUDA vs CPU references)"
-    $C/kernels-test cuda --test-threads 1 2>&1 | tee "$OUTDIR/kernels.log" | grep -v "^test .* ok$" || rc=1
+    echo "== kernel tests (CUDA vs CPU references) $(date +%T)"
+    timeout 300 $C/kernels-test cuda --test-threads 1 2>&1 | tee "$OUTDIR/kernels.log" | grep -v "^test .* ok$" || rc=1
+    if grep -q "BlockScaled" "$OUTDIR/kernels.log" && grep -q "panicked" "$OUTDIR/kernels.log"; then
+        # The block-scaled INT4 GEMV failed its check: the rest runs on the first version.
+        echo "!! block-scaled INT4 GEMV failed: EDGELORA_INT4_GEMV=per-weight from here on"
+        export EDGELORA_INT4_GEMV=per-weight
+    fi
     echo "== tiny-llama goldens on CUDA"
-    $C/tiny-goldens-test goldens_hold_on_cuda --nocapture 2>&1 | tee "$OUTDIR/goldens.log" | tail -n 15 || rc=1
+    timeout 300 $C/tiny-goldens-test goldens_hold_on_cuda --nocapture 2>&1 | tee "$OUTDIR/goldens.log" | tail -n 15 || rc=1
     echo "== daemon device tests"
-    $C/daemon-test device 2>&1 | tail -n 8 || rc=1
+    timeout 120 $C/daemon-test device 2>&1 | tail -n 8 || rc=1
 fi
 if [ "$what" = smollm2 ] || [ "$what" = all ]; then
     if [ -f gpu-model/a ] && [ -f gpu-model/b ]; then
         cat gpu-model/a gpu-model/b > /tmp/smollm2.gguf
         export EDGELORA_SMOLLM2_GGUF=/tmp/smollm2.gguf
         echo "== SmolLM2 greedy on CUDA vs the goldens (and so the CPU)"
-        $C/smollm2-test cuda_greedy --nocapture 2>&1 | tee "$OUTDIR/smollm2.log" | tail -n 6 || rc=1
+        timeout 300 $C/smollm2-test cuda_greedy --nocapture 2>&1 | tee "$OUTDIR/smollm2.log" | tail -n 6 || rc=1
     else
         echo "== SmolLM2 parts missing (gpu-model/a, gpu-model/b): skipped"
     fi
@@ -35,14 +49,14 @@ fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     B=$C/edgelora-bench
     echo "== GEMV"
-    $B gpu gemv 2>&1 | tee "$OUTDIR/gemv.log"
+    timeout 120 $B gpu gemv 2>&1 | tee "$OUTDIR/gemv.log"
     echo "== attention"
-    $B gpu attention 2>&1 | tee "$OUTDIR/attention.log"
-    for shape in smollm2 llama-1b; do
-        d=/tmp/synth-$shape
-        [ -f $d/config.json ] || $B synth --shape $shape --out $d --tokenizer-from tests/fixtures/tiny-llama >/dev/null
-        echo "== decode $shape"
-        $B gpu decode --model $d --kv int4 --batch 1,16,64 --adapters 16 --rank 16 2>&1 | tee "$OUTDIR/decode-$shape.log"
+    timeout 120 $B gpu attention 2>&1 | tee "$OUTDIR/attention.log"
+    for shape in smollm2 llama-1b llama-8b; do
+        echo "== decode $shape $(date +%T)"
+        timeout 150 $B gpu decode --synth $shape --kv int4 --batch 1,16,64 --adapters 16 --rank 16 2>&1 | tee "$OUTDIR/decode-$shape.log"
     done
+    echo "== cold adapter load NVMe -> VRAM"
+    timeout 120 $B gpu adapter-load 2>&1 | tee "$OUTDIR/adapter-load.log"
 fi
 exit $rc

@@ -29,3 +29,13 @@ if [ -f "$GGUF" ]; then
 fi
 strip $C/edgelorad $C/edgelora-bench $C/*-test
 du -sh $C $C/*
+# What travels to the GPU machine (at most 64 MiB per call with the working tree): the binaries
+# in one archive, and each half of the model compressed, for two calls in a row (the second
+# finds the first's files under /tmp while the machine stays warm). gpu-check.sh unpacks them.
+X=gpu-xfer; rm -rf $X; mkdir -p $X
+tar -cJf $X/bin.txz $C
+if [ -d gpu-model ]; then
+    xz -T0 -6 -c gpu-model/a > $X/a.xz
+    xz -T0 -6 -c gpu-model/b > $X/b.xz
+fi
+du -sh $X/*

@@ -1,11 +1,15 @@
 //! GPU benches, each beside a yardstick measured in the same run on the same device:
 //! - `gemv`: INT4 GEMV achieved read bandwidth vs a device-to-device copy;
 //! - `decode`: tokens/s at several batch sizes vs the bandwidth bound (copy bandwidth / bytes of
-//!   weights per step), and with adapters: K distinct adapters vs one shared vs none;
-//! - `attention`: one sequence's decode attention at long contexts, dense vs page-sparse.
+//!   weights per step), and with adapters: K distinct adapters vs one shared vs none; on a loaded
+//!   model (`--model`) or one of a `synth` shape built in memory (`--synth`, seconds even for 8B);
+//! - `attention`: one sequence's decode attention at long contexts, dense vs page-sparse;
+//! - `adapter-load`: a cold adapter from disk into VRAM vs a raw read of the same bytes
+//!   (`gpu_load`).
 //!
 //! Times come from CUDA events around many launches (the host never waits inside the loop).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, Result, bail};
@@ -14,18 +18,23 @@ use cudarc::driver::CudaSlice;
 use edgelora_daemon::adapters::LoraAdapter;
 use edgelora_daemon::device::{Device, DeviceSpec};
 use edgelora_daemon::engine::cuda::CudaBackend;
+use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::{Backend, ForwardOptions, KvDtype, SeqKv, SeqStep, SparseConfig};
+use edgelora_daemon::model::{LoadOptions, Model};
 use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_kernels::cuda::Gpu;
 use edgelora_kernels::cuda::attention::{
     GpuKvPool, GpuQuery, attention_plan, paged_attention_planned,
 };
-use edgelora_kernels::cuda::linear::GpuWeight;
+use edgelora_kernels::cuda::linear::{GpuWeight, Int4Gemv};
 use edgelora_kernels::{Q4Matrix, Weight};
 
-use crate::common::{ModelArgs, synth_adapter, text_tokens};
+use crate::common::{ModelArgs, model_label, synth_adapter, text_tokens};
+use crate::gpu_load::AdapterLoadArgs;
 use crate::report::{Context, Report, Row};
 use crate::rng::Rng;
+use crate::swap::shape_name;
+use crate::synth::{self, Shape};
 
 #[derive(Args, Debug)]
 pub struct GpuArgs {
@@ -50,6 +59,15 @@ pub enum GpuBench {
     Decode {
         #[command(flatten)]
         m: ModelArgs,
+        /// Instead of loading --model, build a model of this `synth` shape in memory: the
+        /// tensors and formats the loader makes of `synth --shape S` under --dtype, --group-size
+        /// and --act, with random INT4 codes (seconds, where the folder would be 16 GB for 8B).
+        #[arg(long, value_enum, conflicts_with = "model")]
+        synth: Option<Shape>,
+        /// Tokenizer folder of --synth (default: the tiny-llama fixture, under
+        /// $EDGELORA_FIXTURES when set).
+        #[arg(long, requires = "synth")]
+        tokenizer: Option<PathBuf>,
         /// Batch sizes.
         #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
         batch: Vec<usize>,
@@ -77,6 +95,10 @@ pub enum GpuBench {
         #[arg(long, default_value_t = 100)]
         iters: usize,
     },
+    /// Cold adapter load, disk to VRAM (read, check and decode the pack, upload, wait), vs a
+    /// raw read of the same bytes through the loader's reader; and the upload alone vs a pinned
+    /// host-to-device copy.
+    AdapterLoad(AdapterLoadArgs),
 }
 
 fn open_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
@@ -87,7 +109,11 @@ fn open_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
 }
 
 /// Seconds per call of `f`, from CUDA events around `iters` calls after 3 untimed ones.
-fn time_events(gpu: &Gpu, iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn time_events(
+    gpu: &Gpu,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
     for _ in 0..3 {
         f()?;
     }
@@ -158,45 +184,60 @@ pub fn run(a: GpuArgs) -> Result<()> {
                 for m in [1usize, 16] {
                     let x: CudaSlice<f32> = s.clone_htod(&vec![0.01f32; m * cols])?;
                     let mut y: CudaSlice<f32> = s.alloc_zeros(m * rows)?;
-                    let t = time_events(&gpu, iters, || {
-                        w.matmul(&gpu, &x.as_view(), m, &mut y.as_view_mut())?;
-                        Ok(())
-                    })?;
-                    let gbs = w.nbytes() as f64 / t / 1e9;
-                    report.push(
-                        Row::new(
-                            "gpu",
-                            format!("INT4 GEMV {name} {rows}x{cols} m={m}"),
-                            gbs,
-                            "GB/s",
-                        )
-                        .vs("copy bandwidth", copy / 1e9)
-                        .note(format!(
-                            "{:.1} us/call, {:.1} MB of weights",
-                            t * 1e6,
-                            w.nbytes() as f64 / 1e6
-                        )),
-                    );
+                    // The default kernels, then the first version's, same weights, same run.
+                    for (kernels, int4) in [
+                        ("", Int4Gemv::BlockScaled),
+                        (", per-weight kernels", Int4Gemv::PerWeight),
+                    ] {
+                        let t = time_events(&gpu, iters, || {
+                            w.matmul_with(&gpu, &x.as_view(), m, &mut y.as_view_mut(), int4)?;
+                            Ok(())
+                        })?;
+                        let gbs = w.nbytes() as f64 / t / 1e9;
+                        report.push(
+                            Row::new(
+                                "gpu",
+                                format!("INT4 GEMV {name} {rows}x{cols} m={m}{kernels}"),
+                                gbs,
+                                "GB/s",
+                            )
+                            .vs("copy bandwidth", copy / 1e9)
+                            .note(format!(
+                                "{:.1} us/call, {:.1} MB of weights",
+                                t * 1e6,
+                                w.nbytes() as f64 / 1e6
+                            )),
+                        );
+                    }
                 }
             }
         }
         GpuBench::Decode {
             m,
+            synth: synth_shape,
+            tokenizer,
             batch,
             adapters,
             rank,
             prompt,
             steps,
         } => {
-            let path = m.path()?;
-            let loaded = m.load()?;
-            let model = &loaded.model;
-            report.ctx.model = Some(format!(
-                "{} on {} ({})",
-                crate::common::model_label(&path),
-                info.name,
-                info.arch
-            ));
+            let (model, label) = match synth_shape {
+                Some(shape) => {
+                    let tok = tokenizer.unwrap_or_else(synth::fixture_tokenizer_dir);
+                    let model = synth_model(shape, &load_options(&m), &tok)?;
+                    (
+                        model,
+                        format!("synth {} (random weights)", shape_name(shape)),
+                    )
+                }
+                None => {
+                    let loaded = m.load()?;
+                    (loaded.model, model_label(&loaded.path))
+                }
+            };
+            let model = &model;
+            report.ctx.model = Some(format!("{label} on {} ({})", info.name, info.arch));
             let max_b = batch.iter().copied().max().unwrap_or(1);
             let pages = max_b * ((prompt + steps + 8).div_ceil(m.page_size) + 1);
             let mut be = CudaBackend::new(gpu.clone(), model, m.kv, m.page_size, pages)?;
@@ -289,25 +330,59 @@ pub fn run(a: GpuArgs) -> Result<()> {
                     })
                 };
                 let dense = time(None)?;
-                let sparse_t = time(Some(&sparse))?;
                 report.push(
                     Row::new("gpu", format!("attention ctx {n} dense"), dense * 1e6, "us")
                         .note(format!("kv {kv}, 32 heads / 8 KV heads x 128, one layer")),
                 );
-                report.push(
-                    Row::new(
-                        "gpu",
-                        format!("attention ctx {n} sparse (budget {budget})"),
-                        dense / sparse_t,
-                        "x faster",
-                    )
-                    .note(format!("{:.1} us", sparse_t * 1e6)),
-                );
+                for (how, cfg) in [
+                    ("per head", sparse),
+                    ("per group", sparse.shared_by_group()),
+                ] {
+                    let t = time(Some(&cfg))?;
+                    report.push(
+                        Row::new(
+                            "gpu",
+                            format!("attention ctx {n} sparse (budget {budget}, {how})"),
+                            dense / t,
+                            "x faster",
+                        )
+                        .note(format!("{:.1} us", t * 1e6)),
+                    );
+                }
             }
         }
+        GpuBench::AdapterLoad(args) => crate::gpu_load::run(&gpu, &args, &mut report)?,
     }
     report.print();
     Ok(())
+}
+
+/// The options `ModelArgs::load` loads with.
+fn load_options(m: &ModelArgs) -> LoadOptions {
+    LoadOptions {
+        dtype: m.dtype,
+        group_size: m.group_size,
+        q8_embeddings: m.act == ActMode::Int8,
+    }
+}
+
+/// A model of a `synth` shape built in memory (see [`synth::model_in_memory`]), logged as
+/// `ModelArgs::load` logs a loaded one.
+pub(crate) fn synth_model(shape: Shape, opts: &LoadOptions, tokenizer: &Path) -> Result<Model> {
+    let t0 = std::time::Instant::now();
+    let model = synth::model_in_memory(shape, opts, 0, tokenizer)
+        .with_context(|| format!("building the {} model in memory", shape_name(shape)))?;
+    eprintln!(
+        "built {} in memory ({} layers, hidden {}, vocab {}, {:.1} MB of weights per token) in \
+         {:.1}s",
+        model.name,
+        model.config.n_layers,
+        model.config.hidden_size,
+        model.config.vocab_size,
+        model.weights.bytes_per_token() as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(model)
 }
 
 /// Writes `n` tokens of random keys and values into `pages` and seals every full page.
@@ -346,7 +421,7 @@ fn fill_pool(
 /// Prefills `prompt` tokens per sequence, then times `steps` greedy decode steps of all of them.
 fn decode_tps(
     be: &mut CudaBackend,
-    model: &edgelora_daemon::model::Model,
+    model: &Model,
     who: &[Option<&LoraAdapter>],
     prompt: usize,
     steps: usize,

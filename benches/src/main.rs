@@ -5,6 +5,7 @@ mod adapters;
 mod common;
 mod decode;
 mod gpu;
+mod gpu_load;
 mod ledger;
 mod llamacpp;
 mod membw;
@@ -43,7 +44,8 @@ enum Cmd {
     GemmPeak(prefill::GemmPeakArgs),
     /// Write a Hugging Face folder with random weights of a real model's shape.
     Synth(synth::SynthArgs),
-    /// CUDA benches (needs a GPU): INT4 GEMV vs copy bandwidth, decode, long-context attention.
+    /// CUDA benches (needs a GPU): INT4 GEMV vs copy bandwidth, decode, long-context attention,
+    /// cold adapter loads into VRAM.
     Gpu(gpu::GpuArgs),
     /// Load over real HTTP against `edgelorad serve`, beside in-process decode at the same batch.
     Serve(serve::ServeBenchArgs),

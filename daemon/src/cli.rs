@@ -123,6 +123,16 @@ pub enum ModelCommand {
     Fetch,
 }
 
+/// Who selects the pages under page sparsity (`--sparse-select`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SparseSelect {
+    /// Each query head selects its own pages.
+    #[default]
+    Head,
+    /// The query heads of a GQA group share one selection.
+    Group,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A Hugging Face folder, a GPTQ folder or a GGUF file (default: SmolLM2-135M-Instruct Q4_1,
@@ -150,6 +160,10 @@ pub struct ModelArgs {
     /// Under --sparse-budget, the newest pages always attended (a local window), within the budget.
     #[arg(long, default_value_t = 4)]
     pub sparse_recent: usize,
+    /// Under --sparse-budget, who selects pages: each query head (`head`), or the query heads of a
+    /// GQA group together (`group`: one read of the budget serves the whole group).
+    #[arg(long, value_enum, default_value = "head")]
+    pub sparse_select: SparseSelect,
     /// Activations against quantized weights: int8 (fast, as llama.cpp) or f32 (exact reference).
     #[arg(long, default_value = "int8")]
     pub act: ActMode,
@@ -290,6 +304,7 @@ impl ModelArgs {
         let sparse = self.sparse_budget.map(|b| SparseConfig {
             budget_tokens: b,
             recent_pages: self.sparse_recent,
+            group_shared: self.sparse_select == SparseSelect::Group,
         });
         Ok(Loaded {
             model,

@@ -311,7 +311,7 @@ extern "C" __global__ void kv_read_token(const float* kf, const float* vf, const
 // A row's entries (meta + rows[0]) are its visible page ids, one int each.
 
 #define BOUND_WARPS 8
-#define BOUND_PAGES 32
+#define BOUND_PAGES 16
 
 // bounds[bounds_off + h * C + i] = page_bound(q_h, kmin, kmax) of candidate page 1 + i, with the
 // CPU's summation order: lane (g, u) of a warp sums channels u, u + 8, ... of head g in order (the
@@ -381,14 +381,28 @@ __device__ __forceinline__ u32 ord_key(float f) {
 
 #define SEL_THREADS 256
 
+// cpu::attention::fmax_sel: the larger of a and b, b when a is NaN.
+__device__ __forceinline__ float fmax_sel(float a, float b) { return (b > a || a != a) ? b : a; }
+
+// The selection key of candidate i: its bound (nb = 1), or the group's bounds folded by fmax_sel in
+// head order (nb = G heads, rows C apart: cpu::attention::group_bound).
+__device__ __forceinline__ u32 sel_key(const float* b, int i, int C, int nb) {
+    float v = b[i];
+    for (int g = 1; g < nb; ++g) v = fmax_sel(v, b[(long long)g * C + i]);
+    return ord_key(v);
+}
+
 // One block per (sparse row, query head h): sets bit (h % G) of masks[mask_off + kv * npages + p]
 // for every page p the head keeps: page 0, pages recent_start.., and the k candidates with the
 // largest bounds (ties: lower page index), found by an MSB radix select over total_cmp keys
 // (shared-memory histograms, one warp-aggregated atomic per distinct digit per warp).
-// Grid: (S, n_heads), SEL_THREADS threads. Dynamic shared memory: key_cap u32 (keys cached when
-// C <= key_cap, else re-read from `bounds`).
+// With `shared` (SparseConfig::group_shared) one block per (sparse row, kv head) selects for the
+// whole group by its heads' largest bound and sets all G bits.
+// Grid: (S, shared ? n_kv : n_heads), SEL_THREADS threads. Dynamic shared memory: key_cap u32
+// (keys cached when C <= key_cap, else recomputed from `bounds`).
 extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const float* bounds,
-                                             u32* masks, int n_heads, int n_kv, int key_cap) {
+                                             u32* masks, int n_heads, int n_kv, int key_cap,
+                                             int shared) {
     extern __shared__ u32 skeys[];
     __shared__ u32 hist[256];
     __shared__ u32 s_digit;
@@ -396,10 +410,11 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
     __shared__ int warp_cnt[SEL_THREADS / 32];
     const int* sp = meta + sp_off + blockIdx.x * SPARSE_INTS;
     const int row = sp[0], C = sp[1], k = sp[2], rs = sp[3];
-    const int h = blockIdx.y;
     const int G = n_heads / n_kv;
-    const int kv = h / G;
-    const u32 bit = 1u << (h - kv * G);
+    const int kv = shared ? (int)blockIdx.y : (int)blockIdx.y / G;
+    const int h = shared ? kv * G : (int)blockIdx.y;  // the first head whose bounds are read
+    const int nb = shared ? G : 1;
+    const u32 bit = shared ? (G >= 32 ? FULL_MASK : (1u << G) - 1u) : 1u << (h - kv * G);
     const int npages = meta[row * ROW_INTS + 1];
     u32* mask = masks + sp[5] + (long long)kv * npages;
     const float* b = bounds + sp[4] + (long long)h * C;
@@ -409,7 +424,7 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
     if (k <= 0) return;
     const bool cached = C <= key_cap;
     if (cached)
-        for (int i = tid; i < C; i += SEL_THREADS) skeys[i] = ord_key(b[i]);
+        for (int i = tid; i < C; i += SEL_THREADS) skeys[i] = sel_key(b, i, C, nb);
 
     u32 prefix = 0, pmask = 0;
     int rem = k;
@@ -420,7 +435,7 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
             const int i = base + tid;
             u32 dg = 256u;  // no digit
             if (i < C) {
-                const u32 key = cached ? skeys[i] : ord_key(b[i]);
+                const u32 key = cached ? skeys[i] : sel_key(b, i, C, nb);
                 if ((key & pmask) == prefix) dg = (key >> shift) & 255u;
             }
             const u32 peers = __match_any_sync(FULL_MASK, dg);
@@ -468,7 +483,7 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
     int taken = 0;
     for (int base = 0; base < C; base += SEL_THREADS) {
         const int i = base + tid;
-        const u32 key = i < C ? (cached ? skeys[i] : ord_key(b[i])) : 0u;
+        const u32 key = i < C ? (cached ? skeys[i] : sel_key(b, i, C, nb)) : 0u;
         const bool gt = i < C && key > prefix;
         const bool eq = i < C && key == prefix;
         const u32 ball = __ballot_sync(FULL_MASK, eq);
@@ -564,7 +579,7 @@ __device__ __forceinline__ void store16(float* dst, const float* v) {
         *(float4*)(dst + 4 * m) = make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
 }
 
-extern "C" __global__ void attn_paged(
+extern "C" __global__ void __launch_bounds__(256, 4) attn_paged(
     const float* q, float* out, float* part, const int* meta, int work_off, int sp_off,
     const int* lists, const int* counts, const int* stage_tab, const float* kf, const float* vf,
     const u16* kh, const u16* vh, const u8* kq, const u8* vq, const u16* ksc, const u16* kmn,
@@ -809,30 +824,84 @@ extern "C" __global__ void attn_paged(
     }
 }
 
-// Merges the partials of rows with several work items. Grid: (rows, n_heads).
-extern "C" __global__ void attn_reduce(const float* part, float* out, const int* meta, int n_work,
-                                       int n_heads, int d) {
+// Merges the partials of rows with several work items. Grid: (rows, n_heads), RED_THREADS
+// threads. The block finds the partials' max and weighted sum in parallel (block reductions), then
+// RED_THREADS / d slices of d threads each sum a strided share of the work items' accumulators,
+// chunk by chunk with the chunk's weights exp(m_w - M) in shared memory, and the slices' sums
+// meet in shared memory (slice order fixed: the result does not depend on scheduling).
+#define RED_THREADS 1024
+
+__device__ __forceinline__ float block_reduce(float v, bool is_max, float* red, float* out) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = is_max ? warp_max(v) : warp_sum(v);
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float a = red[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) a = is_max ? fmaxf(a, red[w]) : a + red[w];
+        *out = a;
+    }
+    __syncthreads();
+    return *out;
+}
+
+extern "C" __global__ void __launch_bounds__(RED_THREADS)
+attn_reduce(const float* part, float* out, const int* meta, int n_work, int n_heads, int d) {
+    __shared__ float red[RED_THREADS / 32];
+    __shared__ float s_val[2];
+    __shared__ float wts[RED_THREADS];
+    __shared__ float sums[RED_THREADS];
     const int row = blockIdx.x, h = blockIdx.y;
     const int* rw = meta + row * ROW_INTS;
     const int w0 = rw[3], nw = rw[4];
-    if (nw <= 1) return;
+    if (nw <= 1) return;  // block-uniform, before any barrier
+    const int tid = threadIdx.x;
     const float* pm = part + (long long)n_work * n_heads * d;
     const float* pl = pm + (long long)n_work * n_heads;
     float M = NEG_INF;
-    for (int w = w0; w < w0 + nw; ++w) M = fmaxf(M, pm[(long long)w * n_heads + h]);
+    for (int w = tid; w < nw; w += RED_THREADS) M = fmaxf(M, pm[(long long)(w0 + w) * n_heads + h]);
+    M = block_reduce(M, true, red, &s_val[0]);
     float L = 0.0f;
-    for (int w = w0; w < w0 + nw; ++w) {
-        const float mw = pm[(long long)w * n_heads + h];
-        if (mw != NEG_INF) L += pl[(long long)w * n_heads + h] * expf(mw - M);
+    for (int w = tid; w < nw; w += RED_THREADS) {
+        const long long pi = (long long)(w0 + w) * n_heads + h;
+        const float mw = pm[pi];
+        if (mw != NEG_INF) L += pl[pi] * expf(mw - M);
     }
+    L = block_reduce(L, false, red, &s_val[1]);
     const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    float* o = out + ((long long)row * n_heads + h) * d;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) {
-        float a = 0.0f;
-        for (int w = w0; w < w0 + nw; ++w) {
-            const float mw = pm[(long long)w * n_heads + h];
-            if (mw != NEG_INF) a += part[((long long)w * n_heads + h) * d + c] * expf(mw - M);
+
+    int slices = RED_THREADS / d;
+    if (slices > 32) slices = 32;
+    const int sl = tid / d, c = tid - sl * d;
+    const bool active = sl < slices;
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int base = 0; base < nw; base += RED_THREADS) {
+        const int n = min(RED_THREADS, nw - base);
+        if (tid < n) {
+            const float mw = pm[(long long)(w0 + base + tid) * n_heads + h];
+            wts[tid] = mw != NEG_INF ? expf(mw - M) : 0.0f;
         }
-        o[c] = a * inv;
+        __syncthreads();
+        if (active) {
+            int j = sl;
+            for (; j + slices < n; j += 2 * slices) {
+                const float* p0 = part + ((long long)(w0 + base + j) * n_heads + h) * d;
+                const float* p1 = part + ((long long)(w0 + base + j + slices) * n_heads + h) * d;
+                const float e0 = wts[j], e1 = wts[j + slices];
+                if (e0 != 0.0f) a0 = fmaf(p0[c], e0, a0);
+                if (e1 != 0.0f) a1 = fmaf(p1[c], e1, a1);
+            }
+            if (j < n && wts[j] != 0.0f)
+                a0 = fmaf(part[((long long)(w0 + base + j) * n_heads + h) * d + c], wts[j], a0);
+        }
+        __syncthreads();
+    }
+    if (active) sums[tid] = a0 + a1;
+    __syncthreads();
+    float* o = out + ((long long)row * n_heads + h) * d;
+    for (int cc = tid; cc < d; cc += RED_THREADS) {
+        float a = sums[cc];
+        for (int s2 = 1; s2 < slices; ++s2) a += sums[s2 * d + cc];
+        o[cc] = a * inv;
     }
 }

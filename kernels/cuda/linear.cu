@@ -197,6 +197,167 @@ GEMV_F(gemv_f32_m16, 16, 16)
 GEMV_F(gemv_f32_m24, 24, 8)
 GEMV_F(gemv_f32_m32, 32, 8)
 
+// ---- INT4 GEMV, block-scaled, with split-K (the default INT4 path for m ≤ 32) ----
+// The same layout and staging as gemv_impl, but the block's scale leaves the inner loop: each lane
+// sums (q - z)·x (zero-point kind) or q·x (affine kind) over its row's 32 columns of the block and
+// applies d (and m·Σx) once per block. A code becomes an exact float in one byte permute:
+// prmt(codes & 0x0F0F0F0F, 0x4B000000) = 2^23 + q, and one subtraction of 2^23 (+ z) leaves q (- z)
+// exactly, so the inner loop is about 3.3 instructions per weight instead of 9 (the per-weight
+// dequantization of gemv_impl made it instruction-bound on an H100).
+//
+// grid = (rowpad / 32, S): with S > 1 split y takes column blocks [y·KB/S, (y+1)·KB/S) and leaves its
+// partial sums in ws[y][m][rowpad]; the last split of a tile to finish (counted in cnt[tile],
+// which it resets to 0) adds the S partials in split order and writes out: deterministic, one launch.
+__device__ __forceinline__ float code_f(u32 bytes, u32 sel) {
+    return __uint_as_float(__byte_perm(bytes, 0x4B000000u, sel));
+}
+
+template <int FMT, int MAXM, int GW>
+__device__ __forceinline__ void gemv4_impl(const u32* __restrict__ wq, const u32* __restrict__ ws,
+                                           const float* __restrict__ x, float* __restrict__ out,
+                                           float* __restrict__ part, u32* __restrict__ cnt,
+                                           int N, int K, int KB, int m) {
+    __shared__ __align__(16) float xs[GW][MAXM][32];
+    __shared__ int s_last;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const size_t tile = blockIdx.x;
+    const int S = gridDim.y, split = blockIdx.y;
+    const int kb0 = (int)(((long long)KB * split) / S), kb1 = (int)(((long long)KB * (split + 1)) / S);
+    float acc[MAXM];
+#pragma unroll
+    for (int r = 0; r < MAXM; r++) acc[r] = 0.f;
+    float(*xw)[32] = xs[warp];
+
+    const uint4* cq = (const uint4*)wq + tile * KB * 32 + lane;
+    const u32* cm = ws + tile * KB * 32 + lane;
+    int kb = kb0 + warp;
+    uint4 cur = make_uint4(0, 0, 0, 0);
+    u32 cur_m = 0;
+    if (kb < kb1) {
+        cur = __ldg(cq + (size_t)kb * 32);
+        cur_m = __ldg(cm + (size_t)kb * 32);
+    }
+    for (; kb < kb1; kb += nw) {
+        const int kn = kb + nw;
+        uint4 nxt = make_uint4(0, 0, 0, 0);
+        u32 nxt_m = 0;
+        if (kn < kb1) {
+            nxt = __ldg(cq + (size_t)kn * 32);
+            nxt_m = __ldg(cm + (size_t)kn * 32);
+        }
+        const int k = kb * 32 + lane;
+        float sx[MAXM];
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) {
+            const float xv = (r < m && k < K) ? x[(size_t)r * K + k] : 0.f;
+            xw[r][lane] = xv;
+            if (FMT == FMT_Q4AF) sx[r] = warp_sum(xv);
+        }
+        __syncwarp();
+        // 2^23 + z (zero-point kind) or 2^23: subtracting it leaves q - z or q exactly.
+        const float base = FMT == FMT_Q4ZP ? 8388608.0f + (float)(cur_m >> 16) : 8388608.0f;
+        float sum[MAXM];
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) sum[r] = 0.f;
+        const u32 words[4] = {cur.x, cur.y, cur.z, cur.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // Nibble i of word j is column 8j + i: even nibbles are the low halves of its bytes.
+            const u32 lo = words[j] & 0x0F0F0F0Fu, hi = (words[j] >> 4) & 0x0F0F0F0Fu;
+            float wv[8];
+#pragma unroll
+            for (int b = 0; b < 4; b++) {
+                wv[2 * b] = code_f(lo, 0x7440u | b) - base;
+                wv[2 * b + 1] = code_f(hi, 0x7440u | b) - base;
+            }
+#pragma unroll
+            for (int r = 0; r < MAXM; r++) {
+                const float4 xa = *reinterpret_cast<const float4*>(&xw[r][8 * j]);
+                const float4 xb = *reinterpret_cast<const float4*>(&xw[r][8 * j + 4]);
+                float a = sum[r];
+                a = fmaf(wv[0], xa.x, a);
+                a = fmaf(wv[1], xa.y, a);
+                a = fmaf(wv[2], xa.z, a);
+                a = fmaf(wv[3], xa.w, a);
+                a = fmaf(wv[4], xb.x, a);
+                a = fmaf(wv[5], xb.y, a);
+                a = fmaf(wv[6], xb.z, a);
+                a = fmaf(wv[7], xb.w, a);
+                sum[r] = a;
+            }
+        }
+        const float d = h2f((u16)(cur_m & 0xFFFFu));
+        if (FMT == FMT_Q4ZP) {
+#pragma unroll
+            for (int r = 0; r < MAXM; r++) acc[r] = fmaf(sum[r], d, acc[r]);
+        } else {
+            const float mo = h2f((u16)(cur_m >> 16));
+#pragma unroll
+            for (int r = 0; r < MAXM; r++) acc[r] = fmaf(sum[r], d, fmaf(mo, sx[r], acc[r]));
+        }
+        __syncwarp();
+        cur = nxt;
+        cur_m = nxt_m;
+    }
+
+#pragma unroll
+    for (int r = 0; r < MAXM; r++) xw[r][lane] = acc[r];
+    __syncthreads();
+    const int rowpad = (int)gridDim.x * 32;
+    for (int t = threadIdx.x; t < MAXM * 32; t += blockDim.x) {
+        const int r = t >> 5, l = t & 31;
+        const int n = (int)tile * 32 + l;
+        if (r < m) {
+            float v = xs[0][r][l];
+            for (int w = 1; w < nw; w++) v += xs[w][r][l];
+            if (S == 1) {
+                if (n < N) out[(size_t)r * N + n] = v;
+            } else {
+                part[((size_t)split * m + r) * rowpad + n] = v;
+            }
+        }
+    }
+    if (S == 1) return;
+    // Split-K: the last of the tile's S blocks adds the partials (in split order) and writes out.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const u32 done = atomicAdd(&cnt[tile], 1u);
+        s_last = done == (u32)(S - 1);
+        if (s_last) cnt[tile] = 0u;  // ready for the next launch (stream order)
+    }
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int t = threadIdx.x; t < m * 32; t += blockDim.x) {
+        const int r = t >> 5, l = t & 31;
+        const int n = (int)tile * 32 + l;
+        if (n < N) {
+            float v = __ldcg(part + (size_t)r * rowpad + n);
+            for (int y = 1; y < S; y++) v += __ldcg(part + ((size_t)y * m + r) * rowpad + n);
+            out[(size_t)r * N + n] = v;
+        }
+    }
+}
+
+#define GEMV4(NAME, FMT, MT, GWN)                                                                  \
+    extern "C" __global__ void __launch_bounds__(GWN * 32)                                         \
+    NAME(const u32* qs, const u32* dm, const float* x, float* out, float* part, u32* cnt, int N,   \
+         int K, int KB, int m) {                                                                   \
+        gemv4_impl<FMT, MT, GWN>(qs, dm, x, out, part, cnt, N, K, KB, m);                          \
+    }
+#define GEMV4_ALL(SUF, FMT)                                                                        \
+    GEMV4(gemv4_##SUF##_m1, FMT, 1, 16)                                                            \
+    GEMV4(gemv4_##SUF##_m2, FMT, 2, 16)                                                            \
+    GEMV4(gemv4_##SUF##_m4, FMT, 4, 16)                                                            \
+    GEMV4(gemv4_##SUF##_m8, FMT, 8, 16)                                                            \
+    GEMV4(gemv4_##SUF##_m12, FMT, 12, 16)                                                          \
+    GEMV4(gemv4_##SUF##_m16, FMT, 16, 16)                                                          \
+    GEMV4(gemv4_##SUF##_m24, FMT, 24, 8)                                                           \
+    GEMV4(gemv4_##SUF##_m32, FMT, 32, 8)
+GEMV4_ALL(q4zp, FMT_Q4ZP)
+GEMV4_ALL(q4af, FMT_Q4AF)
+
 // ---- GEMM (larger m): 64 activation rows × 128 output rows per block, 32 columns per stage ----
 // The weight tile is dequantized into shared memory once and used by all 64 rows. Thread
 // (tx, ty) = (t % 16, t / 16) owns rows ty·4 .. +4 and output columns tx·4 .. +4, 64 + tx·4 .. +4.

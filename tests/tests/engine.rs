@@ -190,6 +190,7 @@ fn sparse_attention_with_a_budget_covering_the_context_equals_dense() {
             sparse: Some(SparseConfig {
                 budget_tokens: 60,
                 recent_pages: 1,
+                group_shared: false,
             }),
             ..ForwardOptions::exact()
         };
@@ -202,6 +203,7 @@ fn sparse_attention_with_a_budget_covering_the_context_equals_dense() {
             sparse: Some(SparseConfig {
                 budget_tokens: 16,
                 recent_pages: 1,
+                group_shared: false,
             }),
             ..ForwardOptions::exact()
         };

@@ -249,6 +249,7 @@ impl ServeArgs {
             page_size,
             sparse_budget: None,
             sparse_recent: 4,
+            sparse_select: crate::cli::SparseSelect::Head,
             act: match self.act {
                 Some(a) => a,
                 None => parse_opt(file.act, "act")?.unwrap_or(ActMode::Int8),

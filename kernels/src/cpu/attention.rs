@@ -12,9 +12,12 @@
 //! [`SparseConfig`], a head whose context exceeds the page budget attends only to the first page
 //! (attention sink), the newest `recent_pages` pages (local context) and the remaining pages with the
 //! largest upper bound on any score in the page, `sum_i max(q_i * min_i, q_i * max_i)` over the page's
-//! per-channel key min/max ([`KvPool::key_bounds`]). Selection is per query head, since heads of a
-//! group disagree about relevance. Under the budget every page is selected and the computation is the
-//! same code in the same order as dense, so the result is bit-identical.
+//! per-channel key min/max ([`KvPool::key_bounds`]). By default selection is per query head, since
+//! heads of a group disagree about relevance; the union of a group's pages is then read, up to
+//! `group` times the budget. With [`SparseConfig::group_shared`] the heads of a GQA group share one
+//! selection scored by the largest of their bounds (a page any head of the group ranks high ranks
+//! high), so each KV head reads exactly the budget. Under the budget every page is selected and the
+//! computation is the same code in the same order as dense, so the result is bit-identical.
 
 use crate::cpu::kv::{KvDtype, KvPool, PageId};
 use crate::cpu::threads::SharedOut;
@@ -26,6 +29,9 @@ pub struct SparseConfig {
     pub budget_tokens: usize,
     /// Newest visible pages always attended (the page holding the query itself included).
     pub recent_pages: usize,
+    /// The query heads of a GQA group share one selection, scored per page by the largest of their
+    /// [`page_bound`]s ([`group_bound`]); `false`: each head selects its own pages.
+    pub group_shared: bool,
 }
 
 impl SparseConfig {
@@ -34,6 +40,15 @@ impl SparseConfig {
         Self {
             budget_tokens,
             recent_pages: 1,
+            group_shared: false,
+        }
+    }
+
+    /// The same budget with one selection per GQA group.
+    pub fn shared_by_group(self) -> Self {
+        Self {
+            group_shared: true,
+            ..self
         }
     }
 
@@ -78,6 +93,23 @@ pub fn page_bound(q: &[f32], kmin: &[f32], kmax: &[f32]) -> f32 {
     reduce8(lanes) + tail
 }
 
+/// The larger of `a` and `b`, and `b` when `a` is NaN: spelled out (not `f32::max`, which leaves
+/// the sign of a ±0 tie open) so the CUDA selection (`fmax_sel` in attention.cu) gives the same bits.
+#[inline]
+pub fn fmax_sel(a: f32, b: f32) -> f32 {
+    if b > a || a.is_nan() { b } else { a }
+}
+
+/// The group score of a page under [`SparseConfig::group_shared`]: the heads' [`page_bound`]s
+/// (`q_group`: the group's query heads, `head_dim` each) folded by [`fmax_sel`] in head order.
+pub fn group_bound(q_group: &[f32], head_dim: usize, kmin: &[f32], kmax: &[f32]) -> f32 {
+    let mut heads = q_group.chunks_exact(head_dim);
+    let first = heads
+        .next()
+        .map_or(f32::NEG_INFINITY, |q| page_bound(q, kmin, kmax));
+    heads.fold(first, |acc, q| fmax_sel(acc, page_bound(q, kmin, kmax)))
+}
+
 /// Sums eight lanes pairwise (the order every lane-split reduction here uses).
 #[inline]
 fn reduce8([l0, l1, l2, l3, l4, l5, l6, l7]: [f32; 8]) -> f32 {
@@ -103,12 +135,44 @@ pub fn select_pages(
         pool,
         layer,
         &pages[..npages],
-        q_head,
         kv_head,
         cfg,
         &mut Vec::new(),
         &mut keep,
+        |lo, hi| page_bound(q_head, lo, hi),
     );
+    kept(&keep)
+}
+
+/// The pages the whole group of KV head `kv_head` attends to under
+/// [`SparseConfig::group_shared`] (`q_group`: the group's query heads, `head_dim` each): as
+/// [`select_pages`], ranked by [`group_bound`].
+pub fn select_pages_group(
+    pool: &KvPool,
+    layer: usize,
+    pages: &[PageId],
+    n_tokens: usize,
+    q_group: &[f32],
+    kv_head: usize,
+    cfg: &SparseConfig,
+) -> Vec<usize> {
+    let npages = visible_pages(pool, pages, n_tokens);
+    let mut keep = vec![false; npages];
+    let d = pool.geometry().head_dim;
+    select_into(
+        pool,
+        layer,
+        &pages[..npages],
+        kv_head,
+        cfg,
+        &mut Vec::new(),
+        &mut keep,
+        |lo, hi| group_bound(q_group, d, lo, hi),
+    );
+    kept(&keep)
+}
+
+fn kept(keep: &[bool]) -> Vec<usize> {
     keep.iter()
         .enumerate()
         .filter(|&(_, &k)| k)
@@ -127,18 +191,18 @@ fn visible_pages(pool: &KvPool, pages: &[PageId], n_tokens: usize) -> usize {
     needed.min(pages.len())
 }
 
-/// Fills `keep[i]` (one entry per visible page `pages[i]`) with the selection of [`select_pages`].
-/// `ranked` is reusable scratch.
+/// Fills `keep[i]` (one entry per visible page `pages[i]`) with the selection of [`select_pages`],
+/// pages ranked by `bound(key min, key max)`. `ranked` is reusable scratch.
 #[allow(clippy::too_many_arguments)]
 fn select_into(
     pool: &KvPool,
     layer: usize,
     pages: &[PageId],
-    q_head: &[f32],
     kv_head: usize,
     cfg: &SparseConfig,
     ranked: &mut Vec<(f32, usize)>,
     keep: &mut [bool],
+    bound: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let npages = keep.len();
     let budget = cfg.budget_pages(pool.geometry().page_size);
@@ -155,7 +219,7 @@ fn select_into(
     ranked.clear();
     ranked.extend((1..recent_start).map(|i| {
         let (lo, hi) = pool.key_bounds(layer, pages[i], kv_head);
-        (page_bound(q_head, lo, hi), i)
+        (bound(lo, hi), i)
     }));
     let k = budget - 1 - cfg.recent_pages;
     if k > 0 {
@@ -352,17 +416,36 @@ fn attend_group_body(
     let mut ranked = Vec::new();
 
     if let Some(cfg) = sparse {
-        for (qh, kh) in q_group.chunks_exact(d).zip(keep.chunks_exact_mut(npages)) {
+        if cfg.group_shared {
+            // Every head of the group (not only this task's) scores the pages.
+            let q_all = &q[kv_head * group * d..(kv_head + 1) * group * d];
+            let (first, rest) = keep.split_at_mut(npages);
             select_into(
                 pool,
                 layer,
                 &pages[..npages],
-                qh,
                 kv_head,
                 cfg,
                 &mut ranked,
-                kh,
+                first,
+                |lo, hi| group_bound(q_all, d, lo, hi),
             );
+            for kh in rest.chunks_exact_mut(npages) {
+                kh.copy_from_slice(first);
+            }
+        } else {
+            for (qh, kh) in q_group.chunks_exact(d).zip(keep.chunks_exact_mut(npages)) {
+                select_into(
+                    pool,
+                    layer,
+                    &pages[..npages],
+                    kv_head,
+                    cfg,
+                    &mut ranked,
+                    kh,
+                    |lo, hi| page_bound(qh, lo, hi),
+                );
+            }
         }
     }
     for (p, &page) in pages[..npages].iter().enumerate() {

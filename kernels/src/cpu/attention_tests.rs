@@ -185,7 +185,8 @@ fn select_pages_picks_first_recent_and_top_bounds() {
             40,
             SparseConfig {
                 budget_tokens: 20,
-                recent_pages: 2
+                recent_pages: 2,
+                group_shared: false,
             },
             &q
         ),
@@ -281,6 +282,7 @@ fn sparse_matches_restricted_reference() {
         let cfg = SparseConfig {
             budget_tokens: 4 * ps,
             recent_pages: 1,
+            group_shared: false,
         };
         let selected: Vec<Vec<usize>> = (0..6)
             .map(|h| {
@@ -311,6 +313,54 @@ fn sparse_matches_restricted_reference() {
         assert!(
             err <= 1e-5,
             "{dtype}: sparse vs restricted reference err {err}"
+        );
+    }
+}
+
+#[test]
+fn group_shared_selection_ranks_by_the_groups_largest_bound() {
+    for (dtype, ps, n) in [(KvDtype::F32, 4, 61), (KvDtype::Int4, 5, 83)] {
+        let (n_kv, n_heads, d) = (2, 6, 16);
+        let group = n_heads / n_kv;
+        let c = case(dtype, ps, n_kv, n_heads, d, n, 23);
+        let q = Rng::new(24).vec(n_heads * d);
+        let cfg = SparseConfig::new(5 * ps).shared_by_group();
+        let npages = n.div_ceil(ps);
+        let mut selected = Vec::new();
+        for kv in 0..n_kv {
+            let q_group = &q[kv * group * d..(kv + 1) * group * d];
+            let sel = select_pages_group(&c.pool, c.layer, &c.pages, n, q_group, kv, &cfg);
+            // Independently: first page, the newest page, and the 3 candidates whose largest
+            // per-head bound is highest (ties: lower index).
+            let mut ranked: Vec<(f32, usize)> = (1..npages - 1)
+                .map(|i| {
+                    let (lo, hi) = c.pool.key_bounds(c.layer, c.pages[i], kv);
+                    let b = q_group
+                        .chunks_exact(d)
+                        .map(|qh| page_bound(qh, lo, hi))
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    (b, i)
+                })
+                .collect();
+            ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let mut want: Vec<usize> = ranked[..3].iter().map(|&(_, i)| i).collect();
+            want.extend([0, npages - 1]);
+            want.sort_unstable();
+            assert_eq!(sel, want, "{dtype} kv {kv}");
+            // Differs from some head's own choice: the group really shares one selection.
+            let own: Vec<Vec<usize>> = q_group
+                .chunks_exact(d)
+                .map(|qh| select_pages(&c.pool, c.layer, &c.pages, n, qh, kv, &cfg))
+                .collect();
+            assert!(own.iter().any(|o| o != &sel), "{dtype} kv {kv}: {own:?}");
+            selected.extend(std::iter::repeat_n(sel, group));
+        }
+        // Attention under the shared selection: every head of a group over the group's pages.
+        let got = run(&c, n, &q, Some(&cfg));
+        let err = max_abs_diff(&got, &restricted_reference(&c, n, &q, &selected));
+        assert!(
+            err <= 1e-5,
+            "{dtype}: shared sparse vs restricted reference err {err}"
         );
     }
 }

@@ -86,9 +86,11 @@ const ROW_INTS: usize = 8;
 const SPARSE_INTS: usize = 8;
 const WORK_INTS: usize = 3;
 const SEL_THREADS: u32 = 256;
+/// Threads of an attn_reduce block (attention.cu).
+const RED_THREADS: u32 = 1024;
 /// Warps per attn_page_bounds block and candidate pages per block (attention.cu).
 const BOUND_WARPS: u32 = 8;
-const BOUND_PAGES: usize = 32;
+const BOUND_PAGES: usize = 16;
 /// Split-K target: blocks per SM over the whole grid.
 const WAVES_PER_SM: usize = 8;
 /// Warps per attention block (at least the group size): all decode, G compute.
@@ -184,6 +186,8 @@ pub struct AttentionPlan {
     n_work: usize,
     n_sparse: usize,
     max_cand: usize,
+    /// One selection per GQA group ([`SparseConfig::group_shared`]).
+    shared: bool,
     split: bool,
     work_off: i32,
     sp_off: i32,
@@ -327,7 +331,9 @@ pub fn attention_plan_with(
                 let recent = cfg.recent_pages;
                 let recent_start = np - recent;
                 let k = budget - 1 - recent;
-                let cap = np.min(1 + recent + group * k);
+                // Per-head selection reads the union of the group's pages; a shared one, k pages.
+                let picked = if cfg.group_shared { k } else { group * k };
+                let cap = np.min(1 + recent + picked);
                 sparse_of[r] = as_i32(sparse_rows.len(), "sparse rows")?;
                 sparse_rows.push(SparseRow {
                     row: r,
@@ -440,6 +446,7 @@ pub fn attention_plan_with(
         n_work,
         n_sparse,
         max_cand,
+        shared: sparse.is_some_and(|c| c.group_shared),
         split,
         work_off: work_off as i32,
         sp_off: sp_off as i32,
@@ -533,14 +540,20 @@ pub fn paged_attention_planned(
         }
         let key_cap = plan.max_cand.min(KEY_CAP);
         let key_cap_i = key_cap as i32;
+        let shared_i = plan.shared as i32;
         let cfg = LaunchConfig {
-            grid_dim: (n_sparse as u32, n_heads as u32, 1),
+            grid_dim: (
+                n_sparse as u32,
+                if plan.shared { n_kv } else { n_heads } as u32,
+                1,
+            ),
             block_dim: (SEL_THREADS, 1, 1),
             shared_mem_bytes: (key_cap * 4) as u32,
         };
         let f = gpu.function(MODULE.name, "attn_select_pages")?;
         // SAFETY: attn_select_pages(const int* meta, int sp_off, const float* bounds, u32* masks,
-        // int n_heads, int n_kv, int key_cap): masks holds n_kv × npages per record (zero: fresh,
+        // int n_heads, int n_kv, int key_cap, int shared): one block per (record, query head), or
+        // per (record, kv head) when shared; masks holds n_kv × npages per record (zero: fresh,
         // or cleared by the previous run's attn_compact_pages); keys are cached only when
         // C <= key_cap, which the shared memory holds.
         unsafe {
@@ -552,6 +565,7 @@ pub fn paged_attention_planned(
                 .arg(&n_heads_i)
                 .arg(&n_kv_i)
                 .arg(&key_cap_i)
+                .arg(&shared_i)
                 .launch(cfg)?;
         }
         let cfg = LaunchConfig {
@@ -630,7 +644,7 @@ pub fn paged_attention_planned(
     if plan.split {
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, n_heads as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (RED_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let f = gpu.function(MODULE.name, "attn_reduce")?;

@@ -416,12 +416,20 @@ fn sparse_matches_cpu() {
                         SparseConfig {
                             budget_tokens: 6 * ps,
                             recent_pages: 1,
+                            group_shared: false,
                         },
                         SparseConfig {
                             budget_tokens: 20 * ps + 1,
                             recent_pages: 2,
+                            group_shared: false,
                         },
                         SparseConfig::new(512),
+                        SparseConfig::new(6 * ps).shared_by_group(),
+                        SparseConfig {
+                            budget_tokens: 20 * ps + 1,
+                            recent_pages: 2,
+                            group_shared: true,
+                        },
                     ] {
                         for plan in [None, Some(2)] {
                             let plan = SplitPlan {
@@ -533,7 +541,11 @@ fn split_k_long_context_matches_cpu() {
         let b = build(&gpu, dtype, ps, n_kv, d, &[3001], Seal::Engine, 31);
         let rows = vec![(0usize, 3001usize)];
         let q = Rng::new(32).vec(n_heads * d);
-        for sparse in [None, Some(SparseConfig::new(1024))] {
+        for sparse in [
+            None,
+            Some(SparseConfig::new(1024)),
+            Some(SparseConfig::new(1024).shared_by_group()),
+        ] {
             for plan in [None, Some(1), Some(7)] {
                 let plan = SplitPlan {
                     entries_per_split: plan,
@@ -544,6 +556,52 @@ fn split_k_long_context_matches_cpu() {
             }
         }
     }
+}
+
+/// A shared selection reads exactly the budget per KV head; per-head selection reads the union of
+/// the group's pages (more, on random queries).
+#[test]
+fn group_shared_lists_hold_exactly_the_budget() {
+    let Some(gpu) = gpu_or_skip("attention::group_shared_lists_hold_exactly_the_budget") else {
+        return;
+    };
+    let (ps, n_kv, n_heads, d) = (16, 2, 8, 64);
+    let b = build(&gpu, KvDtype::Int4, ps, n_kv, d, &[4000], Seal::Engine, 33);
+    let q = Rng::new(34).vec(n_heads * d);
+    let s = gpu.stream();
+    let dq = s.clone_htod(&q).unwrap();
+    let mut out = s.alloc_zeros::<f32>(n_heads * d).unwrap();
+    let queries = [GpuQuery {
+        pages: &b.tables[0],
+        n_tokens: 4000,
+    }];
+    let budget = SparseConfig::new(512);
+    let pages = budget.budget_pages(ps);
+    let mut counts = Vec::new();
+    for cfg in [budget.shared_by_group(), budget] {
+        let plan = attention_plan(&gpu, &b.gpu, &queries, n_heads, Some(&cfg)).unwrap();
+        paged_attention_planned(
+            &gpu,
+            &b.gpu,
+            &plan,
+            1,
+            &dq.as_view(),
+            0.125,
+            &mut out.as_view_mut(),
+        )
+        .unwrap();
+        counts.push(s.clone_dtoh(&plan.counts).unwrap());
+    }
+    assert_eq!(
+        counts[0],
+        vec![pages as i32; n_kv],
+        "shared: the budget per kv head"
+    );
+    assert!(
+        counts[1].iter().all(|&c| c as usize > pages),
+        "per head: the union of 4 heads' pages, got {:?}",
+        counts[1]
+    );
 }
 
 #[test]

@@ -13,6 +13,12 @@
 //! staged activation value used by the 32 rows of a warp; one instantiation per bound on m: 1, 2,
 //! 4, 8, 12, 16, 24, 32), up to [`GEMM_ALWAYS_M`] rows as GEMV launches of 32 rows when the GEMM
 //! grid would be small, and larger `m` the tiled GEMM kernel.
+//!
+//! INT4 GEMV has two kernel families ([`Int4Gemv`]): the block-scaled one (default: the block's
+//! scale applied once per 32 columns, codes turned into exact floats by one byte permute, and
+//! split-K over several blocks per row tile when the tiles alone would leave the GPU idle, merged
+//! deterministically in the same launch) and the first version (per-weight dequantization, bit-
+//! exact weights as the CPU), kept to compare against (`EDGELORA_INT4_GEMV=per-weight`).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
@@ -39,6 +45,22 @@ pub const MODULE: KernelModule = KernelModule {
         "gemv_q4af_m16",
         "gemv_q4af_m24",
         "gemv_q4af_m32",
+        "gemv4_q4zp_m1",
+        "gemv4_q4zp_m2",
+        "gemv4_q4zp_m4",
+        "gemv4_q4zp_m8",
+        "gemv4_q4zp_m12",
+        "gemv4_q4zp_m16",
+        "gemv4_q4zp_m24",
+        "gemv4_q4zp_m32",
+        "gemv4_q4af_m1",
+        "gemv4_q4af_m2",
+        "gemv4_q4af_m4",
+        "gemv4_q4af_m8",
+        "gemv4_q4af_m12",
+        "gemv4_q4af_m16",
+        "gemv4_q4af_m24",
+        "gemv4_q4af_m32",
         "gemv_q8_m1",
         "gemv_q8_m2",
         "gemv_q8_m4",
@@ -65,6 +87,35 @@ pub const MODULE: KernelModule = KernelModule {
         "gather_f32",
     ],
 };
+
+/// Which INT4 GEMV kernels run (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int4Gemv {
+    /// `gemv4_*`: per-block scaling and split-K (the default).
+    BlockScaled,
+    /// `gemv_q4*`: per-weight dequantization, one block per row tile.
+    PerWeight,
+}
+
+impl Int4Gemv {
+    /// The process default: `EDGELORA_INT4_GEMV=per-weight` picks [`Int4Gemv::PerWeight`].
+    pub fn from_env() -> Self {
+        static V: std::sync::OnceLock<Int4Gemv> = std::sync::OnceLock::new();
+        *V.get_or_init(|| match std::env::var("EDGELORA_INT4_GEMV").as_deref() {
+            Ok("per-weight") => Int4Gemv::PerWeight,
+            _ => Int4Gemv::BlockScaled,
+        })
+    }
+}
+
+/// Split-K scratch every [`Gpu`] holds for the block-scaled INT4 GEMV: partial sums
+/// (`splits · m · rowpad` floats at most) and one arrival counter per row tile.
+pub const SPLITK_PART_FLOATS: usize = 1 << 20;
+pub const SPLITK_TILES: usize = 1 << 12;
+/// Most splits of one row tile's columns.
+const MAX_SPLITS: usize = 8;
+/// Resident GEMV blocks per multiprocessor the split count aims for.
+const GEMV_BLOCKS_PER_SM: usize = 4;
 
 /// Output rows per tile of the device layout (one per lane of a warp; `TILE_N` in `linear.cu`).
 pub const TILE_N: usize = 32;
@@ -362,6 +413,18 @@ impl GpuWeight {
         m: usize,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), CudaError> {
+        self.matmul_with(gpu, x, m, out, Int4Gemv::from_env())
+    }
+
+    /// [`GpuWeight::matmul`] with the INT4 GEMV kernels named (other formats ignore it).
+    pub fn matmul_with(
+        &self,
+        gpu: &Gpu,
+        x: &CudaView<'_, f32>,
+        m: usize,
+        out: &mut CudaViewMut<'_, f32>,
+        int4: Int4Gemv,
+    ) -> Result<(), CudaError> {
         let (rows, cols) = (self.rows, self.cols);
         if x.len() < m * cols || out.len() < m * rows {
             return Err(shape(format!(
@@ -391,7 +454,7 @@ impl GpuWeight {
                 let mm = GEMV_MAX_M.min(m - r0);
                 let xs = x.slice(r0 * cols..(r0 + mm) * cols);
                 let mut os = out.slice_mut(r0 * rows..(r0 + mm) * rows);
-                self.gemv(gpu, &xs, mm, &mut os)?;
+                self.gemv(gpu, &xs, mm, &mut os, int4)?;
                 r0 += mm;
             }
             Ok(())
@@ -407,13 +470,54 @@ impl GpuWeight {
         x: &CudaView<'_, f32>,
         m: usize,
         out: &mut CudaViewMut<'_, f32>,
+        int4: Int4Gemv,
     ) -> Result<(), CudaError> {
         debug_assert!((1..=GEMV_MAX_M).contains(&m));
         let s = gpu.stream();
         let (n, k, kbi, mi) = (self.rows as i32, self.cols as i32, self.kb as i32, m as i32);
         let (bound, max_warps) = gemv_bound(m);
+        let tiles = rows_padded(self.rows) / TILE_N;
+        if let (Store::Q4 { qs, dm, .. }, Int4Gemv::BlockScaled) = (&self.store, int4) {
+            let splits = gemv_splits(tiles, self.kb, m, max_warps, self.sms);
+            let cfg = LaunchConfig {
+                grid_dim: (tiles as u32, splits as u32, 1),
+                block_dim: (
+                    (gemv_warps(self.kb.div_ceil(splits), max_warps) * 32) as u32,
+                    1,
+                    1,
+                ),
+                shared_mem_bytes: 0,
+            };
+            let f = gpu.function(
+                MODULE.name,
+                &format!("gemv4_{}_m{bound}", self.kernel_suffix()),
+            )?;
+            let (part, cnt) = gpu.splitk_scratch();
+            // SAFETY: gemv4_*(qs, dm, x, out, part, cnt, N, K, KB, m): block (t, y) reads the
+            // weight buffers at tile-blocks t·KB .. (t+1)·KB (t < rowpad/32, inside their exact
+            // sizes), x[r·K + k] for r < m, k < K, and writes out[r·N + n] for r < m, n < N (m·K ≤
+            // x.len(), m·N ≤ out.len() checked). With splits > 1 it writes
+            // part[(y·m + r)·rowpad + n] (splits·m·rowpad ≤ SPLITK_PART_FLOATS, gemv_splits) and
+            // counts in cnt[t] (tiles ≤ SPLITK_TILES), which the last block of the tile resets;
+            // the scratch is used only by launches on this stream. At most GW warps per block.
+            unsafe {
+                s.launch_builder(f)
+                    .arg(qs)
+                    .arg(dm)
+                    .arg(x)
+                    .arg(out)
+                    .arg(part)
+                    .arg(cnt)
+                    .arg(&n)
+                    .arg(&k)
+                    .arg(&kbi)
+                    .arg(&mi)
+                    .launch(cfg)?;
+            }
+            return Ok(());
+        }
         let cfg = LaunchConfig {
-            grid_dim: ((rows_padded(self.rows) / TILE_N) as u32, 1, 1),
+            grid_dim: (tiles as u32, 1, 1),
             block_dim: ((gemv_warps(self.kb, max_warps) * 32) as u32, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -557,6 +661,20 @@ fn gemv_bound(m: usize) -> (usize, usize) {
         .iter()
         .find(|(b, _)| m <= *b)
         .unwrap_or(&GEMV_BOUNDS[GEMV_BOUNDS.len() - 1])
+}
+
+/// Column splits of each row tile for the block-scaled INT4 GEMV: enough blocks for about
+/// [`GEMV_BLOCKS_PER_SM`] per multiprocessor when the tiles alone are fewer, each warp keeping at
+/// least two column blocks, within the split-K scratch.
+fn gemv_splits(tiles: usize, kb: usize, m: usize, max_warps: usize, sms: usize) -> usize {
+    let want = (GEMV_BLOCKS_PER_SM * sms) / tiles.max(1);
+    let most = (kb / (2 * max_warps)).clamp(1, MAX_SPLITS);
+    let s = want.clamp(1, most);
+    if s > 1 && (s * m * tiles * TILE_N > SPLITK_PART_FLOATS || tiles > SPLITK_TILES) {
+        1
+    } else {
+        s
+    }
 }
 
 /// Warps per GEMV block: they split a tile's `kb` column blocks, so no more than there are
@@ -981,6 +1099,32 @@ mod tests {
         assert_eq!(gemv_warps(0, 8), 1);
     }
 
+    #[test]
+    fn gemv_splits_fill_the_gpu_within_the_scratch() {
+        // 132 multiprocessors (H100): Llama shapes split until about 4 blocks per SM.
+        assert_eq!(gemv_splits(64, 64, 1, 16, 132), 2); // [2048, 2048]: 2 blocks per warp
+        assert_eq!(gemv_splits(64, 256, 1, 16, 132), 8); // [2048, 8192]
+        assert_eq!(gemv_splits(128, 128, 1, 16, 132), 4); // [4096, 4096]
+        assert_eq!(gemv_splits(256, 64, 1, 16, 132), 2); // [8192, 2048]
+        assert_eq!(gemv_splits(448, 128, 1, 16, 132), 1); // [14336, 4096]: tiles suffice
+        assert_eq!(gemv_splits(5, 10, 1, 10, 132), 1); // too few column blocks
+        for (tiles, kb, m) in [
+            (64, 256, 32),
+            (4096, 4096, 32),
+            (1, 4096, 32),
+            (200, 1000, 7),
+        ] {
+            let (_, w) = gemv_bound(m);
+            let s = gemv_splits(tiles, kb, m, w, 132);
+            assert!((1..=MAX_SPLITS).contains(&s));
+            assert!(s == 1 || s * m * tiles * TILE_N <= SPLITK_PART_FLOATS);
+            assert!(
+                s == 1 || kb / s >= 2 * w,
+                "tiles {tiles} kb {kb} m {m}: {s} splits"
+            );
+        }
+    }
+
     /// GPU vs CPU tolerance for a product: |got - want| ≤ 2e-5 · Σ_k |w_k x_k| + 1e-6.
     /// Both sides round the same dequantized weights and differ only in the order of the f32
     /// sums; the error of an f32 sum of K terms is bounded by ≈ log2(K)·2^-24·Σ|terms| for the
@@ -1041,12 +1185,14 @@ mod tests {
                     let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
                     let dx = s.clone_htod(&x).unwrap();
                     // Poisoned output: every element must be overwritten.
-                    let mut dout = s.clone_htod(&vec![f32::NAN; m * rows]).unwrap();
-                    gw.matmul(&gpu, &dx.as_view(), m, &mut dout.as_view_mut())
-                        .unwrap();
-                    let got = s.clone_dtoh(&dout).unwrap();
-                    let label = format!("{} [{rows}, {cols}] m={m}", w.format_name());
-                    check_product(&label, &w, &x, m, &got);
+                    for int4 in [Int4Gemv::BlockScaled, Int4Gemv::PerWeight] {
+                        let mut dout = s.clone_htod(&vec![f32::NAN; m * rows]).unwrap();
+                        gw.matmul_with(&gpu, &dx.as_view(), m, &mut dout.as_view_mut(), int4)
+                            .unwrap();
+                        let got = s.clone_dtoh(&dout).unwrap();
+                        let label = format!("{} [{rows}, {cols}] m={m} {int4:?}", w.format_name());
+                        check_product(&label, &w, &x, m, &got);
+                    }
                 }
             }
         }

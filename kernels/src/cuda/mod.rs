@@ -21,7 +21,7 @@ pub mod testing;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// Prepended to every module's source (f16 conversions, warp reductions).
@@ -167,6 +167,9 @@ pub struct Gpu {
     info: DeviceInfo,
     /// Loaded kernels by module, then function name (looked up on every launch).
     functions: HashMap<&'static str, HashMap<&'static str, CudaFunction>>,
+    /// Split-K scratch of the INT4 GEMV (`linear::SPLITK_PART_FLOATS` partial sums, and
+    /// `linear::SPLITK_TILES` arrival counters, zero between launches).
+    splitk: (CudaSlice<f32>, CudaSlice<u32>),
 }
 
 impl std::fmt::Debug for Gpu {
@@ -208,11 +211,16 @@ impl Gpu {
                 by_name.insert(*f, module.load_function(f)?);
             }
         }
+        let splitk = (
+            stream.alloc_zeros::<f32>(linear::SPLITK_PART_FLOATS)?,
+            stream.alloc_zeros::<u32>(linear::SPLITK_TILES)?,
+        );
         Ok(Gpu {
             ctx,
             stream,
             info,
             functions,
+            splitk,
         })
     }
 
@@ -227,6 +235,12 @@ impl Gpu {
     /// The stream every kernel of the engine runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The INT4 GEMV's split-K scratch: (partial sums, per-tile arrival counters). Only launches
+    /// on [`Gpu::stream`] use it, one after another.
+    pub(crate) fn splitk_scratch(&self) -> (&CudaSlice<f32>, &CudaSlice<u32>) {
+        (&self.splitk.0, &self.splitk.1)
     }
 
     /// A loaded kernel by module and function name.

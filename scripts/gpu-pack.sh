@@ -8,7 +8,9 @@ CACHE="${EDGELORA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgelora}"
 NVRTC="$(find "$CACHE/cuda-venv" -path '*nvidia/cuda_nvrtc/lib' -type d 2>/dev/null | head -n1)"
 [ -n "$NVRTC" ] || { echo "run scripts/test.sh once first: it installs NVRTC into $CACHE/cuda-venv" >&2; exit 1; }
 export LD_LIBRARY_PATH="$NVRTC${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo build --release -q -p edgelora-daemon --bin edgelorad -p edgelora-bench
+# Two builds: `--bin edgelorad` would also filter the bench package's binaries away.
+cargo build --release -q -p edgelora-daemon --bin edgelorad
+cargo build --release -q -p edgelora-bench --bin edgelora-bench
 ./target/release/edgelorad kernels build --arch sm_90 --out $C/ptx >/dev/null
 cp target/release/edgelorad target/release/edgelora-bench $C/
 testbin() { cargo test --release -q "$@" --no-run --message-format=json 2>/dev/null |

@@ -24,7 +24,7 @@ use edgelora_daemon::model::{LoadOptions, Model};
 use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_kernels::cuda::Gpu;
 use edgelora_kernels::cuda::attention::{
-    GpuKvPool, GpuQuery, attention_plan, paged_attention_planned,
+    GpuKvPool, GpuQuery, SplitPlan, attention_plan_with, paged_attention_planned,
 };
 use edgelora_kernels::cuda::linear::{GpuWeight, Int4Gemv};
 use edgelora_kernels::{Q4Matrix, Weight};
@@ -94,6 +94,10 @@ pub enum GpuBench {
         page_size: usize,
         #[arg(long, default_value_t = 100)]
         iters: usize,
+        /// Also time dense attention with these pages per split-K work item (the default plan
+        /// sizes splits itself), to see where its heuristic should sit.
+        #[arg(long, value_delimiter = ',')]
+        splits: Vec<usize>,
     },
     /// Cold adapter load, disk to VRAM (read, check and decode the pack, upload, wait), vs a
     /// raw read of the same bytes through the loader's reader; and the upload alone vs a pinned
@@ -285,6 +289,7 @@ pub fn run(a: GpuArgs) -> Result<()> {
             kv,
             page_size,
             iters,
+            splits,
         } => {
             // One layer of Llama-3-8B attention: 32 query heads over 8 KV heads of 128.
             let (n_heads, n_kv, hd) = (32usize, 8usize, 128usize);
@@ -314,8 +319,8 @@ pub fn run(a: GpuArgs) -> Result<()> {
                 let sparse = SparseConfig::new(budget);
                 // A decode step plans once (page tables, selection scratch) and runs every layer
                 // under the plan: time one layer's run.
-                let mut time = |sp: Option<&SparseConfig>| -> Result<f64> {
-                    let plan = attention_plan(&gpu, &pool, &queries, n_heads, sp)?;
+                let mut time_split = |sp: Option<&SparseConfig>, split: SplitPlan| -> Result<f64> {
+                    let plan = attention_plan_with(&gpu, &pool, &queries, n_heads, sp, split)?;
                     time_events(&gpu, iters, || {
                         paged_attention_planned(
                             &gpu,
@@ -329,6 +334,7 @@ pub fn run(a: GpuArgs) -> Result<()> {
                         Ok(())
                     })
                 };
+                let mut time = |sp: Option<&SparseConfig>| time_split(sp, SplitPlan::default());
                 let dense = time(None)?;
                 report.push(
                     Row::new("gpu", format!("attention ctx {n} dense"), dense * 1e6, "us")
@@ -347,6 +353,21 @@ pub fn run(a: GpuArgs) -> Result<()> {
                             "x faster",
                         )
                         .note(format!("{:.1} us", t * 1e6)),
+                    );
+                }
+                for &e in &splits {
+                    let split = SplitPlan {
+                        entries_per_split: Some(e),
+                    };
+                    let t = time_split(None, split)?;
+                    report.push(
+                        Row::new(
+                            "gpu",
+                            format!("attention ctx {n} dense, {e} pages per split"),
+                            t * 1e6,
+                            "us",
+                        )
+                        .vs("default split", dense * 1e6),
                     );
                 }
             }

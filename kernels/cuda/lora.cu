@@ -12,16 +12,21 @@
 #define LORA_MAX_RANK 512
 #define LORA_EXPAND_THREADS 256
 
-// t[item, r, j] = A[j] · x[row0 + r]: one warp per (item, j), the lanes striding the columns.
-// grid = (items, ceil(max_rank / LORA_WARPS)), LORA_WARPS · 32 threads.
+// t[item, r, j] = A[j] · x[row0 + r]: one block per (item, j), its LORA_WARPS warps splitting the
+// columns (16-byte loads when cols % 4 == 0), then a block reduction in a fixed order. A decode
+// step's shrink is a few hundred short dot products: spreading each over a block keeps its latency
+// to one pass over the columns (one warp per dot product left a 4096-column shrink 128 dependent
+// loads deep and the GPU nearly empty).
+// grid = (items, max_rank), LORA_WARPS · 32 threads.
 extern "C" __global__ void __launch_bounds__(LORA_WARPS * 32)
 lora_shrink(const unsigned long long* __restrict__ items, const float* __restrict__ x,
             float* __restrict__ t, int cols, int t_stride) {
+    __shared__ float red[LORA_ROWS][LORA_WARPS];
     const unsigned long long* it = items + 4 * (size_t)blockIdx.x;
     const int rank = (int)(u32)it[3];
-    const int j = blockIdx.y * LORA_WARPS + (threadIdx.x >> 5);
-    if (j >= rank) return;
-    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.y;
+    if (j >= rank) return;  // block-uniform
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const float* a = (const float*)it[0] + (size_t)j * cols;
     const int row0 = (int)(u32)it[2];
     const int nrows = (int)(u32)(it[2] >> 32) - row0;
@@ -29,19 +34,46 @@ lora_shrink(const unsigned long long* __restrict__ items, const float* __restric
     float acc[LORA_ROWS];
 #pragma unroll
     for (int r = 0; r < LORA_ROWS; r++) acc[r] = 0.f;
-    for (int k = lane; k < cols; k += 32) {
-        const float av = __ldg(a + k);
+    if ((cols & 3) == 0 && ((((size_t)x) | ((size_t)it[0])) & 15) == 0) {
+        // Rows of A and x start at multiples of cols floats from aligned bases: 16-byte aligned.
+        const int c4 = cols >> 2;
+        const float4* a4 = (const float4*)a;
+        for (int k = threadIdx.x; k < c4; k += LORA_WARPS * 32) {
+            const float4 av = __ldg(a4 + k);
 #pragma unroll
-        for (int r = 0; r < LORA_ROWS; r++)
-            if (r < nrows) acc[r] = fmaf(av, xb[(size_t)r * cols + k], acc[r]);
+            for (int r = 0; r < LORA_ROWS; r++) {
+                if (r < nrows) {
+                    const float4 xv = *((const float4*)(xb + (size_t)r * cols) + k);
+                    float v = acc[r];
+                    v = fmaf(av.x, xv.x, v);
+                    v = fmaf(av.y, xv.y, v);
+                    v = fmaf(av.z, xv.z, v);
+                    v = fmaf(av.w, xv.w, v);
+                    acc[r] = v;
+                }
+            }
+        }
+    } else {
+        for (int k = threadIdx.x; k < cols; k += LORA_WARPS * 32) {
+            const float av = __ldg(a + k);
+#pragma unroll
+            for (int r = 0; r < LORA_ROWS; r++)
+                if (r < nrows) acc[r] = fmaf(av, xb[(size_t)r * cols + k], acc[r]);
+        }
     }
-    float* tb = t + (size_t)blockIdx.x * LORA_ROWS * t_stride + j;
 #pragma unroll
     for (int r = 0; r < LORA_ROWS; r++) {
-        if (r < nrows) {
+        if (r < nrows) {  // block-uniform: every lane shuffles
             const float v = warp_sum(acc[r]);
-            if (lane == 0) tb[(size_t)r * t_stride] = v;
+            if (lane == 0) red[r][warp] = v;
         }
+    }
+    __syncthreads();
+    if (threadIdx.x < nrows) {
+        const int r = threadIdx.x;
+        float v = red[r][0];
+        for (int w = 1; w < LORA_WARPS; w++) v += red[r][w];
+        t[((size_t)blockIdx.x * LORA_ROWS + r) * t_stride + j] = v;
     }
 }
 

@@ -808,11 +808,6 @@ pub fn decode_payload(
             actual: payload.len() as u64,
         });
     }
-    if *blake3::hash(payload).as_bytes() != info.payload_digest {
-        return Err(PackError::Digest {
-            adapter: id.to_string(),
-        });
-    }
     let fp = fingerprint(config);
     if fp != info.fingerprint {
         return Err(PackError::WrongBase {
@@ -821,10 +816,9 @@ pub fn decode_payload(
             found: fingerprint_short(&info.fingerprint),
         });
     }
-    let mut layers: Vec<[Option<LoraPair>; 7]> =
-        (0..config.n_layers).map(|_| Default::default()).collect();
     let rank = info.rank;
-    for pair in info.tensors.chunks_exact(2) {
+    let pairs: Vec<&[TensorEntry]> = info.tensors.chunks_exact(2).collect();
+    for pair in &pairs {
         let (a, b) = (&pair[0], &pair[1]);
         let (out, inp) = a.proj.shape(config);
         if a.layer >= config.n_layers
@@ -845,12 +839,44 @@ pub fn decode_payload(
                 ),
             ));
         }
+    }
+    // The digest and the pairs' decoding (f16 → f32, the int8 forms) run side by side on the
+    // cores: a cold load waits for the slowest part, not their sum. A digest mismatch discards
+    // whatever was decoded.
+    let decode_pair = |pair: &[TensorEntry]| -> Result<LoraPair, PackError> {
+        let (a, b) = (&pair[0], &pair[1]);
         let av = info.dtype.decode(&payload[a.range()]);
         let bv = info.dtype.decode(&payload[b.range()]);
-        let p = LoraPair::new(rank, av, bv).map_err(|e| {
+        LoraPair::new(rank, av, bv).map_err(|e| {
             PackError::invalid(id, format!("layer {} {}: {e}", a.layer, a.proj.hf_name()))
-        })?;
-        layers[a.layer][a.proj.index()] = Some(p);
+        })
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16)
+        .min(pairs.len().max(1));
+    let per = pairs.len().div_ceil(workers).max(1);
+    let (digest, decoded) = std::thread::scope(|sc| {
+        let hash = sc.spawn(|| *blake3::hash(payload).as_bytes());
+        let parts: Vec<_> = pairs
+            .chunks(per)
+            .map(|chunk| sc.spawn(move || chunk.iter().map(|p| decode_pair(p)).collect::<Vec<_>>()))
+            .collect();
+        let decoded: Vec<Result<LoraPair, PackError>> = parts
+            .into_iter()
+            .flat_map(|h| h.join().expect("pack decoding does not panic"))
+            .collect();
+        (hash.join().expect("hashing does not panic"), decoded)
+    });
+    if digest != info.payload_digest {
+        return Err(PackError::Digest {
+            adapter: id.to_string(),
+        });
+    }
+    let mut layers: Vec<[Option<LoraPair>; 7]> =
+        (0..config.n_layers).map(|_| Default::default()).collect();
+    for (pair, p) in pairs.iter().zip(decoded) {
+        layers[pair[0].layer][pair[0].proj.index()] = Some(p?);
     }
     Ok(LoraAdapter {
         name: id.to_string(),

@@ -14,7 +14,9 @@ use edgelora_kernels::cuda::attention::{
     GpuKvPool, GpuQuery, attention_plan, paged_attention_planned,
 };
 use edgelora_kernels::cuda::linear::GpuWeight;
-use edgelora_kernels::cuda::lora::{GpuLora, GpuLoraSegment, SgmvPlan, sgmv_plan, sgmv_planned};
+use edgelora_kernels::cuda::lora::{
+    GpuLora, GpuLoraSegment, LoraFactors, SgmvPlan, sgmv_plan, sgmv_planned,
+};
 use edgelora_kernels::cuda::ops::{
     add_assign, add_bias_rows, add_rms_norm_rows, rms_norm_rows, rope_rows, swiglu,
 };
@@ -198,28 +200,32 @@ impl CudaBackend {
         {
             return Ok(());
         }
-        let mut pairs = Vec::with_capacity(a.layers.len());
-        let mut staging = Vec::new();
+        // Every projection of the adapter: one pinned staging buffer, one device buffer, one copy.
+        let mut factors = Vec::new();
+        let mut slots = Vec::new();
         for (li, layer) in a.layers.iter().enumerate() {
-            let mut slot: [Option<GpuLora>; 7] = Default::default();
             for (pi, pair) in layer.iter().enumerate() {
                 if let Some(pair) = pair {
                     let w = &self.layers[li].proj[pi].weight;
-                    let (lora, stage) = GpuLora::upload_staged(
-                        &self.upload,
-                        &pair.a,
-                        &pair.b,
-                        pair.rank,
-                        w.cols(),
-                        w.rows(),
-                        a.scaling,
-                    )?;
-                    slot[pi] = Some(lora);
-                    staging.extend(stage);
+                    factors.push(LoraFactors {
+                        a: &pair.a,
+                        b: &pair.b,
+                        rank: pair.rank,
+                        cols: w.cols(),
+                        out_dim: w.rows(),
+                        scaling: a.scaling,
+                    });
+                    slots.push((li, pi));
                 }
             }
-            pairs.push(slot);
         }
+        let (loras, stage) = GpuLora::upload_all_staged(&self.upload, &factors)?;
+        let mut pairs: Vec<[Option<GpuLora>; 7]> =
+            (0..a.layers.len()).map(|_| Default::default()).collect();
+        for ((li, pi), lora) in slots.into_iter().zip(loras) {
+            pairs[li][pi] = Some(lora);
+        }
+        let staging: Vec<PinnedHostSlice<f32>> = stage.into_iter().collect();
         let ready = self
             .gpu
             .context()

@@ -114,8 +114,20 @@ pub const SPLITK_PART_FLOATS: usize = 1 << 20;
 pub const SPLITK_TILES: usize = 1 << 12;
 /// Most splits of one row tile's columns.
 const MAX_SPLITS: usize = 8;
-/// Resident GEMV blocks per multiprocessor the split count aims for.
+/// Resident GEMV blocks per multiprocessor the split count aims for (`EDGELORA_GEMV_BLOCKS_PER_SM`
+/// overrides it, for benchmarking the heuristic).
 const GEMV_BLOCKS_PER_SM: usize = 4;
+
+fn gemv_blocks_per_sm() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("EDGELORA_GEMV_BLOCKS_PER_SM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(GEMV_BLOCKS_PER_SM)
+    })
+}
 
 /// Output rows per tile of the device layout (one per lane of a warp; `TILE_N` in `linear.cu`).
 pub const TILE_N: usize = 32;
@@ -478,7 +490,13 @@ impl GpuWeight {
         let (bound, max_warps) = gemv_bound(m);
         let tiles = rows_padded(self.rows) / TILE_N;
         if let (Store::Q4 { qs, dm, .. }, Int4Gemv::BlockScaled) = (&self.store, int4) {
-            let splits = gemv_splits(tiles, self.kb, m, max_warps, self.sms);
+            let splits = gemv_splits(
+                tiles,
+                self.kb,
+                m,
+                max_warps,
+                gemv_blocks_per_sm() * self.sms,
+            );
             let cfg = LaunchConfig {
                 grid_dim: (tiles as u32, splits as u32, 1),
                 block_dim: (
@@ -663,11 +681,11 @@ fn gemv_bound(m: usize) -> (usize, usize) {
         .unwrap_or(&GEMV_BOUNDS[GEMV_BOUNDS.len() - 1])
 }
 
-/// Column splits of each row tile for the block-scaled INT4 GEMV: enough blocks for about
-/// [`GEMV_BLOCKS_PER_SM`] per multiprocessor when the tiles alone are fewer, each warp keeping at
-/// least two column blocks, within the split-K scratch.
-fn gemv_splits(tiles: usize, kb: usize, m: usize, max_warps: usize, sms: usize) -> usize {
-    let want = (GEMV_BLOCKS_PER_SM * sms) / tiles.max(1);
+/// Column splits of each row tile for the block-scaled INT4 GEMV: enough blocks for `target`
+/// (about [`GEMV_BLOCKS_PER_SM`] per multiprocessor) when the tiles alone are fewer, each warp
+/// keeping at least two column blocks, within the split-K scratch.
+fn gemv_splits(tiles: usize, kb: usize, m: usize, max_warps: usize, target: usize) -> usize {
+    let want = target / tiles.max(1);
     let most = (kb / (2 * max_warps)).clamp(1, MAX_SPLITS);
     let s = want.clamp(1, most);
     if s > 1 && (s * m * tiles * TILE_N > SPLITK_PART_FLOATS || tiles > SPLITK_TILES) {
@@ -1101,13 +1119,13 @@ mod tests {
 
     #[test]
     fn gemv_splits_fill_the_gpu_within_the_scratch() {
-        // 132 multiprocessors (H100): Llama shapes split until about 4 blocks per SM.
-        assert_eq!(gemv_splits(64, 64, 1, 16, 132), 2); // [2048, 2048]: 2 blocks per warp
-        assert_eq!(gemv_splits(64, 256, 1, 16, 132), 8); // [2048, 8192]
-        assert_eq!(gemv_splits(128, 128, 1, 16, 132), 4); // [4096, 4096]
-        assert_eq!(gemv_splits(256, 64, 1, 16, 132), 2); // [8192, 2048]
-        assert_eq!(gemv_splits(448, 128, 1, 16, 132), 1); // [14336, 4096]: tiles suffice
-        assert_eq!(gemv_splits(5, 10, 1, 10, 132), 1); // too few column blocks
+        // 132 multiprocessors (H100) × 4 blocks: Llama shapes split until the grid fills them.
+        assert_eq!(gemv_splits(64, 64, 1, 16, 528), 2); // [2048, 2048]: 2 blocks per warp
+        assert_eq!(gemv_splits(64, 256, 1, 16, 528), 8); // [2048, 8192]
+        assert_eq!(gemv_splits(128, 128, 1, 16, 528), 4); // [4096, 4096]
+        assert_eq!(gemv_splits(256, 64, 1, 16, 528), 2); // [8192, 2048]
+        assert_eq!(gemv_splits(448, 128, 1, 16, 528), 1); // [14336, 4096]: tiles suffice
+        assert_eq!(gemv_splits(5, 10, 1, 10, 528), 1); // too few column blocks
         for (tiles, kb, m) in [
             (64, 256, 32),
             (4096, 4096, 32),
@@ -1115,7 +1133,7 @@ mod tests {
             (200, 1000, 7),
         ] {
             let (_, w) = gemv_bound(m);
-            let s = gemv_splits(tiles, kb, m, w, 132);
+            let s = gemv_splits(tiles, kb, m, w, 528);
             assert!((1..=MAX_SPLITS).contains(&s));
             assert!(s == 1 || s * m * tiles * TILE_N <= SPLITK_PART_FLOATS);
             assert!(

@@ -28,14 +28,70 @@ pub const MAX_RANK: usize = 512;
 const EXPAND_THREADS: u32 = 256;
 
 /// One adapter's factors for one projection on the device: A `[rank × cols]` and B stored
-/// transposed, `Bᵀ [rank × out_dim]`, both f32.
+/// transposed, `Bᵀ [rank × out_dim]`, both f32, inside a device buffer that the projections of
+/// an adapter uploaded together share (one allocation and one copy per adapter).
 pub struct GpuLora {
-    a: CudaSlice<f32>,
-    bt: CudaSlice<f32>,
+    buf: Arc<CudaSlice<f32>>,
+    /// Where A and Bᵀ start in `buf`, in floats (multiples of [`FACTOR_ALIGN`]).
+    a_off: usize,
+    bt_off: usize,
     rank: usize,
     cols: usize,
     out_dim: usize,
     scaling: f32,
+}
+
+/// Factors start on 256-byte boundaries of the shared buffer (16-byte loads in the kernels).
+const FACTOR_ALIGN: usize = 64;
+
+/// One projection's factors on the host, as the CPU path holds them: A `[rank × cols]` and B
+/// `[out_dim × rank]`, row-major.
+#[derive(Clone, Copy, Debug)]
+pub struct LoraFactors<'a> {
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+    pub rank: usize,
+    pub cols: usize,
+    pub out_dim: usize,
+    pub scaling: f32,
+}
+
+impl LoraFactors<'_> {
+    fn check(&self) -> Result<(), CudaError> {
+        let (rank, cols, out_dim) = (self.rank, self.cols, self.out_dim);
+        if rank == 0 || rank > MAX_RANK || cols == 0 || out_dim == 0 {
+            return Err(CudaError::Shape(format!(
+                "LoRA rank {rank} (1..={MAX_RANK}), cols {cols}, out {out_dim}: unsupported"
+            )));
+        }
+        if self.a.len() != rank * cols || self.b.len() != out_dim * rank {
+            return Err(CudaError::Shape(format!(
+                "LoRA A needs {} values (got {}), B {} (got {})",
+                rank * cols,
+                self.a.len(),
+                out_dim * rank,
+                self.b.len()
+            )));
+        }
+        if i32::try_from(cols).is_err() || i32::try_from(out_dim).is_err() {
+            return Err(CudaError::Shape(format!(
+                "LoRA [{cols} → {out_dim}] is too wide"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes A and Bᵀ at `a_off` / `bt_off` of `dst`.
+    fn write(&self, dst: &mut [f32], a_off: usize, bt_off: usize) {
+        dst[a_off..a_off + self.a.len()].copy_from_slice(self.a);
+        let (rank, out_dim) = (self.rank, self.out_dim);
+        let bt = &mut dst[bt_off..bt_off + rank * out_dim];
+        for (n, row) in self.b.chunks_exact(rank).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                bt[j * out_dim + n] = v;
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for GpuLora {
@@ -47,6 +103,20 @@ impl std::fmt::Debug for GpuLora {
             .field("scaling", &self.scaling)
             .finish()
     }
+}
+
+/// Offsets of each projection's A and Bᵀ in one shared buffer, and its length (floats).
+fn layout(pairs: &[LoraFactors<'_>]) -> Result<(Vec<(usize, usize)>, usize), CudaError> {
+    let mut offs = Vec::with_capacity(pairs.len());
+    let mut total = 0usize;
+    for p in pairs {
+        p.check()?;
+        let a_off = total;
+        let bt_off = a_off + (p.rank * p.cols).next_multiple_of(FACTOR_ALIGN);
+        total = bt_off + (p.rank * p.out_dim).next_multiple_of(FACTOR_ALIGN);
+        offs.push((a_off, bt_off));
+    }
+    Ok((offs, total))
 }
 
 impl GpuLora {
@@ -61,94 +131,80 @@ impl GpuLora {
         out_dim: usize,
         scaling: f32,
     ) -> Result<Self, CudaError> {
-        let bt = Self::check_and_transpose(a, b, rank, cols, out_dim)?;
-        let s = gpu.stream();
-        Ok(Self {
-            a: s.clone_htod(a)?,
-            bt: s.clone_htod(&bt)?,
+        let f = LoraFactors {
+            a,
+            b,
             rank,
             cols,
             out_dim,
             scaling,
-        })
-    }
-
-    /// As [`GpuLora::upload`], but through pinned staging buffers on `stream` (an upload stream
-    /// beside the compute stream), so the copy overlaps compute. Returns the staging buffers,
-    /// which must live until the copy is done: record an event on `stream` after the uploads,
-    /// make the compute stream wait on it before first use, and drop the staging once it passed.
-    pub fn upload_staged(
-        stream: &Arc<CudaStream>,
-        a: &[f32],
-        b: &[f32],
-        rank: usize,
-        cols: usize,
-        out_dim: usize,
-        scaling: f32,
-    ) -> Result<(Self, [PinnedHostSlice<f32>; 2]), CudaError> {
-        let bt = Self::check_and_transpose(a, b, rank, cols, out_dim)?;
-        let ctx = stream.context();
-        let stage = |v: &[f32]| -> Result<PinnedHostSlice<f32>, CudaError> {
-            // SAFETY: the buffer is fully written below before any copy reads it.
-            let mut p = unsafe { ctx.alloc_pinned::<f32>(v.len())? };
-            p.as_mut_slice()?.copy_from_slice(v);
-            Ok(p)
         };
-        let (pa, pb) = (stage(a)?, stage(&bt)?);
-        let mut da = stream.alloc_zeros::<f32>(a.len())?;
-        let mut db = stream.alloc_zeros::<f32>(bt.len())?;
-        stream.memcpy_htod(&pa, &mut da)?;
-        stream.memcpy_htod(&pb, &mut db)?;
-        Ok((
-            Self {
-                a: da,
-                bt: db,
-                rank,
-                cols,
-                out_dim,
-                scaling,
-            },
-            [pa, pb],
-        ))
+        let (offs, total) = layout(std::slice::from_ref(&f))?;
+        let mut host = vec![0f32; total];
+        f.write(&mut host, offs[0].0, offs[0].1);
+        let buf = Arc::new(gpu.stream().clone_htod(&host)?);
+        Ok(Self::within(buf, &f, offs[0]))
     }
 
-    fn check_and_transpose(
-        a: &[f32],
-        b: &[f32],
-        rank: usize,
-        cols: usize,
-        out_dim: usize,
-    ) -> Result<Vec<f32>, CudaError> {
-        if rank == 0 || rank > MAX_RANK || cols == 0 || out_dim == 0 {
-            return Err(CudaError::Shape(format!(
-                "LoRA rank {rank} (1..={MAX_RANK}), cols {cols}, out {out_dim}: unsupported"
-            )));
+    /// Every projection of an adapter in one device buffer, through one pinned staging buffer and
+    /// one copy on `stream` (an upload stream beside the compute stream), so the copy overlaps
+    /// compute and costs one allocation of each kind, not two per projection. Returns the staging
+    /// buffer (`None` for no projections), which must live until the copy is done: record an
+    /// event on `stream` after this, make the compute stream wait on it before first use, and
+    /// drop the staging once it passed.
+    pub fn upload_all_staged(
+        stream: &Arc<CudaStream>,
+        pairs: &[LoraFactors<'_>],
+    ) -> Result<(Vec<Self>, Option<PinnedHostSlice<f32>>), CudaError> {
+        let (offs, total) = layout(pairs)?;
+        if pairs.is_empty() {
+            return Ok((Vec::new(), None));
         }
-        if a.len() != rank * cols || b.len() != out_dim * rank {
-            return Err(CudaError::Shape(format!(
-                "LoRA A needs {} values (got {}), B {} (got {})",
-                rank * cols,
-                a.len(),
-                out_dim * rank,
-                b.len()
-            )));
-        }
-        if i32::try_from(cols).is_err() || i32::try_from(out_dim).is_err() {
-            return Err(CudaError::Shape(format!(
-                "LoRA [{cols} → {out_dim}] is too wide"
-            )));
-        }
-        let mut bt = vec![0f32; rank * out_dim];
-        for n in 0..out_dim {
-            for j in 0..rank {
-                bt[j * out_dim + n] = b[n * rank + j];
+        // SAFETY: every element is written below (factors, then zeros in the padding) before the
+        // copy reads the buffer.
+        let mut stage = unsafe { stream.context().alloc_pinned::<f32>(total)? };
+        {
+            let host = stage.as_mut_slice()?;
+            let mut end = 0;
+            for (p, &(a_off, bt_off)) in pairs.iter().zip(&offs) {
+                host[end..a_off].fill(0.0);
+                host[a_off + p.a.len()..bt_off].fill(0.0);
+                p.write(host, a_off, bt_off);
+                end = bt_off + p.rank * p.out_dim;
             }
+            host[end..].fill(0.0);
         }
-        Ok(bt)
+        // SAFETY: the copy below writes all `total` elements before any kernel reads them (the
+        // compute stream waits for this stream's event first).
+        let mut dev = unsafe { stream.alloc::<f32>(total)? };
+        stream.memcpy_htod(&stage, &mut dev)?;
+        let buf = Arc::new(dev);
+        let loras = pairs
+            .iter()
+            .zip(offs)
+            .map(|(p, o)| Self::within(buf.clone(), p, o))
+            .collect();
+        Ok((loras, Some(stage)))
+    }
+
+    fn within(
+        buf: Arc<CudaSlice<f32>>,
+        f: &LoraFactors<'_>,
+        (a_off, bt_off): (usize, usize),
+    ) -> Self {
+        Self {
+            buf,
+            a_off,
+            bt_off,
+            rank: f.rank,
+            cols: f.cols,
+            out_dim: f.out_dim,
+            scaling: f.scaling,
+        }
     }
 
     pub fn nbytes(&self) -> usize {
-        self.a.num_bytes() + self.bt.num_bytes()
+        (self.rank * (self.cols + self.out_dim)) * std::mem::size_of::<f32>()
     }
     pub fn rank(&self) -> usize {
         self.rank
@@ -271,8 +327,9 @@ pub fn sgmv_plan<'a>(
         for sg in segs.iter().filter(|sg| !sg.rows.is_empty()) {
             let l = sg.lora;
             // The pointers are read on the plan's stream, the only stream of the engine.
-            let (a_ptr, _ga) = l.a.device_ptr(s);
-            let (b_ptr, _gb) = l.bt.device_ptr(s);
+            let (base, _g) = l.buf.device_ptr(s);
+            let f32s = std::mem::size_of::<f32>() as u64;
+            let (a_ptr, b_ptr) = (base + l.a_off as u64 * f32s, base + l.bt_off as u64 * f32s);
             max_rank = max_rank.max(l.rank);
             let mut r0 = sg.rows.start;
             while r0 < sg.rows.end {
@@ -356,7 +413,7 @@ pub fn sgmv_planned(
     let (ci, od, ts) = (cols as i32, out_dim as i32, c.max_rank as i32);
     let shrink = gpu.function(MODULE.name, "lora_shrink")?;
     let cfg = LaunchConfig {
-        grid_dim: (c.items as u32, c.max_rank.div_ceil(SHRINK_WARPS) as u32, 1),
+        grid_dim: (c.items as u32, c.max_rank as u32, 1),
         block_dim: ((SHRINK_WARPS * 32) as u32, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -429,6 +486,77 @@ mod tests {
     use super::*;
     use crate::cpu::lora::{LoraSegment, sgmv_reference};
     use crate::cuda::testing::{TestRng as Rng, gpu_or_skip};
+
+    #[test]
+    fn upload_all_staged_lays_out_every_projection_in_one_buffer() {
+        let Some(gpu) =
+            gpu_or_skip("lora::upload_all_staged_lays_out_every_projection_in_one_buffer")
+        else {
+            return;
+        };
+        let mut rng = Rng(5);
+        // Odd shapes (padding between factors), ranks 1..16.
+        let shapes = [
+            (3usize, 70usize, 33usize),
+            (16, 576, 192),
+            (1, 5, 7),
+            (8, 64, 1536),
+        ];
+        let host: Vec<(Vec<f32>, Vec<f32>)> = shapes
+            .iter()
+            .map(|&(r, c, o)| {
+                let a = (0..r * c).map(|_| rng.f32()).collect();
+                let b = (0..o * r).map(|_| rng.f32()).collect();
+                (a, b)
+            })
+            .collect();
+        let factors: Vec<LoraFactors<'_>> = shapes
+            .iter()
+            .zip(&host)
+            .map(|(&(rank, cols, out_dim), (a, b))| LoraFactors {
+                a,
+                b,
+                rank,
+                cols,
+                out_dim,
+                scaling: 0.5,
+            })
+            .collect();
+        let upload = gpu.context().new_stream().unwrap();
+        let (loras, stage) = GpuLora::upload_all_staged(&upload, &factors).unwrap();
+        upload.synchronize().unwrap();
+        assert!(stage.is_some());
+        let dev = upload.clone_dtoh(&*loras[0].buf).unwrap();
+        for (l, f) in loras.iter().zip(&factors) {
+            assert!(Arc::ptr_eq(&l.buf, &loras[0].buf), "one buffer");
+            assert_eq!((l.a_off % FACTOR_ALIGN, l.bt_off % FACTOR_ALIGN), (0, 0));
+            assert_eq!(&dev[l.a_off..l.a_off + f.a.len()], f.a);
+            for n in 0..f.out_dim {
+                for j in 0..f.rank {
+                    assert_eq!(dev[l.bt_off + j * f.out_dim + n], f.b[n * f.rank + j]);
+                }
+            }
+            assert_eq!(l.nbytes(), 4 * f.rank * (f.cols + f.out_dim));
+        }
+        // The same factors one by one give the same device contents (one upload per buffer).
+        for (l, f) in loras.iter().zip(&factors) {
+            let one = GpuLora::upload(&gpu, f.a, f.b, f.rank, f.cols, f.out_dim, 0.5).unwrap();
+            let d1 = gpu.stream().clone_dtoh(&*one.buf).unwrap();
+            assert_eq!(&d1[..f.a.len()], &dev[l.a_off..l.a_off + f.a.len()]);
+        }
+        // A bad shape is refused before anything is allocated.
+        let bad = LoraFactors {
+            b: &host[0].1[1..],
+            ..factors[0]
+        };
+        assert!(GpuLora::upload_all_staged(&upload, &[factors[1], bad]).is_err());
+        assert!(
+            GpuLora::upload_all_staged(&upload, &[])
+                .unwrap()
+                .1
+                .is_none()
+        );
+    }
 
     struct HostLora {
         a: Vec<f32>,

@@ -212,96 +212,73 @@ __device__ __forceinline__ float code_f(u32 bytes, u32 sel) {
     return __uint_as_float(__byte_perm(bytes, 0x4B000000u, sel));
 }
 
-template <int FMT, int MAXM, int GW>
-__device__ __forceinline__ void gemv4_impl(const u32* __restrict__ wq, const u32* __restrict__ ws,
-                                           const float* __restrict__ x, float* __restrict__ out,
-                                           float* __restrict__ part, u32* __restrict__ cnt,
-                                           int N, int K, int KB, int m) {
-    __shared__ __align__(16) float xs[GW][MAXM][32];
+// One column block of one row tile: acc[r] += the block's 32 weights of the lane's row · x[r]
+// (xw: the block's activations, [MAXM][32], zeros past m and K), scaled once per block.
+template <int FMT, int MAXM>
+__device__ __forceinline__ void block4(const uint4 cur, const u32 cur_m, const float (*xw)[32],
+                                       int lane, float acc[MAXM]) {
+    float sx[MAXM];
+    if (FMT == FMT_Q4AF) {
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) sx[r] = warp_sum(xw[r][lane]);
+    }
+    // 2^23 + z (zero-point kind) or 2^23: subtracting it leaves q - z or q exactly.
+    const float base = FMT == FMT_Q4ZP ? 8388608.0f + (float)(cur_m >> 16) : 8388608.0f;
+    float sum[MAXM];
+#pragma unroll
+    for (int r = 0; r < MAXM; r++) sum[r] = 0.f;
+    const u32 words[4] = {cur.x, cur.y, cur.z, cur.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        // Nibble i of word j is column 8j + i: even nibbles are the low halves of its bytes.
+        const u32 lo = words[j] & 0x0F0F0F0Fu, hi = (words[j] >> 4) & 0x0F0F0F0Fu;
+        float wv[8];
+#pragma unroll
+        for (int b = 0; b < 4; b++) {
+            wv[2 * b] = code_f(lo, 0x7440u | b) - base;
+            wv[2 * b + 1] = code_f(hi, 0x7440u | b) - base;
+        }
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) {
+            const float4 xa = *reinterpret_cast<const float4*>(&xw[r][8 * j]);
+            const float4 xb = *reinterpret_cast<const float4*>(&xw[r][8 * j + 4]);
+            float a = sum[r];
+            a = fmaf(wv[0], xa.x, a);
+            a = fmaf(wv[1], xa.y, a);
+            a = fmaf(wv[2], xa.z, a);
+            a = fmaf(wv[3], xa.w, a);
+            a = fmaf(wv[4], xb.x, a);
+            a = fmaf(wv[5], xb.y, a);
+            a = fmaf(wv[6], xb.z, a);
+            a = fmaf(wv[7], xb.w, a);
+            sum[r] = a;
+        }
+    }
+    const float d = h2f((u16)(cur_m & 0xFFFFu));
+    if (FMT == FMT_Q4ZP) {
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) acc[r] = fmaf(sum[r], d, acc[r]);
+    } else {
+        const float mo = h2f((u16)(cur_m >> 16));
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) acc[r] = fmaf(sum[r], d, fmaf(mo, sx[r], acc[r]));
+    }
+}
+
+// The end of a block-scaled GEMV block: the warps' sums meet in `xs` (GW·MAXM·32 floats of shared
+// memory the warps no longer use), then out (one split) or the split-K partials, the last split
+// of the tile adding them in split order.
+template <int MAXM>
+__device__ __forceinline__ void finish4(float (*xs)[MAXM][32], const float acc[MAXM],
+                                        float* __restrict__ out, float* __restrict__ part,
+                                        u32* __restrict__ cnt, int N, int m) {
     __shared__ int s_last;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     const size_t tile = blockIdx.x;
     const int S = gridDim.y, split = blockIdx.y;
-    const int kb0 = (int)(((long long)KB * split) / S), kb1 = (int)(((long long)KB * (split + 1)) / S);
-    float acc[MAXM];
+    __syncthreads();  // every warp is done with the memory `xs` overlays
 #pragma unroll
-    for (int r = 0; r < MAXM; r++) acc[r] = 0.f;
-    float(*xw)[32] = xs[warp];
-
-    const uint4* cq = (const uint4*)wq + tile * KB * 32 + lane;
-    const u32* cm = ws + tile * KB * 32 + lane;
-    int kb = kb0 + warp;
-    uint4 cur = make_uint4(0, 0, 0, 0);
-    u32 cur_m = 0;
-    if (kb < kb1) {
-        cur = __ldg(cq + (size_t)kb * 32);
-        cur_m = __ldg(cm + (size_t)kb * 32);
-    }
-    for (; kb < kb1; kb += nw) {
-        const int kn = kb + nw;
-        uint4 nxt = make_uint4(0, 0, 0, 0);
-        u32 nxt_m = 0;
-        if (kn < kb1) {
-            nxt = __ldg(cq + (size_t)kn * 32);
-            nxt_m = __ldg(cm + (size_t)kn * 32);
-        }
-        const int k = kb * 32 + lane;
-        float sx[MAXM];
-#pragma unroll
-        for (int r = 0; r < MAXM; r++) {
-            const float xv = (r < m && k < K) ? x[(size_t)r * K + k] : 0.f;
-            xw[r][lane] = xv;
-            if (FMT == FMT_Q4AF) sx[r] = warp_sum(xv);
-        }
-        __syncwarp();
-        // 2^23 + z (zero-point kind) or 2^23: subtracting it leaves q - z or q exactly.
-        const float base = FMT == FMT_Q4ZP ? 8388608.0f + (float)(cur_m >> 16) : 8388608.0f;
-        float sum[MAXM];
-#pragma unroll
-        for (int r = 0; r < MAXM; r++) sum[r] = 0.f;
-        const u32 words[4] = {cur.x, cur.y, cur.z, cur.w};
-#pragma unroll
-        for (int j = 0; j < 4; j++) {
-            // Nibble i of word j is column 8j + i: even nibbles are the low halves of its bytes.
-            const u32 lo = words[j] & 0x0F0F0F0Fu, hi = (words[j] >> 4) & 0x0F0F0F0Fu;
-            float wv[8];
-#pragma unroll
-            for (int b = 0; b < 4; b++) {
-                wv[2 * b] = code_f(lo, 0x7440u | b) - base;
-                wv[2 * b + 1] = code_f(hi, 0x7440u | b) - base;
-            }
-#pragma unroll
-            for (int r = 0; r < MAXM; r++) {
-                const float4 xa = *reinterpret_cast<const float4*>(&xw[r][8 * j]);
-                const float4 xb = *reinterpret_cast<const float4*>(&xw[r][8 * j + 4]);
-                float a = sum[r];
-                a = fmaf(wv[0], xa.x, a);
-                a = fmaf(wv[1], xa.y, a);
-                a = fmaf(wv[2], xa.z, a);
-                a = fmaf(wv[3], xa.w, a);
-                a = fmaf(wv[4], xb.x, a);
-                a = fmaf(wv[5], xb.y, a);
-                a = fmaf(wv[6], xb.z, a);
-                a = fmaf(wv[7], xb.w, a);
-                sum[r] = a;
-            }
-        }
-        const float d = h2f((u16)(cur_m & 0xFFFFu));
-        if (FMT == FMT_Q4ZP) {
-#pragma unroll
-            for (int r = 0; r < MAXM; r++) acc[r] = fmaf(sum[r], d, acc[r]);
-        } else {
-            const float mo = h2f((u16)(cur_m >> 16));
-#pragma unroll
-            for (int r = 0; r < MAXM; r++) acc[r] = fmaf(sum[r], d, fmaf(mo, sx[r], acc[r]));
-        }
-        __syncwarp();
-        cur = nxt;
-        cur_m = nxt_m;
-    }
-
-#pragma unroll
-    for (int r = 0; r < MAXM; r++) xw[r][lane] = acc[r];
+    for (int r = 0; r < MAXM; r++) xs[warp][r][lane] = acc[r];
     __syncthreads();
     const int rowpad = (int)gridDim.x * 32;
     for (int t = threadIdx.x; t < MAXM * 32; t += blockDim.x) {
@@ -340,23 +317,169 @@ __device__ __forceinline__ void gemv4_impl(const u32* __restrict__ wq, const u32
     }
 }
 
-#define GEMV4(NAME, FMT, MT, GWN)                                                                  \
-    extern "C" __global__ void __launch_bounds__(GWN * 32)                                         \
+// The column blocks [kb0, kb1) of split y = blockIdx.y of S = gridDim.y.
+__device__ __forceinline__ void split_range(int KB, int& kb0, int& kb1) {
+    const int S = gridDim.y, y = blockIdx.y;
+    kb0 = (int)(((long long)KB * y) / S);
+    kb1 = (int)(((long long)KB * (y + 1)) / S);
+}
+
+// Register-prefetch version: each warp loads its next block into registers while it computes
+// the current one; x staged per block in the warp's slice of shared memory.
+template <int FMT, int MAXM, int GW>
+__device__ __forceinline__ void gemv4_impl(const u32* __restrict__ wq, const u32* __restrict__ ws,
+                                           const float* __restrict__ x, float* __restrict__ out,
+                                           float* __restrict__ part, u32* __restrict__ cnt,
+                                           int N, int K, int KB, int m) {
+    __shared__ __align__(16) float xs[GW][MAXM][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const size_t tile = blockIdx.x;
+    int kb0, kb1;
+    split_range(KB, kb0, kb1);
+    float acc[MAXM];
+#pragma unroll
+    for (int r = 0; r < MAXM; r++) acc[r] = 0.f;
+    float(*xw)[32] = xs[warp];
+
+    const uint4* cq = (const uint4*)wq + tile * KB * 32 + lane;
+    const u32* cm = ws + tile * KB * 32 + lane;
+    int kb = kb0 + warp;
+    uint4 cur = make_uint4(0, 0, 0, 0);
+    u32 cur_m = 0;
+    if (kb < kb1) {
+        cur = __ldg(cq + (size_t)kb * 32);
+        cur_m = __ldg(cm + (size_t)kb * 32);
+    }
+    for (; kb < kb1; kb += nw) {
+        const int kn = kb + nw;
+        uint4 nxt = make_uint4(0, 0, 0, 0);
+        u32 nxt_m = 0;
+        if (kn < kb1) {
+            nxt = __ldg(cq + (size_t)kn * 32);
+            nxt_m = __ldg(cm + (size_t)kn * 32);
+        }
+        const int k = kb * 32 + lane;
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) xw[r][lane] = (r < m && k < K) ? x[(size_t)r * K + k] : 0.f;
+        __syncwarp();
+        block4<FMT, MAXM>(cur, cur_m, xw, lane, acc);
+        __syncwarp();
+        cur = nxt;
+        cur_m = nxt_m;
+    }
+    finish4<MAXM>(xs, acc, out, part, cnt, N, m);
+}
+
+// cp.async (sm_80+): global → shared copies that run while the warp computes.
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+    u32 a;
+    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
+}
+// 4 bytes, or 4 zero bytes when !valid (src-size 0: nothing is read).
+__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+                 "r"(valid ? 4 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Pipelined version (small m): each warp keeps STAGES - 1 column blocks (codes, metadata and the
+// block's activations) in flight through cp.async into its own ring in shared memory, so
+// several loads per warp overlap the multiply-adds without holding registers. A lane reads back
+// its own codes; the activations, written by every lane, after a __syncwarp.
+template <int FMT, int MAXM>
+struct Stage4 {
+    uint4 q[32];
+    u32 dm[32];
+    float xv[MAXM][32];
+};
+
+template <int FMT, int MAXM, int GW, int STAGES>
+__device__ __forceinline__ void gemv4p_impl(const u32* __restrict__ wq, const u32* __restrict__ ws,
+                                            const float* __restrict__ x, float* __restrict__ out,
+                                            float* __restrict__ part, u32* __restrict__ cnt,
+                                            int N, int K, int KB, int m) {
+    __shared__ __align__(16) Stage4<FMT, MAXM> ring[GW][STAGES];
+    static_assert(sizeof(ring) >= sizeof(float) * GW * MAXM * 32, "finish4 reuses the ring");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const size_t tile = blockIdx.x;
+    int kb0, kb1;
+    split_range(KB, kb0, kb1);
+    const uint4* cq = (const uint4*)wq + tile * KB * 32 + lane;
+    const u32* cm = ws + tile * KB * 32 + lane;
+    Stage4<FMT, MAXM>* my = ring[warp];
+    const int first = kb0 + warp;
+    const int n = first < kb1 ? (kb1 - first + nw - 1) / nw : 0;
+    // Block i of this warp into ring slot i % STAGES; one commit group per i (empty past n).
+    auto issue = [&](int i) {
+        if (i < n) {
+            const int kb = first + i * nw;
+            Stage4<FMT, MAXM>& st = my[i % STAGES];
+            cp_async16(&st.q[lane], cq + (size_t)kb * 32);
+            cp_async4(&st.dm[lane], cm + (size_t)kb * 32, true);
+            const int k = kb * 32 + lane;
+#pragma unroll
+            for (int r = 0; r < MAXM; r++) {
+                const bool ok = r < m && k < K;
+                cp_async4(&st.xv[r][lane], ok ? x + (size_t)r * K + k : x, ok);
+            }
+        }
+        cp_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; i++) issue(i);
+    float acc[MAXM];
+#pragma unroll
+    for (int r = 0; r < MAXM; r++) acc[r] = 0.f;
+    for (int i = 0; i < n; i++) {
+        issue(i + STAGES - 1);  // into the slot block i - 1 used (the warp is past it)
+        cp_wait<STAGES - 1>();  // block i has landed (this lane's copies)
+        __syncwarp();           // ... and every lane's
+        const Stage4<FMT, MAXM>& st = my[i % STAGES];
+        block4<FMT, MAXM>(st.q[lane], st.dm[lane], st.xv, lane, acc);
+        __syncwarp();  // every lane is done with the slot before it is refilled
+    }
+    cp_wait<0>();
+    finish4<MAXM>(reinterpret_cast<float(*)[MAXM][32]>(&ring[0][0]), acc, out, part, cnt, N, m);
+}
+
+// MINB: resident blocks per SM asked of the register allocator (4 × 512 threads fill an SM;
+// without it the m = 1 kernel took 40 registers, 3 blocks per SM, and large matrices ran a
+// second, mostly empty wave).
+#define GEMV4(NAME, FMT, MT, GWN, MINB)                                                            \
+    extern "C" __global__ void __launch_bounds__(GWN * 32, MINB)                                   \
     NAME(const u32* qs, const u32* dm, const float* x, float* out, float* part, u32* cnt, int N,   \
          int K, int KB, int m) {                                                                   \
         gemv4_impl<FMT, MT, GWN>(qs, dm, x, out, part, cnt, N, K, KB, m);                          \
     }
 #define GEMV4_ALL(SUF, FMT)                                                                        \
-    GEMV4(gemv4_##SUF##_m1, FMT, 1, 16)                                                            \
-    GEMV4(gemv4_##SUF##_m2, FMT, 2, 16)                                                            \
-    GEMV4(gemv4_##SUF##_m4, FMT, 4, 16)                                                            \
-    GEMV4(gemv4_##SUF##_m8, FMT, 8, 16)                                                            \
-    GEMV4(gemv4_##SUF##_m12, FMT, 12, 16)                                                          \
-    GEMV4(gemv4_##SUF##_m16, FMT, 16, 16)                                                          \
-    GEMV4(gemv4_##SUF##_m24, FMT, 24, 8)                                                           \
-    GEMV4(gemv4_##SUF##_m32, FMT, 32, 8)
+    GEMV4(gemv4_##SUF##_m1, FMT, 1, 16, 4)                                                         \
+    GEMV4(gemv4_##SUF##_m2, FMT, 2, 16, 3)                                                         \
+    GEMV4(gemv4_##SUF##_m4, FMT, 4, 16, 2)                                                         \
+    GEMV4(gemv4_##SUF##_m8, FMT, 8, 16, 1)                                                         \
+    GEMV4(gemv4_##SUF##_m12, FMT, 12, 16, 1)                                                       \
+    GEMV4(gemv4_##SUF##_m16, FMT, 16, 16, 1)                                                       \
+    GEMV4(gemv4_##SUF##_m24, FMT, 24, 8, 1)                                                        \
+    GEMV4(gemv4_##SUF##_m32, FMT, 32, 8, 1)
 GEMV4_ALL(q4zp, FMT_Q4ZP)
 GEMV4_ALL(q4af, FMT_Q4AF)
+
+// Pipelined kernels for m ≤ 2 (decode): 3 stages, 16 warps: 36 / 43 KB of shared memory.
+#define GEMV4P(NAME, FMT, MT, MINB)                                                                \
+    extern "C" __global__ void __launch_bounds__(512, MINB)                                        \
+    NAME(const u32* qs, const u32* dm, const float* x, float* out, float* part, u32* cnt, int N,   \
+         int K, int KB, int m) {                                                                   \
+        gemv4p_impl<FMT, MT, 16, 3>(qs, dm, x, out, part, cnt, N, K, KB, m);                       \
+    }
+GEMV4P(gemv4p_q4zp_m1, FMT_Q4ZP, 1, 4)
+GEMV4P(gemv4p_q4zp_m2, FMT_Q4ZP, 2, 3)
+GEMV4P(gemv4p_q4af_m1, FMT_Q4AF, 1, 4)
+GEMV4P(gemv4p_q4af_m2, FMT_Q4AF, 2, 3)
 
 // ---- GEMM (larger m): 64 activation rows × 128 output rows per block, 32 columns per stage ----
 // The weight tile is dequantized into shared memory once and used by all 64 rows. Thread

@@ -101,10 +101,15 @@ pub struct CudaBackend {
     upload: Arc<CudaStream>,
     /// Adapters uploaded so far, by address of the host adapter (the registry keeps them alive).
     adapters: HashMap<usize, (Arc<str>, GpuAdapter)>,
+    /// Staging buffers of finished uploads, kept for the next ones (at most [`SPARE_STAGING`]).
+    spare_staging: Vec<PinnedHostSlice<f32>>,
     /// Device bytes of the weights a decode step reads.
     weight_bytes: usize,
     scratch: Option<Scratch>,
 }
+
+/// Spare pinned staging buffers a backend keeps for adapter uploads.
+const SPARE_STAGING: usize = 4;
 
 fn upload_f32(gpu: &Gpu, v: &[f32]) -> Result<CudaSlice<f32>, CudaError> {
     Ok(gpu.stream().clone_htod(v)?)
@@ -171,6 +176,7 @@ impl CudaBackend {
             inv_freq: upload_f32(g, &c.rope_inv_freq())?,
             pool,
             adapters: HashMap::new(),
+            spare_staging: Vec::new(),
             weight_bytes,
             scratch: None,
             gpu,
@@ -219,7 +225,15 @@ impl CudaBackend {
                 }
             }
         }
-        let (loras, stage) = GpuLora::upload_all_staged(&self.upload, &factors)?;
+        // A staging buffer of an earlier upload of the same size, if one is spare (filling it
+        // waits for its last copy); page-locking a fresh one costs more than the copy itself.
+        let len = GpuLora::staging_len(&factors)?;
+        let reuse = self
+            .spare_staging
+            .iter()
+            .position(|p| p.len() == len)
+            .map(|i| self.spare_staging.swap_remove(i));
+        let (loras, stage) = GpuLora::upload_all_staged(&self.upload, &factors, reuse)?;
         let mut pairs: Vec<[Option<GpuLora>; 7]> =
             (0..a.layers.len()).map(|_| Default::default()).collect();
         for ((li, pi), lora) in slots.into_iter().zip(loras) {
@@ -258,8 +272,18 @@ impl CudaBackend {
     pub fn evict_adapter(&mut self, a: &LoraAdapter) -> Result<(), EngineError> {
         // Steps already queued may still read it: let them finish before its memory is freed.
         self.gpu.stream().synchronize().map_err(CudaError::from)?;
-        self.adapters.remove(&(a as *const LoraAdapter as usize));
+        if let Some((_, ga)) = self.adapters.remove(&(a as *const LoraAdapter as usize)) {
+            self.recycle(ga.staging);
+        }
         Ok(())
+    }
+
+    /// Keeps staging buffers for later uploads (refilling one first waits for its last copy, so
+    /// they may still be in flight).
+    fn recycle(&mut self, staging: Vec<PinnedHostSlice<f32>>) {
+        self.spare_staging.extend(staging);
+        let excess = self.spare_staging.len().saturating_sub(SPARE_STAGING);
+        self.spare_staging.drain(..excess);
     }
 }
 
@@ -358,12 +382,14 @@ impl CudaBackend {
                 self.gpu.stream().wait(&ga.ready).map_err(CudaError::from)?;
             }
         }
-        // Staging memory of finished uploads goes back.
+        // Staging memory of finished uploads goes back to the spare list.
+        let mut done = Vec::new();
         for (_, ga) in self.adapters.values_mut() {
             if !ga.staging.is_empty() && ga.ready.is_complete() {
-                ga.staging.clear();
+                done.append(&mut ga.staging);
             }
         }
+        self.recycle(done);
         let plan = plan_step(model, &mut self.pool, seqs)?;
         match self.run(model, seqs, &plan, opts) {
             Ok(logits) => {

@@ -148,21 +148,27 @@ impl GpuLora {
 
     /// Every projection of an adapter in one device buffer, through one pinned staging buffer and
     /// one copy on `stream` (an upload stream beside the compute stream), so the copy overlaps
-    /// compute and costs one allocation of each kind, not two per projection. Returns the staging
-    /// buffer (`None` for no projections), which must live until the copy is done: record an
-    /// event on `stream` after this, make the compute stream wait on it before first use, and
-    /// drop the staging once it passed.
+    /// compute and costs one allocation of each kind, not two per projection. `reuse` is a
+    /// staging buffer of an earlier upload to fill again (page-locking a fresh one costs more
+    /// than the copy; [`PinnedHostSlice::as_mut_slice`] waits for its last copy), taken when it
+    /// has exactly the size needed (adapters of one shape and rank). Returns the staging buffer (`reuse` back for no projections), which must
+    /// live until the copy is done: record an event on `stream` after this, make the compute
+    /// stream wait on it before first use, and drop or reuse the staging once it passed.
     pub fn upload_all_staged(
         stream: &Arc<CudaStream>,
         pairs: &[LoraFactors<'_>],
+        reuse: Option<PinnedHostSlice<f32>>,
     ) -> Result<(Vec<Self>, Option<PinnedHostSlice<f32>>), CudaError> {
         let (offs, total) = layout(pairs)?;
         if pairs.is_empty() {
-            return Ok((Vec::new(), None));
+            return Ok((Vec::new(), reuse));
         }
-        // SAFETY: every element is written below (factors, then zeros in the padding) before the
-        // copy reads the buffer.
-        let mut stage = unsafe { stream.context().alloc_pinned::<f32>(total)? };
+        let mut stage = match reuse {
+            Some(p) if p.len() == total => p,
+            // SAFETY: every element copied is written below (factors, then zeros in the padding)
+            // before the copy reads the buffer.
+            _ => unsafe { stream.context().alloc_pinned::<f32>(total)? },
+        };
         {
             let host = stage.as_mut_slice()?;
             let mut end = 0;
@@ -185,6 +191,11 @@ impl GpuLora {
             .map(|(p, o)| Self::within(buf.clone(), p, o))
             .collect();
         Ok((loras, Some(stage)))
+    }
+
+    /// Floats of the staging buffer [`GpuLora::upload_all_staged`] needs for `pairs`.
+    pub fn staging_len(pairs: &[LoraFactors<'_>]) -> Result<usize, CudaError> {
+        Ok(layout(pairs)?.1)
     }
 
     fn within(
@@ -523,7 +534,7 @@ mod tests {
             })
             .collect();
         let upload = gpu.context().new_stream().unwrap();
-        let (loras, stage) = GpuLora::upload_all_staged(&upload, &factors).unwrap();
+        let (loras, stage) = GpuLora::upload_all_staged(&upload, &factors, None).unwrap();
         upload.synchronize().unwrap();
         assert!(stage.is_some());
         let dev = upload.clone_dtoh(&*loras[0].buf).unwrap();
@@ -549,12 +560,26 @@ mod tests {
             b: &host[0].1[1..],
             ..factors[0]
         };
-        assert!(GpuLora::upload_all_staged(&upload, &[factors[1], bad]).is_err());
+        assert!(GpuLora::upload_all_staged(&upload, &[factors[1], bad], None).is_err());
         assert!(
-            GpuLora::upload_all_staged(&upload, &[])
+            GpuLora::upload_all_staged(&upload, &[], None)
                 .unwrap()
                 .1
                 .is_none()
+        );
+        // A staging buffer of the same size is filled again (the same device contents); one of
+        // another size is replaced by a fresh one.
+        let stage = stage.unwrap();
+        let ptr = stage.as_ptr().unwrap();
+        let (again, stage) = GpuLora::upload_all_staged(&upload, &factors, Some(stage)).unwrap();
+        assert_eq!(stage.as_ref().unwrap().as_ptr().unwrap(), ptr, "reused");
+        upload.synchronize().unwrap();
+        assert_eq!(upload.clone_dtoh(&*again[0].buf).unwrap(), dev);
+        let (_, other) = GpuLora::upload_all_staged(&upload, &factors[1..2], stage).unwrap();
+        assert_ne!(
+            other.as_ref().unwrap().as_ptr().unwrap(),
+            ptr,
+            "another size: a new buffer"
         );
     }
 

@@ -359,6 +359,20 @@ pub fn run(a: GpuArgs) -> Result<()> {
                         .note(format!("{:.1} us", t * 1e6)),
                     );
                 }
+                // Smaller budgets, per group: what stays as the budget shrinks is the selection's
+                // own cost (bounds of every page, top-k, compaction) and the launches.
+                for b in [budget / 8, budget / 2] {
+                    let t = time(Some(&SparseConfig::new(b).shared_by_group()))?;
+                    report.push(
+                        Row::new(
+                            "gpu",
+                            format!("attention ctx {n} sparse (budget {b}, per group)"),
+                            dense / t,
+                            "x faster",
+                        )
+                        .note(format!("{:.1} us", t * 1e6)),
+                    );
+                }
                 for &e in &splits {
                     let split = SplitPlan {
                         entries_per_split: Some(e),

@@ -559,8 +559,10 @@ extern "C" __global__ void attn_compact_pages(const int* meta, int sp_off, u32* 
 //
 // Rows of sK / sV are d + 4 floats: 16-byte aligned and, for d % 32 == 0, conflict-free float4
 // reads by lane = token.
-// Dynamic shared memory: 2 * ch * (d + 4) + G * d floats + 4 * ch ints.
+// Dynamic shared memory: 2 * ch * (d + 4) + G * d floats + 4 * ch + 4 * META_CAP ints.
 #define ACC_MAX 8
+// Entries of a work item whose page, staging slot, mask and length a block caches at a time.
+#define META_CAP 64
 
 // 8 f16 at p (16-byte aligned) to f32.
 __device__ __forceinline__ void load_h8(const u16* p, float* f) {
@@ -614,6 +616,10 @@ extern "C" __global__ void __launch_bounds__(256, 4) attn_paged(
     int* sTokPage = sTokMask + ch;
     int* sTokStage = sTokPage + ch;
     int* sTokSlot = sTokStage + ch;
+    // The work item's entries, META_CAP at a time: page, staging slot, head mask, tokens. Read
+    // once per window instead of per chunk (two dependent global loads off each chunk's path).
+    int* sEnt = sTokSlot + ch;
+    int win = -META_CAP;  // first entry of the cached window (block-uniform)
 
     const int* list = 0;
     if (spi >= 0) {
@@ -638,28 +644,43 @@ extern "C" __global__ void __launch_bounds__(256, 4) attn_paged(
     const int epc = ps < ch ? ch / ps : 1;      // entries (pages) per chunk
     const int nt = epc * sc;                    // tokens per chunk (<= ch <= 32)
     for (int e = e0; e < e1; e += epc) {
+        if (e + epc > win + META_CAP) {  // block-uniform: the chunk's entries are not all cached
+            __syncthreads();             // the previous window's readers are done
+            win = e;
+            for (int i = tid; i < META_CAP; i += blockDim.x) {
+                const int ei = win + i;
+                int pg = 0, st = -1, mk = 0, len = 0;
+                if (ei < e1) {
+                    int pi;
+                    if (list) {
+                        pi = list[2 * ei];
+                        mk = list[2 * ei + 1];
+                    } else {
+                        pi = ei;
+                        mk = (int)full;
+                    }
+                    len = pi == npages - 1 ? last_len : ps;
+                    pg = ent[pi];
+                    if (dtype == KV_INT4) st = stage_tab[(long long)pg * n_layers + layer] - 1;
+                }
+                sEnt[4 * i] = pg;
+                sEnt[4 * i + 1] = st;
+                sEnt[4 * i + 2] = mk;
+                sEnt[4 * i + 3] = len;
+            }
+        }
         for (int s0 = 0; s0 < ps; s0 += sc) {
-            __syncthreads();  // the previous chunk's readers are done (and sQ is loaded)
+            __syncthreads();  // the previous chunk's readers are done (sQ, the window are loaded)
             if (tid < nt) {
                 const int ei = e + tid / sc, slot = s0 + tid % sc;
                 u32 mk = 0;
                 int pg = 0, st = -1;
                 if (ei < e1) {
-                    int pi;
-                    if (list) {
-                        pi = list[2 * ei];
-                        mk = (u32)list[2 * ei + 1];
-                    } else {
-                        pi = ei;
-                        mk = full;
-                    }
-                    const int len = pi == npages - 1 ? last_len : ps;
-                    if (slot < len) {
-                        pg = ent[pi];
-                        if (dtype == KV_INT4)
-                            st = stage_tab[(long long)pg * n_layers + layer] - 1;
-                    } else {
-                        mk = 0;
+                    const int* c = sEnt + 4 * (ei - win);
+                    if (slot < c[3]) {
+                        pg = c[0];
+                        st = c[1];
+                        mk = (u32)c[2];
                     }
                 }
                 sTokMask[tid] = (int)mk;
@@ -782,15 +803,16 @@ extern "C" __global__ void __launch_bounds__(256, 4) attn_paged(
                     l = l * corr + warp_sum(p);
 #pragma unroll
                     for (int i = 0; i < ACC_MAX; ++i) acc[i] *= corr;
+                    // No branch on p: a masked token's row is zeros (or, masked for this head
+                    // only, finite values times p = 0), and the unrolled loads pipeline.
+#pragma unroll 4
                     for (int t = 0; t < nt; ++t) {
                         const float pt = __shfl_sync(FULL_MASK, p, t);
-                        if (pt != 0.0f) {
-                            const float* vr = sV + t * stride;
+                        const float* vr = sV + t * stride;
 #pragma unroll
-                            for (int i = 0; i < ACC_MAX; ++i) {
-                                const int c = lane + 32 * i;
-                                if (c < d) acc[i] = fmaf(pt, vr[c], acc[i]);
-                            }
+                        for (int i = 0; i < ACC_MAX; ++i) {
+                            const int c = lane + 32 * i;
+                            if (c < d) acc[i] = fmaf(pt, vr[c], acc[i]);
                         }
                     }
                     m = m_new;

@@ -96,6 +96,8 @@ const BOUND_PAGES: usize = 16;
 const WAVES_PER_SM: usize = 4;
 /// Warps per attention block (at least the group size): all decode, G compute.
 const ATTN_MIN_WARPS: usize = 8;
+/// Entries of a work item an attention block caches at a time (`META_CAP` in attention.cu).
+const META_CAP: usize = 64;
 /// Candidate keys cached in shared memory by the selection kernel (32 KiB).
 const KEY_CAP: usize = 8192;
 const SMEM_LIMIT: usize = 48 * 1024;
@@ -251,7 +253,7 @@ fn chunk_tokens(d: usize, group: usize) -> Result<usize, CudaError> {
 }
 
 fn attn_smem(ch: usize, d: usize, group: usize) -> usize {
-    (2 * ch * (d + 4) + group * d) * 4 + 4 * ch * 4
+    (2 * ch * (d + 4) + group * d) * 4 + (4 * ch + 4 * META_CAP) * 4
 }
 
 /// [`attention_plan`] with an explicit [`SplitPlan`].

@@ -50,18 +50,23 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     B=$C/edgelora-bench
     echo "== GEMV"
     timeout 120 $B gpu gemv 2>&1 | tee "$OUTDIR/gemv.log"
-    for bps in 1 4; do
-        echo "== GEMV, split-K aiming at $bps blocks per SM"
-        EDGELORA_GEMV_BLOCKS_PER_SM=$bps timeout 120 $B gpu gemv --iters 100 2>&1 | grep "m=1 " | grep -v per-weight | tee -a "$OUTDIR/gemv-splits.log"
-    done
+    # SWEEP=1: also the split heuristics' neighbours (GEMV split-K target, attention split size).
+    if [ "${SWEEP:-0}" = 1 ]; then
+        for bps in 1 4; do
+            echo "== GEMV, split-K aiming at $bps blocks per SM"
+            EDGELORA_GEMV_BLOCKS_PER_SM=$bps timeout 120 $B gpu gemv --iters 100 2>&1 | grep "m=1 " | tee -a "$OUTDIR/gemv-splits.log"
+        done
+    fi
     echo "== attention"
-    timeout 150 $B gpu attention --splits 2,4,8,16,32,64,128 2>&1 | tee "$OUTDIR/attention.log"
+    timeout 150 $B gpu attention $([ "${SWEEP:-0}" = 1 ] && echo --splits 2,4,8,16,32,64,128) 2>&1 | tee "$OUTDIR/attention.log"
     for shape in smollm2 llama-1b llama-8b; do
         echo "== decode $shape $(date +%T)"
         timeout 150 $B gpu decode --synth $shape --kv int4 --batch 1,16,64 --adapters 16 --rank 16 2>&1 | tee "$OUTDIR/decode-$shape.log"
     done
-    echo "== decode llama-1b, per-weight INT4 GEMV kernels $(date +%T)"
-    EDGELORA_INT4_GEMV=per-weight timeout 100 $B gpu decode --synth llama-1b --kv int4 --batch 1 2>&1 | tee "$OUTDIR/decode-llama-1b-per-weight.log"
+    if [ "${SWEEP:-0}" = 1 ]; then
+        echo "== decode llama-1b, per-weight INT4 GEMV kernels $(date +%T)"
+        EDGELORA_INT4_GEMV=per-weight timeout 100 $B gpu decode --synth llama-1b --kv int4 --batch 1 2>&1 | tee "$OUTDIR/decode-llama-1b-per-weight.log"
+    fi
     echo "== cold adapter load NVMe -> VRAM"
     timeout 120 $B gpu adapter-load 2>&1 | tee "$OUTDIR/adapter-load.log"
 fi

@@ -190,13 +190,9 @@ pub fn run(a: GpuArgs) -> Result<()> {
                     let mut y: CudaSlice<f32> = s.alloc_zeros(m * rows)?;
                     // The default kernels, then the first version's, same weights, same run.
                     for (kernels, int4) in [
-                        ("", Int4Gemv::Pipelined),
-                        (", block-scaled kernels", Int4Gemv::BlockScaled),
+                        ("", Int4Gemv::BlockScaled),
                         (", per-weight kernels", Int4Gemv::PerWeight),
                     ] {
-                        if m > 2 && int4 == Int4Gemv::Pipelined {
-                            continue; // the same kernels as block-scaled above m = 2
-                        }
                         let t = time_events(&gpu, iters, || {
                             w.matmul_with(&gpu, &x.as_view(), m, &mut y.as_view_mut(), int4)?;
                             Ok(())

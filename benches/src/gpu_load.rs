@@ -388,7 +388,7 @@ pub fn run(gpu: &Arc<Gpu>, a: &AdapterLoadArgs, report: &mut Report) -> Result<(
         (
             "upload",
             &s.upload,
-            "prefetch_adapter (B transposed, pinned staging, copies on the upload stream) and \
+            "prefetch_adapter (A and B into reused pinned staging, one copy on the upload stream) and \
              the wait",
         ),
     ] {

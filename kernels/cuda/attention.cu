@@ -379,7 +379,7 @@ __device__ __forceinline__ u32 ord_key(float f) {
     return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-#define SEL_THREADS 256
+#define SEL_THREADS 1024
 
 // cpu::attention::fmax_sel: the larger of a and b, b when a is NaN.
 __device__ __forceinline__ float fmax_sel(float a, float b) { return (b > a || a != a) ? b : a; }

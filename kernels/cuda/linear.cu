@@ -370,84 +370,6 @@ __device__ __forceinline__ void gemv4_impl(const u32* __restrict__ wq, const u32
     finish4<MAXM>(xs, acc, out, part, cnt, N, m);
 }
 
-// cp.async (sm_80+): global → shared copies that run while the warp computes.
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-    u32 a;
-    asm volatile("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
-}
-// 4 bytes, or 4 zero bytes when !valid (src-size 0: nothing is read).
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
-                 "r"(valid ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
-
-// Pipelined version (small m): each warp keeps STAGES - 1 column blocks (codes, metadata and the
-// block's activations) in flight through cp.async into its own ring in shared memory, so
-// several loads per warp overlap the multiply-adds without holding registers. A lane reads back
-// its own codes; the activations, written by every lane, after a __syncwarp.
-template <int FMT, int MAXM>
-struct Stage4 {
-    uint4 q[32];
-    u32 dm[32];
-    float xv[MAXM][32];
-};
-
-template <int FMT, int MAXM, int GW, int STAGES>
-__device__ __forceinline__ void gemv4p_impl(const u32* __restrict__ wq, const u32* __restrict__ ws,
-                                            const float* __restrict__ x, float* __restrict__ out,
-                                            float* __restrict__ part, u32* __restrict__ cnt,
-                                            int N, int K, int KB, int m) {
-    __shared__ __align__(16) Stage4<FMT, MAXM> ring[GW][STAGES];
-    static_assert(sizeof(ring) >= sizeof(float) * GW * MAXM * 32, "finish4 reuses the ring");
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const size_t tile = blockIdx.x;
-    int kb0, kb1;
-    split_range(KB, kb0, kb1);
-    const uint4* cq = (const uint4*)wq + tile * KB * 32 + lane;
-    const u32* cm = ws + tile * KB * 32 + lane;
-    Stage4<FMT, MAXM>* my = ring[warp];
-    const int first = kb0 + warp;
-    const int n = first < kb1 ? (kb1 - first + nw - 1) / nw : 0;
-    // Block i of this warp into ring slot i % STAGES; one commit group per i (empty past n).
-    auto issue = [&](int i) {
-        if (i < n) {
-            const int kb = first + i * nw;
-            Stage4<FMT, MAXM>& st = my[i % STAGES];
-            cp_async16(&st.q[lane], cq + (size_t)kb * 32);
-            cp_async4(&st.dm[lane], cm + (size_t)kb * 32, true);
-            const int k = kb * 32 + lane;
-#pragma unroll
-            for (int r = 0; r < MAXM; r++) {
-                const bool ok = r < m && k < K;
-                cp_async4(&st.xv[r][lane], ok ? x + (size_t)r * K + k : x, ok);
-            }
-        }
-        cp_commit();
-    };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; i++) issue(i);
-    float acc[MAXM];
-#pragma unroll
-    for (int r = 0; r < MAXM; r++) acc[r] = 0.f;
-    for (int i = 0; i < n; i++) {
-        issue(i + STAGES - 1);  // into the slot block i - 1 used (the warp is past it)
-        cp_wait<STAGES - 1>();  // block i has landed (this lane's copies)
-        __syncwarp();           // ... and every lane's
-        const Stage4<FMT, MAXM>& st = my[i % STAGES];
-        block4<FMT, MAXM>(st.q[lane], st.dm[lane], st.xv, lane, acc);
-        __syncwarp();  // every lane is done with the slot before it is refilled
-    }
-    cp_wait<0>();
-    finish4<MAXM>(reinterpret_cast<float(*)[MAXM][32]>(&ring[0][0]), acc, out, part, cnt, N, m);
-}
-
 // MINB: resident blocks per SM asked of the register allocator (4 × 512 threads fill an SM;
 // without it the m = 1 kernel took 40 registers, 3 blocks per SM, and large matrices ran a
 // second, mostly empty wave).
@@ -469,17 +391,6 @@ __device__ __forceinline__ void gemv4p_impl(const u32* __restrict__ wq, const u3
 GEMV4_ALL(q4zp, FMT_Q4ZP)
 GEMV4_ALL(q4af, FMT_Q4AF)
 
-// Pipelined kernels for m ≤ 2 (decode): 3 stages, 16 warps: 36 / 43 KB of shared memory.
-#define GEMV4P(NAME, FMT, MT, MINB)                                                                \
-    extern "C" __global__ void __launch_bounds__(512, MINB)                                        \
-    NAME(const u32* qs, const u32* dm, const float* x, float* out, float* part, u32* cnt, int N,   \
-         int K, int KB, int m) {                                                                   \
-        gemv4p_impl<FMT, MT, 16, 3>(qs, dm, x, out, part, cnt, N, K, KB, m);                       \
-    }
-GEMV4P(gemv4p_q4zp_m1, FMT_Q4ZP, 1, 4)
-GEMV4P(gemv4p_q4zp_m2, FMT_Q4ZP, 2, 3)
-GEMV4P(gemv4p_q4af_m1, FMT_Q4AF, 1, 4)
-GEMV4P(gemv4p_q4af_m2, FMT_Q4AF, 2, 3)
 
 // ---- GEMM (larger m): 64 activation rows × 128 output rows per block, 32 columns per stage ----
 // The weight tile is dequantized into shared memory once and used by all 64 rows. Thread

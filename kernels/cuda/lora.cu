@@ -2,7 +2,8 @@
 // and one expand launch. The host cuts each segment into work items of at most LORA_ROWS
 // consecutive rows; an item is four u64 words:
 //   [0] A, f32 [rank × cols] (device pointer)
-//   [1] Bᵀ, f32 [rank × out_dim] (device pointer; B transposed so the expand reads coalesce)
+//   [1] B, f32 [out_dim × rank] (device pointer; row n is output n's rank values, read by one
+//       thread with 16-byte loads when rank % 4 == 0: no transpose on upload)
 //   [2] first row | (end row << 32)
 //   [3] rank | (f32 bits of scaling << 32)
 // t is scratch [items × LORA_ROWS × t_stride]: item i's row r at (i · LORA_ROWS + r) · t_stride.
@@ -96,15 +97,32 @@ lora_expand(const unsigned long long* __restrict__ items, const float* __restric
     __syncthreads();
     const int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= out_dim) return;
-    const float* bt = (const float*)it[1];
+    const float* bn = (const float*)it[1] + (size_t)n * rank;
     float acc[LORA_ROWS];
 #pragma unroll
     for (int r = 0; r < LORA_ROWS; r++) acc[r] = 0.f;
-    for (int j = 0; j < rank; j++) {
-        const float bv = __ldg(bt + (size_t)j * out_dim + n);
+    if ((rank & 3) == 0 && (((size_t)bn) & 15) == 0) {
+        for (int j = 0; j < rank; j += 4) {
+            const float4 b4 = __ldg((const float4*)(bn + j));
 #pragma unroll
-        for (int r = 0; r < LORA_ROWS; r++)
-            if (r < nrows) acc[r] = fmaf(bv, ts[r][j], acc[r]);
+            for (int r = 0; r < LORA_ROWS; r++) {
+                if (r < nrows) {
+                    float a = acc[r];
+                    a = fmaf(b4.x, ts[r][j], a);
+                    a = fmaf(b4.y, ts[r][j + 1], a);
+                    a = fmaf(b4.z, ts[r][j + 2], a);
+                    a = fmaf(b4.w, ts[r][j + 3], a);
+                    acc[r] = a;
+                }
+            }
+        }
+    } else {
+        for (int j = 0; j < rank; j++) {
+            const float bv = __ldg(bn + j);
+#pragma unroll
+            for (int r = 0; r < LORA_ROWS; r++)
+                if (r < nrows) acc[r] = fmaf(bv, ts[r][j], acc[r]);
+        }
     }
 #pragma unroll
     for (int r = 0; r < LORA_ROWS; r++) {

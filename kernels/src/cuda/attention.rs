@@ -85,7 +85,7 @@ pub struct SplitPlan {
 const ROW_INTS: usize = 8;
 const SPARSE_INTS: usize = 8;
 const WORK_INTS: usize = 3;
-const SEL_THREADS: u32 = 256;
+const SEL_THREADS: u32 = 1024;
 /// Threads of an attn_reduce block (attention.cu).
 const RED_THREADS: u32 = 1024;
 /// Warps per attn_page_bounds block and candidate pages per block (attention.cu).

@@ -14,13 +14,11 @@
 //! 4, 8, 12, 16, 24, 32), up to [`GEMM_ALWAYS_M`] rows as GEMV launches of 32 rows when the GEMM
 //! grid would be small, and larger `m` the tiled GEMM kernel.
 //!
-//! INT4 GEMV has three kernel families ([`Int4Gemv`]): the block-scaled one (the block's scale
-//! applied once per 32 columns, codes turned into exact floats by one byte permute, and split-K
-//! over several blocks per row tile when the tiles alone would leave the GPU idle, merged
-//! deterministically in the same launch), its pipelined form for m ≤ 2 (the default: weights and
-//! activations stream through a per-warp cp.async ring in shared memory, several blocks in
-//! flight per warp), and the first version (per-weight dequantization, bit-exact weights as the
-//! CPU), kept to compare against (`EDGELORA_INT4_GEMV=block-scaled` / `per-weight`).
+//! INT4 GEMV has two kernel families ([`Int4Gemv`]): the block-scaled one (default: the block's
+//! scale applied once per 32 columns, codes turned into exact floats by one byte permute, and
+//! split-K over several blocks per row tile when the tiles alone would leave the GPU idle, merged
+//! deterministically in the same launch) and the first version (per-weight dequantization, bit-
+//! exact weights as the CPU), kept to compare against (`EDGELORA_INT4_GEMV=per-weight`).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
@@ -63,10 +61,6 @@ pub const MODULE: KernelModule = KernelModule {
         "gemv4_q4af_m16",
         "gemv4_q4af_m24",
         "gemv4_q4af_m32",
-        "gemv4p_q4zp_m1",
-        "gemv4p_q4zp_m2",
-        "gemv4p_q4af_m1",
-        "gemv4p_q4af_m2",
         "gemv_q8_m1",
         "gemv_q8_m2",
         "gemv_q8_m4",
@@ -97,25 +91,21 @@ pub const MODULE: KernelModule = KernelModule {
 /// Which INT4 GEMV kernels run (see the module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Int4Gemv {
-    /// [`Int4Gemv::BlockScaled`], with the weights and activations of m ≤ 2 products streamed
-    /// through a cp.async ring in shared memory (`gemv4p_*`, several blocks in flight per warp).
-    /// The default.
-    Pipelined,
-    /// `gemv4_*`: per-block scaling and split-K, the next block prefetched into registers.
+    /// `gemv4_*`: per-block scaling and split-K, the next block prefetched into registers (the
+    /// default).
     BlockScaled,
     /// `gemv_q4*`: per-weight dequantization, one block per row tile (the first version).
     PerWeight,
 }
 
 impl Int4Gemv {
-    /// The process default, [`Int4Gemv::Pipelined`]; `EDGELORA_INT4_GEMV=block-scaled` or
-    /// `per-weight` picks the others (to compare them).
+    /// The process default, [`Int4Gemv::BlockScaled`]; `EDGELORA_INT4_GEMV=per-weight` picks the
+    /// first version (to compare them).
     pub fn from_env() -> Self {
         static V: std::sync::OnceLock<Int4Gemv> = std::sync::OnceLock::new();
         *V.get_or_init(|| match std::env::var("EDGELORA_INT4_GEMV").as_deref() {
             Ok("per-weight") => Int4Gemv::PerWeight,
-            Ok("block-scaled") => Int4Gemv::BlockScaled,
-            _ => Int4Gemv::Pipelined,
+            _ => Int4Gemv::BlockScaled,
         })
     }
 }
@@ -501,9 +491,7 @@ impl GpuWeight {
         let (n, k, kbi, mi) = (self.rows as i32, self.cols as i32, self.kb as i32, m as i32);
         let (bound, max_warps) = gemv_bound(m);
         let tiles = rows_padded(self.rows) / TILE_N;
-        if let (Store::Q4 { qs, dm, .. }, Int4Gemv::BlockScaled | Int4Gemv::Pipelined) =
-            (&self.store, int4)
-        {
+        if let (Store::Q4 { qs, dm, .. }, Int4Gemv::BlockScaled) = (&self.store, int4) {
             let splits = gemv_splits(
                 tiles,
                 self.kb,
@@ -520,18 +508,12 @@ impl GpuWeight {
                 ),
                 shared_mem_bytes: 0,
             };
-            let family = if int4 == Int4Gemv::Pipelined && bound <= 2 {
-                "gemv4p"
-            } else {
-                "gemv4"
-            };
             let f = gpu.function(
                 MODULE.name,
-                &format!("{family}_{}_m{bound}", self.kernel_suffix()),
+                &format!("gemv4_{}_m{bound}", self.kernel_suffix()),
             )?;
             let (part, cnt) = gpu.splitk_scratch();
-            // SAFETY: gemv4_* / gemv4p_*(qs, dm, x, out, part, cnt, N, K, KB, m) (the pipelined
-            // kernels are instantiated for m ≤ 2 with a 16-warp ring): block (t, y) reads the
+            // SAFETY: gemv4_*(qs, dm, x, out, part, cnt, N, K, KB, m): block (t, y) reads the
             // weight buffers at tile-blocks t·KB .. (t+1)·KB (t < rowpad/32, inside their exact
             // sizes), x[r·K + k] for r < m, k < K, and writes out[r·N + n] for r < m, n < N (m·K ≤
             // x.len(), m·N ≤ out.len() checked). With splits > 1 it writes
@@ -1224,11 +1206,7 @@ mod tests {
                     let x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
                     let dx = s.clone_htod(&x).unwrap();
                     // Poisoned output: every element must be overwritten.
-                    for int4 in [
-                        Int4Gemv::Pipelined,
-                        Int4Gemv::BlockScaled,
-                        Int4Gemv::PerWeight,
-                    ] {
+                    for int4 in [Int4Gemv::BlockScaled, Int4Gemv::PerWeight] {
                         let mut dout = s.clone_htod(&vec![f32::NAN; m * rows]).unwrap();
                         gw.matmul_with(&gpu, &dx.as_view(), m, &mut dout.as_view_mut(), int4)
                             .unwrap();

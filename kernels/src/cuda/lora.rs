@@ -27,14 +27,14 @@ const SHRINK_WARPS: usize = 8;
 pub const MAX_RANK: usize = 512;
 const EXPAND_THREADS: u32 = 256;
 
-/// One adapter's factors for one projection on the device: A `[rank × cols]` and B stored
-/// transposed, `Bᵀ [rank × out_dim]`, both f32, inside a device buffer that the projections of
+/// One adapter's factors for one projection on the device: A `[rank × cols]` and B
+/// `[out_dim × rank]`, both f32 and row-major as the CPU holds them, inside a device buffer that the projections of
 /// an adapter uploaded together share (one allocation and one copy per adapter).
 pub struct GpuLora {
     buf: Arc<CudaSlice<f32>>,
-    /// Where A and Bᵀ start in `buf`, in floats (multiples of [`FACTOR_ALIGN`]).
+    /// Where A and B start in `buf`, in floats (multiples of [`FACTOR_ALIGN`]).
     a_off: usize,
-    bt_off: usize,
+    b_off: usize,
     rank: usize,
     cols: usize,
     out_dim: usize,
@@ -81,16 +81,10 @@ impl LoraFactors<'_> {
         Ok(())
     }
 
-    /// Writes A and Bᵀ at `a_off` / `bt_off` of `dst`.
-    fn write(&self, dst: &mut [f32], a_off: usize, bt_off: usize) {
+    /// Writes A and B at `a_off` / `b_off` of `dst`.
+    fn write(&self, dst: &mut [f32], a_off: usize, b_off: usize) {
         dst[a_off..a_off + self.a.len()].copy_from_slice(self.a);
-        let (rank, out_dim) = (self.rank, self.out_dim);
-        let bt = &mut dst[bt_off..bt_off + rank * out_dim];
-        for (n, row) in self.b.chunks_exact(rank).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                bt[j * out_dim + n] = v;
-            }
-        }
+        dst[b_off..b_off + self.b.len()].copy_from_slice(self.b);
     }
 }
 
@@ -105,16 +99,16 @@ impl std::fmt::Debug for GpuLora {
     }
 }
 
-/// Offsets of each projection's A and Bᵀ in one shared buffer, and its length (floats).
+/// Offsets of each projection's A and B in one shared buffer, and its length (floats).
 fn layout(pairs: &[LoraFactors<'_>]) -> Result<(Vec<(usize, usize)>, usize), CudaError> {
     let mut offs = Vec::with_capacity(pairs.len());
     let mut total = 0usize;
     for p in pairs {
         p.check()?;
         let a_off = total;
-        let bt_off = a_off + (p.rank * p.cols).next_multiple_of(FACTOR_ALIGN);
-        total = bt_off + (p.rank * p.out_dim).next_multiple_of(FACTOR_ALIGN);
-        offs.push((a_off, bt_off));
+        let b_off = a_off + (p.rank * p.cols).next_multiple_of(FACTOR_ALIGN);
+        total = b_off + (p.rank * p.out_dim).next_multiple_of(FACTOR_ALIGN);
+        offs.push((a_off, b_off));
     }
     Ok((offs, total))
 }
@@ -172,11 +166,11 @@ impl GpuLora {
         {
             let host = stage.as_mut_slice()?;
             let mut end = 0;
-            for (p, &(a_off, bt_off)) in pairs.iter().zip(&offs) {
+            for (p, &(a_off, b_off)) in pairs.iter().zip(&offs) {
                 host[end..a_off].fill(0.0);
-                host[a_off + p.a.len()..bt_off].fill(0.0);
-                p.write(host, a_off, bt_off);
-                end = bt_off + p.rank * p.out_dim;
+                host[a_off + p.a.len()..b_off].fill(0.0);
+                p.write(host, a_off, b_off);
+                end = b_off + p.rank * p.out_dim;
             }
             host[end..].fill(0.0);
         }
@@ -201,12 +195,12 @@ impl GpuLora {
     fn within(
         buf: Arc<CudaSlice<f32>>,
         f: &LoraFactors<'_>,
-        (a_off, bt_off): (usize, usize),
+        (a_off, b_off): (usize, usize),
     ) -> Self {
         Self {
             buf,
             a_off,
-            bt_off,
+            b_off,
             rank: f.rank,
             cols: f.cols,
             out_dim: f.out_dim,
@@ -340,7 +334,7 @@ pub fn sgmv_plan<'a>(
             // The pointers are read on the plan's stream, the only stream of the engine.
             let (base, _g) = l.buf.device_ptr(s);
             let f32s = std::mem::size_of::<f32>() as u64;
-            let (a_ptr, b_ptr) = (base + l.a_off as u64 * f32s, base + l.bt_off as u64 * f32s);
+            let (a_ptr, b_ptr) = (base + l.a_off as u64 * f32s, base + l.b_off as u64 * f32s);
             max_rank = max_rank.max(l.rank);
             let mut r0 = sg.rows.start;
             while r0 < sg.rows.end {
@@ -453,7 +447,7 @@ pub fn sgmv_planned(
         shared_mem_bytes: 0,
     };
     // SAFETY: (items, t, out, out_dim, t_stride) as the kernel; rank ≤ MAX_RANK (checked at plan
-    // time), Bᵀ has rank × out_dim values, item rows lie inside out, and no two items share a
+    // time), B has out_dim × rank values, item rows lie inside out, and no two items share a
     // row (no overlaps), so no two threads update the same element.
     unsafe {
         s.launch_builder(expand)
@@ -540,13 +534,9 @@ mod tests {
         let dev = upload.clone_dtoh(&*loras[0].buf).unwrap();
         for (l, f) in loras.iter().zip(&factors) {
             assert!(Arc::ptr_eq(&l.buf, &loras[0].buf), "one buffer");
-            assert_eq!((l.a_off % FACTOR_ALIGN, l.bt_off % FACTOR_ALIGN), (0, 0));
+            assert_eq!((l.a_off % FACTOR_ALIGN, l.b_off % FACTOR_ALIGN), (0, 0));
             assert_eq!(&dev[l.a_off..l.a_off + f.a.len()], f.a);
-            for n in 0..f.out_dim {
-                for j in 0..f.rank {
-                    assert_eq!(dev[l.bt_off + j * f.out_dim + n], f.b[n * f.rank + j]);
-                }
-            }
+            assert_eq!(&dev[l.b_off..l.b_off + f.b.len()], f.b);
             assert_eq!(l.nbytes(), 4 * f.rank * (f.cols + f.out_dim));
         }
         // The same factors one by one give the same device contents (one upload per buffer).

@@ -301,18 +301,22 @@ impl ModelArgs {
         if self.page_size == 0 {
             bail!("--page-size must be at least 1");
         }
-        let sparse = self.sparse_budget.map(|b| SparseConfig {
-            budget_tokens: b,
-            recent_pages: self.sparse_recent,
-            group_shared: self.sparse_select == SparseSelect::Group,
-        });
         Ok(Loaded {
             model,
             adapter,
             opts: ForwardOptions {
-                sparse,
+                sparse: self.sparse(),
                 act: self.act,
             },
+        })
+    }
+
+    /// The page-sparsity settings of `--sparse-budget`, `--sparse-recent` and `--sparse-select`.
+    fn sparse(&self) -> Option<SparseConfig> {
+        self.sparse_budget.map(|b| SparseConfig {
+            budget_tokens: b,
+            recent_pages: self.sparse_recent,
+            group_shared: self.sparse_select == SparseSelect::Group,
         })
     }
 
@@ -1038,5 +1042,60 @@ mod adapters_cli_tests {
             targets_text(&[crate::model::Proj::Q, crate::model::Proj::V]),
             "q,v"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Flags {
+        #[command(flatten)]
+        m: ModelArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<ModelArgs, clap::Error> {
+        Flags::try_parse_from(std::iter::once("t").chain(args.iter().copied())).map(|f| f.m)
+    }
+
+    #[test]
+    fn sparse_flags_make_the_sparse_config() {
+        assert_eq!(parse(&[]).unwrap().sparse(), None);
+        let head = parse(&["--sparse-budget", "256"])
+            .unwrap()
+            .sparse()
+            .unwrap();
+        assert_eq!(
+            head,
+            SparseConfig {
+                budget_tokens: 256,
+                recent_pages: 4,
+                group_shared: false
+            }
+        );
+        let group = parse(&[
+            "--sparse-budget",
+            "512",
+            "--sparse-recent",
+            "2",
+            "--sparse-select",
+            "group",
+        ])
+        .unwrap()
+        .sparse()
+        .unwrap();
+        assert_eq!(
+            group,
+            SparseConfig {
+                budget_tokens: 512,
+                recent_pages: 2,
+                group_shared: true
+            }
+        );
+        let err = parse(&["--sparse-select", "heads"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("head") && err.contains("group"), "{err}");
     }
 }

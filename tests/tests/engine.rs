@@ -216,6 +216,26 @@ fn sparse_attention_with_a_budget_covering_the_context_equals_dense() {
         // Early positions see fewer pages than the budget and must be untouched.
         let vocab = m.config.vocab_size;
         assert_eq!(sparse[..16 * vocab], dense[..16 * vocab]);
+        // One selection per GQA group: a covering budget is dense again; a small one differs
+        // from dense and (the group's heads agreeing on pages) from per-head selection.
+        let shared = |b| ForwardOptions {
+            sparse: Some(SparseConfig::new(b).shared_by_group()),
+            ..ForwardOptions::exact()
+        };
+        let same = all_logits(&m, &mut p, None, &toks, &shared(60)).unwrap();
+        assert_eq!(dense, same, "{dtype:?}: group-shared covering budget");
+        let grouped = all_logits(&m, &mut p, None, &toks, &shared(16)).unwrap();
+        assert!(
+            max_abs_diff(&grouped, &dense) > 0.0,
+            "{dtype:?}: group-shared budget"
+        );
+        assert_eq!(grouped[..16 * vocab], dense[..16 * vocab]);
+        if m.config.n_heads > m.config.n_kv_heads {
+            assert!(
+                max_abs_diff(&grouped, &sparse) > 0.0,
+                "{dtype:?}: one selection per group equals one per head"
+            );
+        }
     }
 }
 

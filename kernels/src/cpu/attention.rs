@@ -129,19 +129,9 @@ pub fn select_pages(
     kv_head: usize,
     cfg: &SparseConfig,
 ) -> Vec<usize> {
-    let npages = visible_pages(pool, pages, n_tokens);
-    let mut keep = vec![false; npages];
-    select_into(
-        pool,
-        layer,
-        &pages[..npages],
-        kv_head,
-        cfg,
-        &mut Vec::new(),
-        &mut keep,
-        |lo, hi| page_bound(q_head, lo, hi),
-    );
-    kept(&keep)
+    select_visible(pool, layer, pages, n_tokens, kv_head, cfg, |lo, hi| {
+        page_bound(q_head, lo, hi)
+    })
 }
 
 /// The pages the whole group of KV head `kv_head` attends to under
@@ -156,9 +146,24 @@ pub fn select_pages_group(
     kv_head: usize,
     cfg: &SparseConfig,
 ) -> Vec<usize> {
+    let d = pool.geometry().head_dim;
+    select_visible(pool, layer, pages, n_tokens, kv_head, cfg, |lo, hi| {
+        group_bound(q_group, d, lo, hi)
+    })
+}
+
+/// [`select_into`] over the pages visible to `n_tokens` tokens, as ascending page indices.
+fn select_visible(
+    pool: &KvPool,
+    layer: usize,
+    pages: &[PageId],
+    n_tokens: usize,
+    kv_head: usize,
+    cfg: &SparseConfig,
+    bound: impl Fn(&[f32], &[f32]) -> f32,
+) -> Vec<usize> {
     let npages = visible_pages(pool, pages, n_tokens);
     let mut keep = vec![false; npages];
-    let d = pool.geometry().head_dim;
     select_into(
         pool,
         layer,
@@ -167,12 +172,8 @@ pub fn select_pages_group(
         cfg,
         &mut Vec::new(),
         &mut keep,
-        |lo, hi| group_bound(q_group, d, lo, hi),
+        bound,
     );
-    kept(&keep)
-}
-
-fn kept(keep: &[bool]) -> Vec<usize> {
     keep.iter()
         .enumerate()
         .filter(|&(_, &k)| k)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the CUDA tests and GPU benches on a machine with a GPU and no Rust toolchain, from
-# binaries built elsewhere (scripts/gpu-pack.sh puts them and the PTX into gpu-carry/).
-#   scripts/gpu-check.sh [tests|smollm2|bench|all]
+# binaries built elsewhere (scripts/gpu-pack.sh puts them, the PTX and the model into gpu-xfer/).
+#   scripts/gpu-check.sh [tests|smollm2|bench|all]      SWEEP=1: also the split heuristics' sweeps
+# Three calls in a row while the machine stays warm: gpu-xfer/bin.txz with `all`, then
+# gpu-xfer/a.xz (unpacked to /tmp), then gpu-xfer/b.xz with `smollm2`.
 # Results go to stdout and, when $OUT is set, to $OUT/*.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

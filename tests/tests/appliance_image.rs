@@ -153,10 +153,40 @@ fn drive_file(src: &Path, dst: &Path, len: Option<u64>, flip: Option<u64>) -> Pa
     dst.to_path_buf()
 }
 
+/// Where a test run keeps its image, drives and fleet (3.6 GB), by process id.
+const VM_DIR_PREFIX: &str = "/var/tmp/edgelora-vm-";
+
+/// The directories of earlier runs whose process has ended: the artifacts live in a static, which
+/// is never dropped, so each run leaves its directory behind, and runs add up (7 of them filled a
+/// 40 GB disk). A run removes those of processes that are gone before making its own.
+fn remove_finished_runs() {
+    let Ok(entries) = std::fs::read_dir("/var/tmp") else {
+        return;
+    };
+    let prefix = Path::new(VM_DIR_PREFIX)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a file name");
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn artifacts() -> &'static Artifacts {
     static A: OnceLock<Artifacts> = OnceLock::new();
     A.get_or_init(|| {
-        let dir = PathBuf::from(format!("/var/tmp/edgelora-vm-{}", std::process::id()));
+        remove_finished_runs();
+        let dir = PathBuf::from(format!("{VM_DIR_PREFIX}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let fleet = workspace_bin("edgelora-fleet", "edgelora-fleet");
@@ -584,4 +614,20 @@ fn appliance_survives_power_cut_and_rolls_back_a_broken_update() {
     );
     completion(&vm);
     vm.kill();
+}
+
+#[test]
+fn runs_that_ended_leave_no_directory_behind() {
+    // A process id above the kernel's limit (4194304) has ended; pid 1 is always alive.
+    let gone = PathBuf::from(format!("{VM_DIR_PREFIX}4000000000"));
+    let alive = PathBuf::from(format!("{VM_DIR_PREFIX}1"));
+    for d in [&gone, &alive] {
+        std::fs::create_dir_all(d.join("drives")).unwrap();
+        std::fs::write(d.join("drives/a.img"), b"image").unwrap();
+    }
+    remove_finished_runs();
+    let (gone_left, alive_left) = (gone.exists(), alive.exists());
+    let _ = std::fs::remove_dir_all(&alive);
+    assert!(!gone_left, "the directory of an ended run is removed");
+    assert!(alive_left, "a running process's directory is kept");
 }

@@ -64,19 +64,21 @@ impl ModelArgs {
         }
     }
 
+    /// The options the model loads with (from a folder, or built in memory by `synth`).
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            dtype: self.dtype,
+            group_size: self.group_size,
+            // The fast path's head is 8-bit, as llama.cpp's converters make it.
+            q8_embeddings: self.act == ActMode::Int8,
+        }
+    }
+
     pub fn load(&self) -> Result<Loaded> {
         let path = self.path()?;
         let t0 = std::time::Instant::now();
-        let model = Model::load(
-            &path,
-            &LoadOptions {
-                dtype: self.dtype,
-                group_size: self.group_size,
-                // The fast path's head is 8-bit, as llama.cpp's converters make it.
-                q8_embeddings: self.act == ActMode::Int8,
-            },
-        )
-        .with_context(|| format!("loading {}", path.display()))?;
+        let model = Model::load(&path, &self.load_options())
+            .with_context(|| format!("loading {}", path.display()))?;
         eprintln!(
             "loaded {} ({} layers, hidden {}, vocab {}, {:.1} MB of weights per token) in {:.1}s",
             path.display(),

@@ -18,7 +18,6 @@ use cudarc::driver::CudaSlice;
 use edgelora_daemon::adapters::LoraAdapter;
 use edgelora_daemon::device::{Device, DeviceSpec};
 use edgelora_daemon::engine::cuda::CudaBackend;
-use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::{Backend, ForwardOptions, KvDtype, SeqKv, SeqStep, SparseConfig};
 use edgelora_daemon::model::{LoadOptions, Model};
 use edgelora_kernels::cpu::kv::KvGeometry;
@@ -229,7 +228,7 @@ pub fn run(a: GpuArgs) -> Result<()> {
             let (model, label) = match synth_shape {
                 Some(shape) => {
                     let tok = tokenizer.unwrap_or_else(synth::fixture_tokenizer_dir);
-                    let model = synth_model(shape, &load_options(&m), &tok)?;
+                    let model = synth_model(shape, &m.load_options(), &tok)?;
                     (
                         model,
                         format!("synth {} (random weights)", shape_name(shape)),
@@ -390,15 +389,6 @@ pub fn run(a: GpuArgs) -> Result<()> {
     }
     report.print();
     Ok(())
-}
-
-/// The options `ModelArgs::load` loads with.
-fn load_options(m: &ModelArgs) -> LoadOptions {
-    LoadOptions {
-        dtype: m.dtype,
-        group_size: m.group_size,
-        q8_embeddings: m.act == ActMode::Int8,
-    }
 }
 
 /// A model of a `synth` shape built in memory (see [`synth::model_in_memory`]), logged as

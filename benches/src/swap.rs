@@ -78,43 +78,6 @@ pub struct SwapArgs {
     pub json: bool,
 }
 
-/// The `ModelConfig` of a `synth` shape: the same numbers `synth` writes into its config.json
-/// (kept in step by hand; the fingerprint of a pack made here matches a synthesized folder's).
-pub fn shape_config(shape: Shape) -> Result<ModelConfig> {
-    let mut v = match shape {
-        Shape::Llama1b => json!({
-            "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128_256,
-            "tie_word_embeddings": true, "rope_theta": 500000.0,
-            "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-        }),
-        Shape::Llama8b => json!({
-            "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128_256,
-            "tie_word_embeddings": false, "rope_theta": 500000.0,
-            "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                             "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-            "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
-        }),
-        Shape::Smollm2 => json!({
-            "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
-            "tie_word_embeddings": true, "rope_theta": 100000.0,
-            "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-        }),
-    };
-    let heads = v["num_attention_heads"].as_u64().unwrap_or(1);
-    let hidden = v["hidden_size"].as_u64().unwrap_or(0);
-    v["head_dim"] = json!(hidden / heads);
-    v["model_type"] = json!("llama");
-    v["hidden_act"] = json!("silu");
-    v["attention_bias"] = json!(false);
-    v["mlp_bias"] = json!(false);
-    Ok(ModelConfig::from_hf_json(&v)?)
-}
-
 /// The shape's name as on the command line.
 pub fn shape_name(shape: Shape) -> String {
     shape
@@ -350,7 +313,7 @@ pub fn run(a: SwapArgs) -> Result<()> {
     let threads = resolve_threads(a.threads);
     init_threads(threads);
     let targets = parse_targets(&a.targets)?;
-    let config = shape_config(a.shape)?;
+    let config = crate::synth::model_config(a.shape)?;
     let fp = pack::fingerprint(&config);
     let dir = a.dir.clone().unwrap_or_else(|| bench_dir("bench-swap"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -737,7 +700,7 @@ mod tests {
 
     #[test]
     fn llama_1b_all_rank_16_is_about_22_mb_of_f16() {
-        let c = shape_config(Shape::Llama1b).unwrap();
+        let c = crate::synth::model_config(Shape::Llama1b).unwrap();
         assert_eq!((c.hidden_size, c.n_layers, c.head_dim), (2048, 16, 64));
         let elems: usize = Proj::ALL
             .iter()
@@ -762,7 +725,7 @@ mod tests {
                 continue;
             }
             let probed = probe_config(&dir).unwrap();
-            let ours = shape_config(shape).unwrap();
+            let ours = crate::synth::model_config(shape).unwrap();
             assert_eq!(
                 pack::fingerprint(&probed),
                 pack::fingerprint(&ours),

@@ -50,8 +50,9 @@ struct GpuAdapter {
     pairs: Vec<[Option<GpuLora>; 7]>,
     /// Recorded on the upload stream after the last copy; the compute stream waits on it.
     ready: CudaEvent,
-    /// Pinned buffers the copies read from, kept until `ready` has passed.
-    staging: Vec<PinnedHostSlice<f32>>,
+    /// The pinned buffer the copy reads from, kept until `ready` has passed (`None` once it went
+    /// back to the spare list, or for an adapter without projections).
+    staging: Option<PinnedHostSlice<f32>>,
 }
 
 /// Activation buffers of a step, kept across steps; `rows` is their capacity.
@@ -239,7 +240,6 @@ impl CudaBackend {
         for ((li, pi), lora) in slots.into_iter().zip(loras) {
             pairs[li][pi] = Some(lora);
         }
-        let staging: Vec<PinnedHostSlice<f32>> = stage.into_iter().collect();
         let ready = self
             .gpu
             .context()
@@ -253,7 +253,7 @@ impl CudaBackend {
                 GpuAdapter {
                     pairs,
                     ready,
-                    staging,
+                    staging: stage,
                 },
             ),
         );
@@ -280,7 +280,7 @@ impl CudaBackend {
 
     /// Keeps staging buffers for later uploads (refilling one first waits for its last copy, so
     /// they may still be in flight).
-    fn recycle(&mut self, staging: Vec<PinnedHostSlice<f32>>) {
+    fn recycle(&mut self, staging: impl IntoIterator<Item = PinnedHostSlice<f32>>) {
         self.spare_staging.extend(staging);
         let excess = self.spare_staging.len().saturating_sub(SPARE_STAGING);
         self.spare_staging.drain(..excess);
@@ -385,8 +385,8 @@ impl CudaBackend {
         // Staging memory of finished uploads goes back to the spare list.
         let mut done = Vec::new();
         for (_, ga) in self.adapters.values_mut() {
-            if !ga.staging.is_empty() && ga.ready.is_complete() {
-                done.append(&mut ga.staging);
+            if ga.staging.is_some() && ga.ready.is_complete() {
+                done.extend(ga.staging.take());
             }
         }
         self.recycle(done);

@@ -24,7 +24,9 @@
 //! [`crate::cpu::attention::page_bound`]'s `reduce8`, so the bounds are bit-identical),
 //! `attn_select_pages` (one block per (row, query head): MSB radix select over `f32::total_cmp` keys
 //! with shared-memory histograms and warp-aggregated atomics for the `k`-th largest bound, then ties
-//! by lower page index — the CPU's rule — writing a per-page bit mask of the group's heads), and
+//! by lower page index — the CPU's rule — writing a per-page bit mask of the group's heads; under
+//! [`SparseConfig::group_shared`] one block per (row, kv head) ranks by the group's largest bound
+//! and sets every head's bit), and
 //! `attn_compact_pages` (per (row, kv head), the ascending list of pages any head of the group
 //! keeps, with their head masks; it clears the masks for the next layer). The selection is entirely
 //! on the device.

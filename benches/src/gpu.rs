@@ -18,6 +18,7 @@ use cudarc::driver::CudaSlice;
 use edgelora_daemon::adapters::LoraAdapter;
 use edgelora_daemon::device::{Device, DeviceSpec};
 use edgelora_daemon::engine::cuda::CudaBackend;
+use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::{Backend, ForwardOptions, KvDtype, SeqKv, SeqStep, SparseConfig};
 use edgelora_daemon::model::{LoadOptions, Model};
 use edgelora_kernels::cpu::kv::KvGeometry;
@@ -26,6 +27,7 @@ use edgelora_kernels::cuda::attention::{
     GpuKvPool, GpuQuery, SplitPlan, attention_plan_with, paged_attention_planned,
 };
 use edgelora_kernels::cuda::linear::{GpuWeight, Int4Gemv};
+use edgelora_kernels::cuda::qact::GpuActQ8;
 use edgelora_kernels::{Q4Matrix, Weight};
 
 use crate::common::{ModelArgs, model_label, synth_adapter, text_tokens};
@@ -212,6 +214,29 @@ pub fn run(a: GpuArgs) -> Result<()> {
                             )),
                         );
                     }
+                    // The fast mode: activations quantized to int8 (timed apart: once per input,
+                    // shared by the projections reading it), dp4a products.
+                    let mut qa = GpuActQ8::new(&gpu, m, cols)?;
+                    let tq =
+                        time_events(&gpu, iters, || Ok(qa.quantize(&gpu, &x.as_view(), m)?))?;
+                    let t = time_events(&gpu, iters, || {
+                        w.matmul_q8(&gpu, &qa, m, &mut y.as_view_mut())?;
+                        Ok(())
+                    })?;
+                    report.push(
+                        Row::new(
+                            "gpu",
+                            format!("INT4 GEMV {name} {rows}x{cols} m={m}, int8 activations"),
+                            w.nbytes() as f64 / t / 1e9,
+                            "GB/s",
+                        )
+                        .vs("copy bandwidth", copy / 1e9)
+                        .note(format!(
+                            "{:.1} us/call (+ {:.1} us to quantize the input)",
+                            t * 1e6,
+                            tq * 1e6
+                        )),
+                    );
                 }
             }
         }
@@ -244,11 +269,18 @@ pub fn run(a: GpuArgs) -> Result<()> {
             let max_b = batch.iter().copied().max().unwrap_or(1);
             let pages = max_b * ((prompt + steps + 8).div_ceil(m.page_size) + 1);
             let mut be = CudaBackend::new(gpu.clone(), model, m.kv, m.page_size, pages)?;
+            // --act int8 measures the CUDA int8 fast mode (opt-in in edgelorad).
+            be.set_int8_activations(m.act == ActMode::Int8);
             let bytes = be.weight_bytes();
             let ads: Vec<LoraAdapter> = (0..adapters)
                 .map(|i| synth_adapter(&model.config, rank, i))
                 .collect();
-            let opts = ForwardOptions::exact();
+            // --act int8 (default): int8 activations and dp4a products for steps of up to 32
+            // rows, as edgelorad runs; --act f32: the exact path.
+            let opts = ForwardOptions {
+                act: m.act,
+                ..ForwardOptions::exact()
+            };
             for &b in &batch {
                 // A read-only stream can use the copy's whole rate (reads + writes).
                 let bound = copy / bytes as f64 * b as f64;
@@ -271,9 +303,10 @@ pub fn run(a: GpuArgs) -> Result<()> {
                         None => {
                             base = Some(tps);
                             row.vs("bandwidth bound", bound).note(format!(
-                                "{:.1} MB of weights per step, kv {}",
+                                "{:.1} MB of weights per step, kv {}, act {:?}",
                                 bytes as f64 / 1e6,
-                                m.kv
+                                m.kv,
+                                m.act
                             ))
                         }
                         Some(b0) => row.vs("no adapter", b0),

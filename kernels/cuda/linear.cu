@@ -391,6 +391,151 @@ GEMV4_ALL(q4zp, FMT_Q4ZP)
 GEMV4_ALL(q4af, FMT_Q4AF)
 
 
+// ---- int8-activation GEMV (the fast mode, `--act int8`): dp4a over INT4 or Q8 weights ----
+// x comes quantized by quantize_rows (qact.cu): per row and block 32 int8 codes in natural column
+// order (8 u32), (d, s), and up to 16 outliers per row kept exact. Per block and row the lane
+// forms its 32 weight codes as 8 words of 4 bytes in natural column order (INT4: the nibbles of a
+// code word spread by two byte permutes; Q8: the stored words), and 8 dp4a give the integer dot
+// product c·q exactly; then, as the CPU's q4q8 / q8q8 kernels: acc += dw·dx·Σcq + o·s with
+// o = -z·dw (zero point), m (affine) or 0 (Q8). About 0.6 instructions per weight at m = 1 (the f32
+// block-scaled kernel takes about 3.3). Outliers: split 0's warp 0 adds w[n][c]·v for each, the
+// weight dequantized as the CPU's tile accessor does. Same grid, split-K and epilogue as gemv4.
+template <int FMT>
+__device__ __forceinline__ void codes8(const uint4 a, const uint4 b, u32 wv[8]) {
+    if (FMT == FMT_Q8) {
+        wv[0] = a.x; wv[1] = a.y; wv[2] = a.z; wv[3] = a.w;
+        wv[4] = b.x; wv[5] = b.y; wv[6] = b.z; wv[7] = b.w;
+    } else {
+        const u32 words[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            // Byte i of lo / hi: columns 8j + 2i and 8j + 2i + 1.
+            const u32 lo = words[j] & 0x0F0F0F0Fu, hi = (words[j] >> 4) & 0x0F0F0F0Fu;
+            wv[2 * j] = __byte_perm(lo, hi, 0x5140);      // columns 8j .. 8j + 3
+            wv[2 * j + 1] = __byte_perm(lo, hi, 0x7362);  // columns 8j + 4 .. 8j + 7
+        }
+    }
+}
+
+// Weight of the lane's row (tile row `lane`) at column c, dequantized as the CPU reference.
+template <int FMT>
+__device__ __forceinline__ float weight_at(const u32* __restrict__ wq, const void* __restrict__ ws,
+                                           size_t tile, int KB, int lane, int c) {
+    const size_t tb = tile * KB + (c >> 5);
+    const int i = c & 31;
+    if (FMT == FMT_Q8) {
+        const u32 word = __ldg(wq + ((tb * 2 + (i >> 4)) * 32 + lane) * 4 + ((i >> 2) & 3));
+        return deq8(word, i & 3, h2f(__ldg((const u16*)ws + tb * 32 + lane)));
+    } else {
+        const u32 word = __ldg(wq + (tb * 32 + lane) * 4 + (i >> 3));
+        return deq4<FMT>((word >> (4 * (i & 7))) & 0xFu, __ldg((const u32*)ws + tb * 32 + lane));
+    }
+}
+
+template <int FMT>
+__device__ __forceinline__ void load_codes(const u32* __restrict__ wq, const void* __restrict__ ws,
+                                           size_t tb, int lane, uint4& a, uint4& b, u32& meta) {
+    if (FMT == FMT_Q8) {
+        a = __ldg((const uint4*)wq + (tb * 2) * 32 + lane);
+        b = __ldg((const uint4*)wq + (tb * 2 + 1) * 32 + lane);
+        meta = (u32)__ldg((const u16*)ws + tb * 32 + lane);
+    } else {
+        a = __ldg((const uint4*)wq + tb * 32 + lane);
+        b = make_uint4(0, 0, 0, 0);
+        meta = __ldg((const u32*)ws + tb * 32 + lane);
+    }
+}
+
+template <int FMT, int MAXM, int GW>
+__device__ __forceinline__ void gemvq_impl(const u32* __restrict__ wq, const void* __restrict__ ws,
+                                           const uint4* __restrict__ xq, const float2* __restrict__ xds,
+                                           const u32* __restrict__ ocnt, const u32* __restrict__ ocol,
+                                           const float* __restrict__ oval, float* __restrict__ out,
+                                           float* __restrict__ part, u32* __restrict__ cnt, int N,
+                                           int KB, int m) {
+    __shared__ __align__(16) float xs[GW][MAXM][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const size_t tile = blockIdx.x;
+    int kb0, kb1;
+    split_range(KB, kb0, kb1);
+    float acc[MAXM];
+#pragma unroll
+    for (int r = 0; r < MAXM; r++) acc[r] = 0.f;
+
+    int kb = kb0 + warp;
+    uint4 ca = make_uint4(0, 0, 0, 0), cb = ca;
+    u32 cm = 0;
+    if (kb < kb1) load_codes<FMT>(wq, ws, tile * KB + kb, lane, ca, cb, cm);
+    for (; kb < kb1; kb += nw) {
+        const int kn = kb + nw;
+        uint4 na = make_uint4(0, 0, 0, 0), nb = na;
+        u32 nm = 0;
+        if (kn < kb1) load_codes<FMT>(wq, ws, tile * KB + kn, lane, na, nb, nm);
+        u32 wv[8];
+        codes8<FMT>(ca, cb, wv);
+        const float dw = h2f((u16)(cm & 0xFFFFu));
+        const float o = FMT == FMT_Q4ZP ? -(float)(cm >> 16) * dw
+                        : (FMT == FMT_Q4AF ? h2f((u16)(cm >> 16)) : 0.f);
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) {
+            if (r < m) {
+                const size_t xb = (size_t)r * KB + kb;
+                const uint4 x0 = __ldg(xq + xb * 2), x1 = __ldg(xq + xb * 2 + 1);
+                const float2 dx = __ldg(xds + xb);
+                int s = 0;
+                s = __dp4a((int)wv[0], (int)x0.x, s);
+                s = __dp4a((int)wv[1], (int)x0.y, s);
+                s = __dp4a((int)wv[2], (int)x0.z, s);
+                s = __dp4a((int)wv[3], (int)x0.w, s);
+                s = __dp4a((int)wv[4], (int)x1.x, s);
+                s = __dp4a((int)wv[5], (int)x1.y, s);
+                s = __dp4a((int)wv[6], (int)x1.z, s);
+                s = __dp4a((int)wv[7], (int)x1.w, s);
+                float a = acc[r];
+                if (FMT != FMT_Q8) a = fmaf(o, dx.y, a);
+                acc[r] = fmaf(dw * dx.x, (float)s, a);
+            }
+        }
+        ca = na;
+        cb = nb;
+        cm = nm;
+    }
+    if (blockIdx.y == 0 && warp == 0) {
+#pragma unroll
+        for (int r = 0; r < MAXM; r++) {
+            if (r < m) {
+                const int no = (int)ocnt[r];
+                for (int i = 0; i < no; i++) {
+                    const int c = (int)ocol[r * 16 + i];
+                    acc[r] = fmaf(weight_at<FMT>(wq, ws, tile, KB, lane, c), oval[r * 16 + i], acc[r]);
+                }
+            }
+        }
+    }
+    finish4<MAXM>(xs, acc, out, part, cnt, N, m);
+}
+
+#define GEMVQ(NAME, FMT, MT, GWN, MINB)                                                            \
+    extern "C" __global__ void __launch_bounds__(GWN * 32, MINB)                                   \
+    NAME(const u32* qs, const void* meta, const uint4* xq, const float2* xds, const u32* ocnt,     \
+         const u32* ocol, const float* oval, float* out, float* part, u32* cnt, int N, int KB,     \
+         int m) {                                                                                  \
+        gemvq_impl<FMT, MT, GWN>(qs, meta, xq, xds, ocnt, ocol, oval, out, part, cnt, N, KB, m);   \
+    }
+// MINB1: resident blocks per SM asked for the m = 1 kernel (Q8 keeps two uint4 per block and its
+// prefetch in registers: 4 blocks of 512 threads (32 registers) would spill).
+#define GEMVQ_ALL(SUF, FMT, MINB1)                                                                 \
+    GEMVQ(gemvq_##SUF##_m1, FMT, 1, 16, MINB1)                                                     \
+    GEMVQ(gemvq_##SUF##_m2, FMT, 2, 16, 3)                                                         \
+    GEMVQ(gemvq_##SUF##_m4, FMT, 4, 16, 2)                                                         \
+    GEMVQ(gemvq_##SUF##_m8, FMT, 8, 16, 1)                                                         \
+    GEMVQ(gemvq_##SUF##_m16, FMT, 16, 16, 1)                                                       \
+    GEMVQ(gemvq_##SUF##_m32, FMT, 32, 8, 1)
+GEMVQ_ALL(q4zp, FMT_Q4ZP, 4)
+GEMVQ_ALL(q4af, FMT_Q4AF, 4)
+GEMVQ_ALL(q8, FMT_Q8, 3)
+
+
 // ---- GEMM (larger m): 64 activation rows × 128 output rows per block, 32 columns per stage ----
 // The weight tile is dequantized into shared memory once and used by all 64 rows. Thread
 // (tx, ty) = (t % 16, t / 16) owns rows ty·4 .. +4 and output columns tx·4 .. +4, 64 + tx·4 .. +4.

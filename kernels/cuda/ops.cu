@@ -4,49 +4,18 @@
 
 #define OPS_THREADS 256
 
-// Sum over the block (blockDim.x a multiple of 32, ≤ 1024); every thread gets the result.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float part[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    float t = lane < nw ? part[lane] : 0.f;
-    t = warp_sum(t);
-    __syncthreads(); // part may be reused by a later call
-    return t;
-}
-
-// out[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w; one block per row.
+// One block per row; the row arithmetic (rms_norm_row, add_rms_norm_row, silu_mul) lives in
+// common.cuh, shared with the fused int8 versions in qact.cu.
 extern "C" __global__ void rms_norm_rows(const float* __restrict__ x, const float* __restrict__ w,
                                          float* __restrict__ out, int cols, float eps) {
-    const float* xr = x + (size_t)blockIdx.x * cols;
-    float* orow = out + (size_t)blockIdx.x * cols;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
-    ss = block_sum(ss);
-    const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) orow[i] = __fmul_rn(__fmul_rn(xr[i], inv), w[i]);
+    rms_norm_row(x + (size_t)blockIdx.x * cols, w, out + (size_t)blockIdx.x * cols, cols, eps);
 }
 
-// x[row] += y[row], then out[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w (the residual add and
-// the next RMSNorm in one pass); one block per row. Each thread re-reads only the elements of x it
-// wrote itself, so no barrier is needed between the add and the scaling beyond block_sum's.
 extern "C" __global__ void add_rms_norm_rows(float* __restrict__ x, const float* __restrict__ y,
                                              const float* __restrict__ w, float* __restrict__ out,
                                              int cols, float eps) {
-    float* xr = x + (size_t)blockIdx.x * cols;
-    const float* yr = y + (size_t)blockIdx.x * cols;
-    float* orow = out + (size_t)blockIdx.x * cols;
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        const float v = __fadd_rn(xr[i], yr[i]);
-        xr[i] = v;
-        ss = fmaf(v, v, ss);
-    }
-    ss = block_sum(ss);
-    const float inv = 1.0f / sqrtf(ss / (float)cols + eps);
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) orow[i] = __fmul_rn(__fmul_rn(xr[i], inv), w[i]);
+    const size_t o = (size_t)blockIdx.x * cols;
+    add_rms_norm_row(x + o, y + o, w, out + o, cols, eps);
 }
 
 // NeoX rotary embedding in place: row r (n_heads × head_dim) at position pos[r]; dim i pairs with
@@ -69,11 +38,10 @@ extern "C" __global__ void rope_rows(float* __restrict__ x, const u32* __restric
     p[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
 }
 
-// gate[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
+// gate[i] = silu(gate[i]) * up[i].
 extern "C" __global__ void swiglu(float* __restrict__ gate, const float* __restrict__ up, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const float g = gate[i];
-        gate[i] = __fmul_rn(g / (1.0f + expf(-g)), up[i]);
+        gate[i] = silu_mul(gate[i], up[i]);
     }
 }
 

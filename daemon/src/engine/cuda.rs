@@ -1,9 +1,17 @@
 //! The forward step on a CUDA device: the same step as [`super::forward`], with the weights, the
 //! adapters in use and the KV pages in device memory.
 //!
-//! Activations stay f32 on the device (the exact arithmetic of the CPU reference: the INT4 and Q8
-//! weights are dequantized inside the product kernels), so the goldens hold on CUDA as on the CPU.
-//! Only the logits of the rows asked for come back to the host.
+//! Activations stay f32 on the device by default (the exact arithmetic of the CPU reference: the
+//! INT4 and Q8 weights are dequantized inside the product kernels), so the goldens hold on CUDA as
+//! on the CPU. The int8 fast mode is opt-in on CUDA ([`CudaBackend::set_int8_activations`], or
+//! `EDGELORA_CUDA_INT8=1` for the daemon) and then applies with `--act int8`: a step of up to 32
+//! rows quantizes each projection's input once (`qact`: the CPU's int8 blocks and outliers), fused
+//! into the kernel that writes it, and the INT4 / Q8 products run on `dp4a`; longer steps (prefill)
+//! keep f32 activations, and the LoRA deltas always use the f32 input. Opt-in because, measured on
+//! an H100, its products are faster (8B gate/down at 1.03 / 0.90 of the copy bandwidth against
+//! 0.71 / 0.69) but its quantization is not yet: outlier-heavy rows (SwiGLU outputs) cost up to 16
+//! block-wide passes, and decode came out slower (BENCHMARKS.md). Only the logits of the rows
+//! asked for come back to the host.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,17 +21,18 @@ use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, PageId};
 use edgelora_kernels::cuda::attention::{
     GpuKvPool, GpuQuery, attention_plan, paged_attention_planned,
 };
-use edgelora_kernels::cuda::linear::GpuWeight;
+use edgelora_kernels::cuda::linear::{GEMV_MAX_M, GpuWeight};
 use edgelora_kernels::cuda::lora::{
     GpuLora, GpuLoraSegment, LoraFactors, SgmvPlan, sgmv_plan, sgmv_planned,
 };
 use edgelora_kernels::cuda::ops::{
     add_assign, add_bias_rows, add_rms_norm_rows, rms_norm_rows, rope_rows, swiglu,
 };
+use edgelora_kernels::cuda::qact::GpuActQ8;
 use edgelora_kernels::cuda::sample::argmax_rows;
 use edgelora_kernels::cuda::{CudaError, Gpu};
 
-use super::forward::{RECENT_PAGES, SINK_PAGES, StepPlan, plan_step};
+use super::forward::{ActMode, RECENT_PAGES, SINK_PAGES, StepPlan, plan_step};
 use super::{Backend, EngineError, ForwardOptions, PagePool, SeqKv, SeqStep};
 use crate::adapters::LoraAdapter;
 use crate::model::{Model, Proj};
@@ -67,6 +76,11 @@ struct Scratch {
     o: CudaSlice<f32>,
     gate: CudaSlice<f32>,
     up: CudaSlice<f32>,
+    /// int8 copies of the projections' inputs (fast mode, steps of up to [`GEMV_MAX_M`] rows):
+    /// the normed hidden state, the attention output, the MLP's inner activation.
+    q8_hidden: GpuActQ8,
+    q8_att: GpuActQ8,
+    q8_inter: GpuActQ8,
 }
 
 impl Scratch {
@@ -84,6 +98,9 @@ impl Scratch {
             o: s.alloc_zeros(rows * hidden)?,
             gate: s.alloc_zeros(rows * inter)?,
             up: s.alloc_zeros(rows * inter)?,
+            q8_hidden: GpuActQ8::new(g, GEMV_MAX_M, hidden)?,
+            q8_att: GpuActQ8::new(g, GEMV_MAX_M, qd)?,
+            q8_inter: GpuActQ8::new(g, GEMV_MAX_M, inter)?,
         })
     }
 }
@@ -107,6 +124,8 @@ pub struct CudaBackend {
     /// Device bytes of the weights a decode step reads.
     weight_bytes: usize,
     scratch: Option<Scratch>,
+    /// The int8 fast mode for `--act int8` steps (see the module docs).
+    int8_activations: bool,
 }
 
 /// Spare pinned staging buffers a backend keeps for adapter uploads.
@@ -180,8 +199,15 @@ impl CudaBackend {
             spare_staging: Vec::new(),
             weight_bytes,
             scratch: None,
+            int8_activations: std::env::var("EDGELORA_CUDA_INT8").is_ok_and(|v| v == "1"),
             gpu,
         })
+    }
+
+    /// Turns the int8 fast mode on or off for steps run with `--act int8` (off by default; see
+    /// the module docs). Steps with `--act f32` stay exact either way.
+    pub fn set_int8_activations(&mut self, on: bool) {
+        self.int8_activations = on;
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
@@ -469,8 +495,16 @@ impl CudaBackend {
             o,
             gate,
             up,
+            q8_hidden,
+            q8_att,
+            q8_inter,
             ..
         } = &mut scr;
+        // The fast mode's int8 inputs: quantized once per input, shared by the projections
+        // reading it (q, k, v; gate, up), by the kernel that writes the input (RMSNorm, residual
+        // add + RMSNorm, SwiGLU) except for the attention output.
+        let int8 = self.int8_activations && opts.act == ActMode::Int8 && rows <= GEMV_MAX_M;
+        let eps = c.rms_norm_eps;
         self.embed
             .gather_rows(g, &d_ids, rows, &mut x.as_view_mut())?;
 
@@ -503,19 +537,25 @@ impl CudaBackend {
             call: &lora_call,
         };
 
-        rms_norm_rows(
-            g,
-            &x.as_view(),
-            &self.layers[0].attn_norm.as_view(),
-            rows,
-            hidden,
-            c.rms_norm_eps,
-            &mut h.as_view_mut(),
-        )?;
+        let w0 = self.layers[0].attn_norm.as_view();
+        if int8 {
+            q8_hidden.rms_norm_quantize(g, &x.as_view(), &w0, rows, eps, &mut h.as_view_mut())?;
+        } else {
+            rms_norm_rows(
+                g,
+                &x.as_view(),
+                &w0,
+                rows,
+                hidden,
+                eps,
+                &mut h.as_view_mut(),
+            )?;
+        }
         let n_layers = self.layers.len();
         for li in 0..n_layers {
+            let qx = int8.then_some(&*q8_hidden);
             for (p, out) in [(Proj::Q, &mut *q), (Proj::K, &mut *k), (Proj::V, &mut *v)] {
-                self.project(li, p, h, rows, out, &lora)?;
+                self.project(li, p, h, qx, rows, out, &lora)?;
             }
             rope_rows(
                 g,
@@ -557,34 +597,43 @@ impl CudaBackend {
                 scale,
                 &mut att.slice_mut(0..rows * qd),
             )?;
-            self.project(li, Proj::O, att, rows, o, &lora)?;
+            if int8 {
+                q8_att.quantize(g, &att.as_view(), rows)?;
+            }
+            self.project(li, Proj::O, att, int8.then_some(&*q8_att), rows, o, &lora)?;
             // x += attention output; h = ffn_norm(x), in one pass.
-            add_rms_norm_rows(
+            self.add_norm(
                 g,
-                &mut x.as_view_mut(),
-                &o.as_view(),
-                &self.layers[li].ffn_norm.as_view(),
+                x,
+                o,
+                li,
+                Norm::Ffn,
                 rows,
-                hidden,
-                c.rms_norm_eps,
-                &mut h.as_view_mut(),
+                eps,
+                h,
+                int8.then_some(&mut *q8_hidden),
             )?;
-            self.project(li, Proj::Gate, h, rows, gate, &lora)?;
-            self.project(li, Proj::Up, h, rows, up, &lora)?;
-            swiglu(g, &mut gate.as_view_mut(), &up.as_view(), rows * inter)?;
-            self.project(li, Proj::Down, gate, rows, o, &lora)?;
+            let qx = int8.then_some(&*q8_hidden);
+            self.project(li, Proj::Gate, h, qx, rows, gate, &lora)?;
+            self.project(li, Proj::Up, h, qx, rows, up, &lora)?;
+            if int8 {
+                q8_inter.swiglu_quantize(g, &mut gate.as_view_mut(), &up.as_view(), rows)?;
+            } else {
+                swiglu(g, &mut gate.as_view_mut(), &up.as_view(), rows * inter)?;
+            }
+            self.project(
+                li,
+                Proj::Down,
+                gate,
+                int8.then_some(&*q8_inter),
+                rows,
+                o,
+                &lora,
+            )?;
             if li + 1 < n_layers {
                 // x += MLP output; h = the next layer's attn_norm(x).
-                add_rms_norm_rows(
-                    g,
-                    &mut x.as_view_mut(),
-                    &o.as_view(),
-                    &self.layers[li + 1].attn_norm.as_view(),
-                    rows,
-                    hidden,
-                    c.rms_norm_eps,
-                    &mut h.as_view_mut(),
-                )?;
+                let q = int8.then_some(&mut *q8_hidden);
+                self.add_norm(g, x, o, li + 1, Norm::Attn, rows, eps, h, q)?;
             } else {
                 add_assign(g, &mut x.as_view_mut(), &o.as_view(), rows * hidden)?;
             }
@@ -603,25 +652,47 @@ impl CudaBackend {
                 .map_err(CudaError::from)?;
             }
         }
-        rms_norm_rows(
-            g,
-            &if contiguous { x.as_view() } else { o.as_view() },
-            &self.norm.as_view(),
-            m,
-            hidden,
-            c.rms_norm_eps,
-            &mut h.as_view_mut(),
-        )?;
+        let src = if contiguous { x.as_view() } else { o.as_view() };
         let vocab = c.vocab_size;
         let mut logits = s.alloc_zeros::<f32>(m * vocab).map_err(CudaError::from)?;
-        self.lm_head.as_ref().unwrap_or(&self.embed).matmul(
-            g,
-            &h.as_view(),
-            m,
-            &mut logits.as_view_mut(),
-        )?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let wn = self.norm.as_view();
+        if int8 && head.takes_q8() {
+            q8_hidden.rms_norm_quantize(g, &src, &wn, m, eps, &mut h.as_view_mut())?;
+            head.matmul_q8(g, q8_hidden, m, &mut logits.as_view_mut())?;
+        } else {
+            rms_norm_rows(g, &src, &wn, m, hidden, eps, &mut h.as_view_mut())?;
+            head.matmul(g, &h.as_view(), m, &mut logits.as_view_mut())?;
+        }
         self.scratch = Some(scr);
         Ok(logits)
+    }
+
+    /// `x += y`, then `h` = layer `li`'s `which` RMSNorm of `x`, and `h` quantized into `q` when
+    /// given (the fast mode), in one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn add_norm(
+        &self,
+        g: &Gpu,
+        x: &mut CudaSlice<f32>,
+        y: &CudaSlice<f32>,
+        li: usize,
+        which: Norm,
+        rows: usize,
+        eps: f32,
+        h: &mut CudaSlice<f32>,
+        q: Option<&mut GpuActQ8>,
+    ) -> Result<(), CudaError> {
+        let l = &self.layers[li];
+        let w = match which {
+            Norm::Attn => l.attn_norm.as_view(),
+            Norm::Ffn => l.ffn_norm.as_view(),
+        };
+        let (xv, yv, hv) = (&mut x.as_view_mut(), &y.as_view(), &mut h.as_view_mut());
+        match q {
+            Some(q) => q.add_rms_norm_quantize(g, xv, yv, &w, rows, eps, hv),
+            None => add_rms_norm_rows(g, xv, yv, &w, rows, w.len(), eps, hv),
+        }
     }
 
     /// The step's LoRA work as one plan: a call per (layer, projection) that has segments.
@@ -658,20 +729,29 @@ impl CudaBackend {
         Ok((sgmv_plan(gpu, &calls)?, index))
     }
 
-    /// out = input · Wᵀ (+ bias) + the LoRA deltas of the step's adapter segments.
+    /// out = input · Wᵀ (+ bias) + the LoRA deltas of the step's adapter segments; the product
+    /// from `q8` (the input quantized) when given and the weight takes it.
+    #[allow(clippy::too_many_arguments)]
     fn project(
         &self,
         li: usize,
         p: Proj,
         input: &CudaSlice<f32>,
+        q8: Option<&GpuActQ8>,
         rows: usize,
         out: &mut CudaSlice<f32>,
         lora: &LoraStep<'_, '_>,
     ) -> Result<(), EngineError> {
         let g = &*self.gpu;
         let lin = &self.layers[li].proj[p.index()];
-        lin.weight
-            .matmul(g, &input.as_view(), rows, &mut out.as_view_mut())?;
+        match q8 {
+            Some(qa) if lin.weight.takes_q8() => {
+                lin.weight.matmul_q8(g, qa, rows, &mut out.as_view_mut())?
+            }
+            _ => lin
+                .weight
+                .matmul(g, &input.as_view(), rows, &mut out.as_view_mut())?,
+        }
         if let Some(b) = &lin.bias {
             add_bias_rows(
                 g,
@@ -694,6 +774,13 @@ impl CudaBackend {
         }
         Ok(())
     }
+}
+
+/// A layer's two RMSNorms.
+#[derive(Clone, Copy)]
+enum Norm {
+    Attn,
+    Ffn,
 }
 
 /// Per projection of a layer, the SGMV plan call that adds its LoRA deltas (if any).

@@ -22,6 +22,7 @@
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
+use super::qact::GpuActQ8;
 use super::{CudaError, Gpu, KernelModule, as_i32, shape};
 use crate::{DenseMatrix, Q4Kind, Q4Matrix, Q8Matrix, QK, TILE_ROWS, Weight};
 
@@ -77,6 +78,24 @@ pub const MODULE: KernelModule = KernelModule {
         "gemv_f32_m16",
         "gemv_f32_m24",
         "gemv_f32_m32",
+        "gemvq_q4zp_m1",
+        "gemvq_q4zp_m2",
+        "gemvq_q4zp_m4",
+        "gemvq_q4zp_m8",
+        "gemvq_q4zp_m16",
+        "gemvq_q4zp_m32",
+        "gemvq_q4af_m1",
+        "gemvq_q4af_m2",
+        "gemvq_q4af_m4",
+        "gemvq_q4af_m8",
+        "gemvq_q4af_m16",
+        "gemvq_q4af_m32",
+        "gemvq_q8_m1",
+        "gemvq_q8_m2",
+        "gemvq_q8_m4",
+        "gemvq_q8_m8",
+        "gemvq_q8_m16",
+        "gemvq_q8_m32",
         "gemm_q4zp",
         "gemm_q4af",
         "gemm_q8",
@@ -147,6 +166,8 @@ const GEMV_BOUNDS: [(usize, usize); 8] = [
     (24, 8),
     (32, 8),
 ];
+/// `gemvq_*` instantiations: (bound on m, most warps per block).
+const GEMVQ_BOUNDS: [(usize, usize); 6] = [(1, 16), (2, 16), (4, 16), (8, 16), (16, 16), (32, 8)];
 /// From this many rows on, the GEMM kernel runs whatever its grid; between [`GEMV_MAX_M`] and
 /// this, GEMV launches of 32 rows run when the GEMM grid would cover less than half of the
 /// multiprocessors.
@@ -574,6 +595,101 @@ impl GpuWeight {
         Ok(())
     }
 
+    /// Whether [`GpuWeight::matmul_q8`] takes this weight (INT4 and Q8 do; f32 weights take f32
+    /// activations).
+    pub fn takes_q8(&self) -> bool {
+        !matches!(self.store, Store::F32 { .. })
+    }
+
+    /// `out[m × rows] = x · Wᵀ` with `x` the first `m ≤ 32` rows quantized in `act` (the fast
+    /// mode): one `gemvq_*` launch, dp4a over the weight codes, split-K as the block-scaled GEMV.
+    /// Overwrites `out`.
+    pub fn matmul_q8(
+        &self,
+        gpu: &Gpu,
+        act: &GpuActQ8,
+        m: usize,
+        out: &mut CudaViewMut<'_, f32>,
+    ) -> Result<(), CudaError> {
+        let rows = self.rows;
+        if !self.takes_q8() {
+            return Err(shape(format!(
+                "matmul_q8: {} weights take f32 activations",
+                self.format_name()
+            )));
+        }
+        if act.cols() != self.cols || m > act.rows() || m > GEMV_MAX_M || out.len() < m * rows {
+            return Err(shape(format!(
+                "matmul_q8: W [{rows}, {}] with m = {m} (at most {GEMV_MAX_M}) needs {m} quantized rows of {} (have {} of {}) and out ≥ {} elements (have {})",
+                self.cols,
+                self.cols,
+                act.rows(),
+                act.cols(),
+                m * rows,
+                out.len()
+            )));
+        }
+        as_i32(m * rows, "m · rows")?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (bound, max_warps) = gemvq_bound(m);
+        let tiles = rows_padded(rows) / TILE_N;
+        let splits = gemv_splits(
+            tiles,
+            self.kb,
+            m,
+            max_warps,
+            gemv_blocks_per_sm() * self.sms,
+        );
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (
+                (gemv_warps(self.kb.div_ceil(splits), max_warps) * 32) as u32,
+                1,
+                1,
+            ),
+            shared_mem_bytes: 0,
+        };
+        let f = gpu.function(
+            MODULE.name,
+            &format!("gemvq_{}_m{bound}", self.kernel_suffix()),
+        )?;
+        let (n, kbi, mi) = (rows as i32, self.kb as i32, m as i32);
+        let (part, cnt) = gpu.splitk_scratch();
+        // SAFETY: gemvq_*(qs, meta, xq, xds, ocnt, ocol, oval, out, part, cnt, N, KB, m): block
+        // (t, y) reads the weight buffers at tile-blocks t·KB .. (t+1)·KB (inside their sizes),
+        // the quantized rows r < m ≤ act.rows() (codes r·KB·8 .., ds r·KB·2 .., outlier slots
+        // r·16 ..; act has the weight's KB), writes out[r·N + n] for r < m, n < N (m·N ≤
+        // out.len() checked), and with splits > 1 the split-K scratch as gemv4 (gemv_splits keeps
+        // splits·m·rowpad ≤ SPLITK_PART_FLOATS and tiles ≤ SPLITK_TILES). At most GW warps.
+        unsafe {
+            let mut b = gpu.stream().launch_builder(f);
+            match &self.store {
+                Store::Q4 { qs, dm, .. } => {
+                    b.arg(qs).arg(dm);
+                }
+                Store::Q8 { qs, d } => {
+                    b.arg(qs).arg(d);
+                }
+                Store::F32 { .. } => unreachable!("checked by takes_q8"),
+            }
+            b.arg(&act.codes)
+                .arg(&act.ds)
+                .arg(&act.counts)
+                .arg(&act.ocol)
+                .arg(&act.oval)
+                .arg(out)
+                .arg(part)
+                .arg(cnt)
+                .arg(&n)
+                .arg(&kbi)
+                .arg(&mi)
+                .launch(cfg)?;
+        }
+        Ok(())
+    }
+
     /// The tiled GEMM (shapes already checked).
     fn gemm(
         &self,
@@ -681,6 +797,14 @@ fn gemv_bound(m: usize) -> (usize, usize) {
         .iter()
         .find(|(b, _)| m <= *b)
         .unwrap_or(&GEMV_BOUNDS[GEMV_BOUNDS.len() - 1])
+}
+
+/// The int8 GEMV instantiation for `m` rows: (bound on m, most warps per block).
+fn gemvq_bound(m: usize) -> (usize, usize) {
+    *GEMVQ_BOUNDS
+        .iter()
+        .find(|(b, _)| m <= *b)
+        .unwrap_or(&GEMVQ_BOUNDS[GEMVQ_BOUNDS.len() - 1])
 }
 
 /// Column splits of each row tile for the block-scaled INT4 GEMV: enough blocks for `target`
@@ -1217,6 +1341,91 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The int8 fast mode against the CPU's scalar int8 product on the same quantized rows (the
+    /// GPU's quantization equals the CPU's bit for bit, `qact` tests): the integer dot products
+    /// are exact on both sides, so only the order of the f32 sums differs (same bound as
+    /// [`check_product`]). Rows carry outliers (a few channels 50× the rest) in every other row.
+    #[test]
+    fn int8_matmul_matches_the_cpu_int8_reference() {
+        use crate::cpu::act::ActQ8;
+        use crate::cpu::qdot::Isa;
+        use crate::cuda::qact::GpuActQ8;
+        let Some(gpu) = gpu_or_skip("linear::int8_matmul_matches_the_cpu_int8_reference") else {
+            return;
+        };
+        let s = gpu.stream();
+        let mut rng = Rng::new(11);
+        let shapes = [
+            (13, 70),
+            (37, 1100),
+            (192, 576),
+            (576, 1536),
+            (257, 8192),
+            (1100, 33),
+        ];
+        for &(rows, cols) in &shapes {
+            for w in all_formats(rows, cols, &mut rng) {
+                let gw = GpuWeight::upload(&gpu, &w).unwrap();
+                if !gw.takes_q8() {
+                    assert!(matches!(w, Weight::F32(_)));
+                    continue;
+                }
+                for m in [1usize, 2, 3, 4, 5, 8, 9, 16, 17, 31, 32] {
+                    let mut x: Vec<f32> = (0..m * cols).map(|_| rng.f32()).collect();
+                    for r in (0..m).step_by(2) {
+                        for i in 0..3 {
+                            x[r * cols + (i * 41 + r) % cols] = 50.0 * (1.0 + i as f32);
+                        }
+                    }
+                    let dx = s.clone_htod(&x).unwrap();
+                    let mut qa = GpuActQ8::new(&gpu, 32, cols).unwrap();
+                    qa.quantize(&gpu, &dx.as_view(), m).unwrap();
+                    let mut dout = s.clone_htod(&vec![f32::NAN; m * rows]).unwrap();
+                    gw.matmul_q8(&gpu, &qa, m, &mut dout.as_view_mut()).unwrap();
+                    let got = s.clone_dtoh(&dout).unwrap();
+                    let act = ActQ8::quantize(&x, m, cols);
+                    if m == 1 && cols >= 576 {
+                        assert!(act.has_outliers(), "the planted outliers are taken out");
+                    }
+                    let mut want = vec![0f32; m * rows];
+                    w.matmul_q8(&act, Isa::Scalar, &mut want);
+                    let dq = dequantized(&w);
+                    for r in 0..m {
+                        for n in 0..rows {
+                            let scale: f64 = (0..cols)
+                                .map(|k| (dq[n * cols + k] as f64 * x[r * cols + k] as f64).abs())
+                                .sum();
+                            let (g, v) = (got[r * rows + n], want[r * rows + n]);
+                            assert!(
+                                (g - v).abs() as f64 <= 2e-5 * scale + 1e-5,
+                                "{} [{rows}, {cols}] m={m}: row {r} out {n}: gpu {g} cpu {v} (scale {scale})",
+                                w.format_name()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        // Refusals: f32 weights, more rows than quantized, a width mismatch.
+        let f = GpuWeight::upload(&gpu, &Weight::F32(random_f32(8, 64, &mut rng))).unwrap();
+        let q = GpuWeight::upload(&gpu, &Weight::Q8(random_q8(8, 64, &mut rng))).unwrap();
+        let dx = s.clone_htod(&vec![0.5f32; 2 * 64]).unwrap();
+        let mut qa = GpuActQ8::new(&gpu, 2, 64).unwrap();
+        qa.quantize(&gpu, &dx.as_view(), 1).unwrap();
+        let mut dout = s.alloc_zeros::<f32>(16).unwrap();
+        for (wt, m) in [(&f, 1), (&q, 2)] {
+            let e = wt
+                .matmul_q8(&gpu, &qa, m, &mut dout.as_view_mut())
+                .unwrap_err();
+            assert!(e.to_string().contains("matmul_q8"), "{e}");
+        }
+        let narrow = GpuActQ8::new(&gpu, 2, 32).unwrap();
+        assert!(
+            q.matmul_q8(&gpu, &narrow, 1, &mut dout.as_view_mut())
+                .is_err()
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod kv;
 pub mod linear;
 pub mod lora;
 pub mod ops;
+pub mod qact;
 pub mod sample;
 pub mod smoke;
 pub mod testing;
@@ -48,6 +49,7 @@ pub const MODULES: &[KernelModule] = &[
     linear::MODULE,
     attention::MODULE,
     ops::MODULE,
+    qact::MODULE,
     lora::MODULE,
     sample::MODULE,
 ];

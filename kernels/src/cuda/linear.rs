@@ -19,6 +19,10 @@
 //! split-K over several blocks per row tile when the tiles alone would leave the GPU idle, merged
 //! deterministically in the same launch) and the first version (per-weight dequantization, bit-
 //! exact weights as the CPU), kept to compare against (`EDGELORA_INT4_GEMV=per-weight`).
+//!
+//! The fast mode's int8 activations ([`super::qact::GpuActQ8`]) go through
+//! [`GpuWeight::matmul_q8`] (`gemvq_*`: `dp4a` over INT4 or Q8 codes, the activation blocks' scales
+//! and sums and the exact outliers as the CPU's int8 product; m ≤ 32).
 
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 

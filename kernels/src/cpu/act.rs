@@ -12,7 +12,7 @@
 //! taken out of the int8 blocks and applied exactly, column by column, after the integer product.
 //!
 //! Rows are quantized with AVX2 where the CPU has it (`act_x86.rs`), bit-identical to the scalar
-//! reference: see [`RowKernels`].
+//! reference: see `RowKernels`.
 
 use bytemuck::{Pod, Zeroable};
 

@@ -246,6 +246,15 @@ fn int8_activation_fast_path_stays_close_on_log_probabilities() {
     assert_int8_close("", report);
 }
 
+/// CUDA device 0, opened as the daemon opens it.
+fn cuda_device() -> std::sync::Arc<edgelora_kernels::cuda::Gpu> {
+    match edgelora_daemon::device::open(edgelora_daemon::device::DeviceSpec::Cuda(0)) {
+        Ok(edgelora_daemon::device::Device::Cuda { gpu, .. }) => gpu,
+        Ok(_) => unreachable!("an explicit cuda request never yields the CPU"),
+        Err(e) => panic!("opening CUDA device 0: {e}"),
+    }
+}
+
 /// The CUDA backend's int8 fast path (quantized activations, dp4a products) judged as the CPU's
 /// above. Steps of 16 tokens: steps of up to 32 rows take the int8 path (longer ones, prefill,
 /// keep f32 activations). Skipped without a GPU or without the model.
@@ -258,11 +267,7 @@ fn cuda_int8_fast_path_stays_close_on_log_probabilities() {
     }
     let Some(path) = smollm2_path() else { return };
     let m = Model::load(&path, &LoadOptions::default()).unwrap();
-    let gpu = match edgelora_daemon::device::open(edgelora_daemon::device::DeviceSpec::Cuda(0)) {
-        Ok(edgelora_daemon::device::Device::Cuda { gpu, .. }) => gpu,
-        Ok(_) => unreachable!("an explicit cuda request never yields the CPU"),
-        Err(e) => panic!("opening CUDA device 0: {e}"),
-    };
+    let gpu = cuda_device();
     let opts = ForwardOptions {
         act: ActMode::Int8,
         ..ForwardOptions::exact()
@@ -303,11 +308,7 @@ fn cuda_greedy_generation_reproduces_all_golden_continuations() {
     }
     let Some(path) = smollm2_path() else { return };
     let m = Model::load(&path, &LoadOptions::default()).unwrap();
-    let gpu = match edgelora_daemon::device::open(edgelora_daemon::device::DeviceSpec::Cuda(0)) {
-        Ok(edgelora_daemon::device::Device::Cuda { gpu, .. }) => gpu,
-        Ok(_) => unreachable!("an explicit cuda request never yields the CPU"),
-        Err(e) => panic!("opening CUDA device 0: {e}"),
-    };
+    let gpu = cuda_device();
     for p in golden()["prompts"].as_array().unwrap() {
         let prompt = ids(&p["prompt_ids"]);
         let want = ids(&p["generated_ids"]);

@@ -517,22 +517,7 @@ impl GpuWeight {
         let (bound, max_warps) = gemv_bound(m);
         let tiles = rows_padded(self.rows) / TILE_N;
         if let (Store::Q4 { qs, dm, .. }, Int4Gemv::BlockScaled) = (&self.store, int4) {
-            let splits = gemv_splits(
-                tiles,
-                self.kb,
-                m,
-                max_warps,
-                gemv_blocks_per_sm() * self.sms,
-            );
-            let cfg = LaunchConfig {
-                grid_dim: (tiles as u32, splits as u32, 1),
-                block_dim: (
-                    (gemv_warps(self.kb.div_ceil(splits), max_warps) * 32) as u32,
-                    1,
-                    1,
-                ),
-                shared_mem_bytes: 0,
-            };
+            let cfg = self.splitk_cfg(m, max_warps);
             let f = gpu.function(
                 MODULE.name,
                 &format!("gemv4_{}_m{bound}", self.kernel_suffix()),
@@ -638,23 +623,7 @@ impl GpuWeight {
             return Ok(());
         }
         let (bound, max_warps) = gemvq_bound(m);
-        let tiles = rows_padded(rows) / TILE_N;
-        let splits = gemv_splits(
-            tiles,
-            self.kb,
-            m,
-            max_warps,
-            gemv_blocks_per_sm() * self.sms,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, splits as u32, 1),
-            block_dim: (
-                (gemv_warps(self.kb.div_ceil(splits), max_warps) * 32) as u32,
-                1,
-                1,
-            ),
-            shared_mem_bytes: 0,
-        };
+        let cfg = self.splitk_cfg(m, max_warps);
         let f = gpu.function(
             MODULE.name,
             &format!("gemvq_{}_m{bound}", self.kernel_suffix()),
@@ -692,6 +661,28 @@ impl GpuWeight {
                 .launch(cfg)?;
         }
         Ok(())
+    }
+
+    /// The grid of a split-K GEMV (`gemv4_*`, `gemvq_*`): one block per row tile and split, the
+    /// splits from [`gemv_splits`], at most `max_warps` warps splitting a split's column blocks.
+    fn splitk_cfg(&self, m: usize, max_warps: usize) -> LaunchConfig {
+        let tiles = rows_padded(self.rows) / TILE_N;
+        let splits = gemv_splits(
+            tiles,
+            self.kb,
+            m,
+            max_warps,
+            gemv_blocks_per_sm() * self.sms,
+        );
+        LaunchConfig {
+            grid_dim: (tiles as u32, splits as u32, 1),
+            block_dim: (
+                (gemv_warps(self.kb.div_ceil(splits), max_warps) * 32) as u32,
+                1,
+                1,
+            ),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// The tiled GEMM (shapes already checked).

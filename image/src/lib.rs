@@ -3,6 +3,7 @@
 
 pub mod build;
 pub mod bundle;
+pub mod cross;
 pub mod disk;
 pub mod files;
 pub mod jetson;

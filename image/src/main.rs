@@ -52,9 +52,14 @@ struct RootfsSource {
     /// Debian mirror for debootstrap.
     #[arg(long, default_value = "http://deb.debian.org/debian")]
     mirror: String,
-    /// The edgelorad binary for the target architecture.
+    /// The edgelorad binary for the target architecture. With --arch aarch64 and no --daemon,
+    /// edgelorad is cross-compiled from the workspace (--source).
     #[arg(long)]
     daemon: Option<PathBuf>,
+    /// The edgelora workspace to cross-compile edgelorad from (default: the one this binary was
+    /// built from).
+    #[arg(long, value_name = "DIR")]
+    source: Option<PathBuf>,
     /// edgelorad.toml for the box.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -179,10 +184,6 @@ impl RootfsSource {
                 bail!("give the base system: --base debootstrap:bookworm or --base-tar ROOTFS.tar")
             }
         };
-        let daemon = self
-            .daemon
-            .clone()
-            .context("--daemon PATH (the edgelorad binary) is needed")?;
         let config = self
             .config
             .clone()
@@ -196,6 +197,26 @@ impl RootfsSource {
             ),
         };
         let listen = listen_of(&config)?;
+        let daemon = match (&self.daemon, self.arch) {
+            (Some(d), _) => d.clone(),
+            (None, Arch::Aarch64) => {
+                // Minutes of compiling: only once the cheap inputs are known to be good.
+                edgelora_image::bundle::load_public_key(&update_pub)
+                    .with_context(|| format!("the update key {}", update_pub.display()))?;
+                let source = match &self.source {
+                    Some(s) => s.clone(),
+                    None => edgelora_image::cross::default_source().context(
+                        "--daemon PATH (an edgelorad built for aarch64) or --source DIR (the \
+                         edgelora workspace to cross-compile it from) is needed: the workspace \
+                         this binary was built from is gone",
+                    )?,
+                };
+                edgelora_image::cross::build_daemon(&source)?
+            }
+            (None, Arch::X86_64) => {
+                bail!("--daemon PATH (the edgelorad binary) is needed")
+            }
+        };
         Ok(RootfsSpec {
             base,
             arch: self.arch,
@@ -295,28 +316,43 @@ fn cmd_bundle(a: BundleArgs) -> Result<()> {
             a.rootfs.display()
         );
     }
-    let (kernel, initrd) = rootfs::kernel_and_initrd(&root)?;
+    // x86_64 boots the kernel and initrd from the ESP, so they travel beside the root image;
+    // a Jetson boots them from the slot itself (L4T's launcher reads /boot of APP or APP_b).
+    let boot_files = match a.arch {
+        Arch::X86_64 => Some(rootfs::kernel_and_initrd(&root)?),
+        Arch::Aarch64 => {
+            let conf = root.join("boot/extlinux/extlinux.conf");
+            if !conf.is_file() {
+                bail!(
+                    "{}: no boot/extlinux/extlinux.conf: a Jetson bundle is made from the root \
+                     filesystem after NVIDIA's apply_binaries.sh (HANDOFF.md, Updates)",
+                    a.rootfs.display()
+                );
+            }
+            None
+        }
+    };
     let img = work.path().join("rootfs.ext4");
     eprintln!("edgelora-image: making the root slot image");
     edgelora_image::disk::ext4_image(&root, "edgelora-root", &img, 0, None)?;
     eprintln!("edgelora-image: signing the bundle");
-    let sources = [
-        PayloadSource {
-            name: "rootfs".into(),
-            path: img,
-            encoding: Encoding::Zstd,
-        },
-        PayloadSource {
+    let mut sources = vec![PayloadSource {
+        name: "rootfs".into(),
+        path: img,
+        encoding: Encoding::Zstd,
+    }];
+    if let Some((kernel, initrd)) = boot_files {
+        sources.push(PayloadSource {
             name: "kernel".into(),
             path: kernel,
             encoding: Encoding::Raw,
-        },
-        PayloadSource {
+        });
+        sources.push(PayloadSource {
             name: "initrd".into(),
             path: initrd,
             encoding: Encoding::Raw,
-        },
-    ];
+        });
+    }
     let mut last = Instant::now();
     let m = bundle::write_bundle(
         &a.out,

@@ -298,9 +298,13 @@ fn clear_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Installs the appliance into a base root filesystem.
+/// Installs the appliance into a base root filesystem. x86_64 gets the systemd-boot layout
+/// (ESP mount, `edgelora-root-a/b`, boot counting in entry names, systemd-repart growing the
+/// data partition); aarch64 the Jetson one (no ESP, NVIDIA's `APP`/`APP_b`, `nvbootctrl`, and
+/// NVIDIA's own boot confirmation held back until the daemon is healthy).
 fn customize(spec: &RootfsSpec, root: &Path) -> Result<()> {
     eprintln!("edgelora-image: installing edgelorad {}", spec.version);
+    let jetson = spec.arch == Arch::Aarch64;
     let daemon = fs::read(&spec.daemon)?;
     put(root, "usr/bin/edgelorad", &daemon, 0o755)?;
     put(
@@ -321,40 +325,42 @@ fn customize(spec: &RootfsSpec, root: &Path) -> Result<()> {
         format!("{}\n", spec.version).as_bytes(),
         0o644,
     )?;
-    put(
-        root,
-        "etc/edgelora/update.toml",
-        files::update_layout(spec.arch.compatible(), &spec.cmdline).as_bytes(),
-        0o644,
-    )?;
-    put(root, "etc/fstab", files::fstab().as_bytes(), 0o644)?;
+    let layout = if jetson {
+        files::update_layout_jetson(spec.arch.compatible())
+    } else {
+        files::update_layout(spec.arch.compatible(), &spec.cmdline)
+    };
+    put(root, "etc/edgelora/update.toml", layout.as_bytes(), 0o644)?;
+    put(root, "etc/fstab", files::fstab(!jetson).as_bytes(), 0o644)?;
     put(root, "etc/hostname", b"edgelora\n", 0o644)?;
-    put(
-        root,
-        "usr/lib/repart.d/50-edgelora-data.conf",
-        files::repart_data().as_bytes(),
-        0o644,
-    )?;
-    put(
-        root,
-        "etc/systemd/network/20-wired.network",
-        files::network().as_bytes(),
-        0o644,
-    )?;
+    if !jetson {
+        // The data partition is the disk's last only in the x86_64 image; on Jetson the flash
+        // configuration sizes it.
+        put(
+            root,
+            "usr/lib/repart.d/50-edgelora-data.conf",
+            files::repart_data().as_bytes(),
+            0o644,
+        )?;
+    }
     put(
         root,
         "etc/systemd/system/edgelorad.service",
         files::daemon_unit(&spec.serve_args).as_bytes(),
         0o644,
     )?;
+    let boot_ok = if jetson {
+        files::boot_ok_unit_jetson(&spec.health_url, spec.health_timeout)
+    } else {
+        files::boot_ok_unit(&spec.health_url, spec.health_timeout)
+    };
     put(
         root,
         "etc/systemd/system/edgelora-boot-ok.service",
-        files::boot_ok_unit(&spec.health_url, spec.health_timeout).as_bytes(),
+        boot_ok.as_bytes(),
         0o644,
     )?;
     mkdir(root, "var/lib/edgelora")?;
-    mkdir(root, "boot/efi")?;
     os_release(root, &spec.version)?;
     add_service_user(root)?;
     let sys = "etc/systemd/system";
@@ -368,37 +374,68 @@ fn customize(spec: &RootfsSpec, root: &Path) -> Result<()> {
         &format!("{sys}/multi-user.target.wants/edgelora-boot-ok.service"),
         "/etc/systemd/system/edgelora-boot-ok.service",
     )?;
-    enable(
-        root,
-        &format!("{sys}/boot-complete.target.requires/edgelora-boot-ok.service"),
-        "/etc/systemd/system/edgelora-boot-ok.service",
-    )?;
-    for (link, unit) in [
-        (
-            "multi-user.target.wants/systemd-networkd.service",
-            "systemd-networkd.service",
-        ),
-        (
-            "sockets.target.wants/systemd-networkd.socket",
-            "systemd-networkd.socket",
-        ),
-        (
-            "multi-user.target.wants/systemd-resolved.service",
-            "systemd-resolved.service",
-        ),
-    ] {
-        if root.join("lib/systemd/system").join(unit).exists() {
-            enable(
-                root,
-                &format!("{sys}/{link}"),
-                &format!("/lib/systemd/system/{unit}"),
-            )?;
+    if jetson {
+        // A drop-in applies wherever apply_binaries.sh puts NVIDIA's unit.
+        put(
+            root,
+            &format!(
+                "{sys}/{}.d/50-edgelora-health-gate.conf",
+                files::NV_BOOTLOADER_CONFIG_UNIT
+            ),
+            files::nv_bootloader_config_dropin().as_bytes(),
+            0o644,
+        )?;
+    } else {
+        mkdir(root, "boot/efi")?;
+        enable(
+            root,
+            &format!("{sys}/boot-complete.target.requires/edgelora-boot-ok.service"),
+            "/etc/systemd/system/edgelora-boot-ok.service",
+        )?;
+    }
+    // NVIDIA's sample root filesystem manages the network with NetworkManager; two DHCP
+    // clients on one port would fight, so networkd only where NetworkManager is absent.
+    let network_manager = ["lib", "usr/lib"].iter().any(|d| {
+        root.join(d)
+            .join("systemd/system/NetworkManager.service")
+            .exists()
+    });
+    if !network_manager {
+        put(
+            root,
+            "etc/systemd/network/20-wired.network",
+            files::network().as_bytes(),
+            0o644,
+        )?;
+        for (link, unit) in [
+            (
+                "multi-user.target.wants/systemd-networkd.service",
+                "systemd-networkd.service",
+            ),
+            (
+                "sockets.target.wants/systemd-networkd.socket",
+                "systemd-networkd.socket",
+            ),
+            (
+                "multi-user.target.wants/systemd-resolved.service",
+                "systemd-resolved.service",
+            ),
+        ] {
+            if root.join("lib/systemd/system").join(unit).exists() {
+                enable(
+                    root,
+                    &format!("{sys}/{link}"),
+                    &format!("/lib/systemd/system/{unit}"),
+                )?;
+            }
         }
     }
     if spec.debug_console {
+        // Orin's debug UART is ttyTCU0 (L4T r36 extlinux.conf: console=ttyTCU0,115200).
+        let tty = if jetson { "ttyTCU0" } else { "ttyS0" };
         put(
             root,
-            "etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf",
+            &format!("etc/systemd/system/serial-getty@{tty}.service.d/autologin.conf"),
             files::autologin_dropin().as_bytes(),
             0o644,
         )?;

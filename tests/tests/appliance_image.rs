@@ -1,8 +1,9 @@
 //! The appliance image end to end under QEMU (TCG): `edgelora-image build` from debootstrap
 //! with the real daemon and the tiny model, booted with UEFI + systemd-boot; /health and a
-//! completion over a forwarded port; hostile update bundles refused on the box before anything
-//! is written; an update whose apply process is killed leaves slot A; a good update boots slot
-//! B, is marked good once healthy and keeps the ledger.
+//! completion over a forwarded port; hostile update bundles (another fleet's key, unsigned,
+//! truncated, bit-flipped, old) refused on the box with slot B untouched; an update whose apply
+//! process is killed at a random point of the slot write leaves slot A; a good update boots
+//! slot B, is marked good once healthy and keeps the ledger.
 //!
 //! Needs root, qemu-system-x86, ovmf, debootstrap, e2fsprogs, dosfstools, mtools, fdisk, kmod
 //! and the Debian mirror; `scripts/test.sh` installs them and sets EDGELORA_REQUIRE_VM=1. Run
@@ -137,6 +138,17 @@ fn resigned(src: &Path, key: &Path, out: &Path) -> PathBuf {
     bytes[20 + len..20 + len + 64].copy_from_slice(&sig);
     std::fs::write(out, &bytes).unwrap();
     out.to_path_buf()
+}
+
+/// A drive file of `src` with its signature zeroed (what an unsigned bundle looks like to the
+/// box), padded to 512 bytes.
+fn unsigned_drive(src: &Path, dst: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(src).expect("bundle");
+    let len = u32::from_le_bytes(bytes[16..20].try_into().unwrap()) as usize;
+    bytes[20 + len..20 + len + 64].fill(0);
+    bytes.resize(bytes.len().div_ceil(512) * 512, 0);
+    std::fs::write(dst, &bytes).expect("drive file");
+    dst.to_path_buf()
 }
 
 /// A copy of `src` cut to `len` bytes (or whole), with `flip` XORed in, padded to 512 bytes.
@@ -275,6 +287,10 @@ fn artifacts() -> &'static Artifacts {
                 drive_file(&other, &d("wrongkey"), None, None),
             ),
             (
+                "unsigned".to_string(),
+                unsigned_drive(&good, &d("unsigned")),
+            ),
+            (
                 "trunc".to_string(),
                 drive_file(&good, &d("trunc"), Some(len * 2 / 3 / 512 * 512), None),
             ),
@@ -369,6 +385,28 @@ fn reboot_and_wait(vm: &mut Vm, timeout: Duration) -> Duration {
     t.elapsed()
 }
 
+/// The seed of the killed-apply point: `EDGELORA_VM_SEED`, else the clock.
+fn kill_seed() -> u64 {
+    std::env::var("EDGELORA_VM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        })
+}
+
+/// Where a seed kills the apply: a tenth of the slot write (0..=8) and extra milliseconds
+/// (0..1000), from splitmix64.
+fn kill_point(seed: u64) -> (u64, u64) {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z % 9, (z >> 32) % 1000)
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let until = Instant::now() + timeout;
     loop {
@@ -424,6 +462,7 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
     // Hostile bundles: each refused, and nothing written.
     for (serial, expect) in [
         ("wrongkey", "signature"),
+        ("unsigned", "signature"),
         ("trunc", "truncated"),
         ("flip", "digest"),
         ("old", "already installed"),
@@ -437,6 +476,10 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
             out.to_lowercase().contains(expect),
             "{serial}: expected {expect:?} in {out:?}"
         );
+        assert!(
+            slot_b_untouched(&mut vm),
+            "the {serial} bundle was refused but slot B was written"
+        );
     }
     assert_eq!(entries(&mut vm), "edgelora-a.conf");
     assert!(
@@ -444,11 +487,26 @@ fn appliance_boots_serves_refuses_hostile_bundles_and_updates() {
         "a refused bundle wrote to slot B"
     );
 
-    // The apply process killed while it writes slot B: no entry for B, A stays the boot.
+    // The apply process killed at a random point while it writes slot B (seeded and printed;
+    // EDGELORA_VM_SEED repeats a run): no entry for B, A stays the boot. The write reports each
+    // tenth ("writing slot b:  30% (...)"); the kill comes at a random tenth up to 80 %, plus a
+    // random part of a second.
+    let seed = kill_seed();
+    let (tenth, extra_ms) = kill_point(seed);
+    eprintln!(
+        "killed apply: seed {seed} (EDGELORA_VM_SEED={seed} repeats it): kill at {}% of the \
+         slot write + {extra_ms} ms",
+        tenth * 10
+    );
+    let secs = format!("0.{extra_ms:03}");
     let (rc, out) = vm.shell(
-        "edgelorad update apply /dev/disk/by-id/virtio-good >/tmp/apply.log 2>&1 & p=$!; \
-         for i in $(seq 600); do grep -q 'writing slot' /tmp/apply.log && break; sleep 0.5; done; \
-         sleep 2; kill -9 $p; wait $p; r=$?; tail -c 300 /tmp/apply.log; (exit $r)",
+        &format!(
+            "edgelorad update apply /dev/disk/by-id/virtio-good >/tmp/apply.log 2>&1 & p=$!; \
+             for i in $(seq 3000); do grep -Eq 'writing slot b: +{pct}%' /tmp/apply.log && break; \
+             sleep 0.2; done; sleep {secs}; kill -9 $p; wait $p; r=$?; \
+             tail -c 300 /tmp/apply.log; (exit $r)",
+            pct = tenth * 10,
+        ),
         Duration::from_secs(900),
     );
     assert_eq!(rc, 137, "apply was not killed mid-write: {out}");
@@ -614,6 +672,22 @@ fn appliance_survives_power_cut_and_rolls_back_a_broken_update() {
     );
     completion(&vm);
     vm.kill();
+}
+
+#[test]
+fn kill_points_are_seeded_and_inside_the_write() {
+    let mut seen = std::collections::BTreeSet::new();
+    for seed in 0..200 {
+        let (tenth, ms) = kill_point(seed);
+        assert!(tenth <= 8 && ms < 1000, "seed {seed}: {tenth} {ms}");
+        assert_eq!(kill_point(seed), (tenth, ms), "not reproducible");
+        seen.insert(tenth);
+    }
+    assert_eq!(
+        seen.len(),
+        9,
+        "every tenth up to 80 % is reachable: {seen:?}"
+    );
 }
 
 #[test]

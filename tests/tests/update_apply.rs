@@ -10,6 +10,13 @@
 //!   either slot changes;
 //! - an apply killed at random moments never leaves an entry pointing at a slot whose content
 //!   is not the signed image, and three failed boots always end on slot a.
+//!
+//! The same on a fake Jetson (`boot = "jetson"`): slot files standing in for APP / APP_b and a
+//! fake `nvbootctrl` (a shell script keeping the firmware's slot state in a file and logging
+//! every call), with boots emulated as L4T's UEFI counts them (ROOTFS_RETRY_COUNT_MAX = 3):
+//! apply writes the inactive slot and only then sets it active; hostile bundles call nothing
+//! but `get-current-slot` and write nothing; `mark-good` calls `mark-boot-successful` only after
+//! /health answered 200; a killed apply never leaves the firmware pointed at a half-written slot.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -855,4 +862,620 @@ fn killed_apply_never_leaves_a_broken_boot() {
         outcomes.get("killed").copied().unwrap_or(0) > 0,
         "no trial interrupted an apply"
     );
+}
+
+// ---- Jetson (L4T r36, nvbootctrl) ----
+
+const JETSON_COMPATIBLE: &str = "edgelora-aarch64";
+
+/// The fake `nvbootctrl`: accepts exactly the `-t rootfs` commands the daemon may use, logs
+/// each call, keeps the firmware's view (current and active slot, each slot's retry count and
+/// status) in `fw.state` beside it, and prints `dump-slots-info` as L4T r35/r36 does. A file
+/// `fail-mark` beside it makes `mark-boot-successful` fail.
+const FAKE_NVBOOTCTRL: &str = r#"#!/bin/sh
+dir=$(dirname "$0")
+echo "$*" >> "$dir/nvbootctrl.log"
+. "$dir/fw.state"
+save() {
+    printf 'current=%s\nactive=%s\nretry0=%s\nretry1=%s\nstatus0=%s\nstatus1=%s\n' \
+        "$current" "$active" "$retry0" "$retry1" "$status0" "$status1" > "$dir/fw.state.tmp"
+    mv "$dir/fw.state.tmp" "$dir/fw.state"
+}
+letter() { if [ "$1" = 0 ]; then echo A; else echo B; fi; }
+if [ "$1" != "-t" ] || [ "$2" != "rootfs" ]; then echo "fake nvbootctrl: want -t rootfs" >&2; exit 2; fi
+case "$3" in
+get-current-slot)
+    [ $# -eq 3 ] || exit 2
+    echo "$current" ;;
+set-active-boot-slot)
+    case "$4" in 0|1) active=$4; save ;; *) echo "invalid slot '$4'" >&2; exit 2 ;; esac ;;
+mark-boot-successful)
+    [ $# -eq 3 ] || exit 2
+    if [ -e "$dir/fail-mark" ]; then echo "unknown command mark-boot-successful" >&2; exit 1; fi
+    eval "retry$current=3"; save ;;
+dump-slots-info)
+    printf 'Current rootfs slot: %s\nActive rootfs slot: %s\nnum_slots: 2\n' "$(letter "$current")" "$(letter "$active")"
+    printf 'slot: 0,             retry_count: %s,             status: %s\n' "$retry0" "$status0"
+    printf 'slot: 1,             retry_count: %s,             status: %s\n' "$retry1" "$status1" ;;
+*)
+    echo "fake nvbootctrl: unknown command $3" >&2; exit 2 ;;
+esac
+"#;
+
+/// The firmware's state as the fake keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fw {
+    current: u8,
+    active: u8,
+    retry: [u8; 2],
+    unbootable: [bool; 2],
+}
+
+impl Fw {
+    fn fresh() -> Fw {
+        Fw {
+            current: 0,
+            active: 0,
+            retry: [3, 3],
+            unbootable: [false, false],
+        }
+    }
+}
+
+/// A Jetson in a temporary directory: `etc/` (layout, key, version), `bin/nvbootctrl` (the
+/// fake) with its state and log, the two slot files, and the update state file.
+struct FakeJetson {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    layout: PathBuf,
+    slot_a: PathBuf,
+    slot_b: PathBuf,
+    slot_size: usize,
+    bin: PathBuf,
+    state_file: PathBuf,
+    key: LedgerKey,
+}
+
+impl FakeJetson {
+    fn new(slot_size: usize) -> FakeJetson {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let etc = root.join("etc");
+        let bin = root.join("bin");
+        for d in [&etc, &bin, &root.join("bundles"), &root.join("data")] {
+            fs::create_dir_all(d).unwrap();
+        }
+        let key = LedgerKey::generate("edgelora-updates").unwrap();
+        fs::write(
+            etc.join("update.pub"),
+            format!("{}\n", key.public_key().to_verifier_string()),
+        )
+        .unwrap();
+        fs::write(
+            etc.join("update.toml"),
+            format!(
+                "compatible = \"{JETSON_COMPATIBLE}\"\npublic_key = \"update.pub\"\n\
+                 version_file = \"version\"\nboot = \"jetson\"\n\n[jetson]\n\
+                 nvbootctrl = \"../bin/nvbootctrl\"\nstate_file = \"../data/update-state.json\"\n\n\
+                 [slots]\na = \"../APP.img\"\nb = \"../APP_b.img\"\n"
+            ),
+        )
+        .unwrap();
+        let nv = bin.join("nvbootctrl");
+        fs::write(&nv, FAKE_NVBOOTCTRL).unwrap();
+        fs::set_permissions(&nv, fs::Permissions::from_mode(0o755)).unwrap();
+        let j = FakeJetson {
+            layout: etc.join("update.toml"),
+            slot_a: root.join("APP.img"),
+            slot_b: root.join("APP_b.img"),
+            state_file: root.join("data/update-state.json"),
+            bin,
+            root,
+            _tmp: tmp,
+            slot_size,
+            key,
+        };
+        fs::write(&j.slot_a, pattern(0xa5, slot_size)).unwrap();
+        j.reset();
+        j
+    }
+
+    /// A freshly flashed Jetson running APP (slot a) 1.0.0.
+    fn reset(&self) {
+        fs::write(&self.slot_b, pattern(0x3c, self.slot_size)).unwrap();
+        let _ = fs::remove_file(&self.state_file);
+        let _ = fs::remove_file(self.bin.join("fail-mark"));
+        self.set_fw(&Fw::fresh());
+        self.set_version("1.0.0");
+        self.clear_log();
+    }
+
+    fn set_version(&self, v: &str) {
+        fs::write(self.root.join("etc/version"), format!("{v}\n")).unwrap();
+    }
+
+    fn fw(&self) -> Fw {
+        let text = fs::read_to_string(self.bin.join("fw.state")).unwrap();
+        let get = |k: &str| -> String {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}=")))
+                .unwrap_or_else(|| panic!("{k} missing in {text}"))
+                .to_string()
+        };
+        Fw {
+            current: get("current").parse().unwrap(),
+            active: get("active").parse().unwrap(),
+            retry: [
+                get("retry0").parse().unwrap(),
+                get("retry1").parse().unwrap(),
+            ],
+            unbootable: [
+                get("status0") == "unbootable",
+                get("status1") == "unbootable",
+            ],
+        }
+    }
+
+    fn set_fw(&self, f: &Fw) {
+        let st = |u: bool| if u { "unbootable" } else { "normal" };
+        fs::write(
+            self.bin.join("fw.state"),
+            format!(
+                "current={}\nactive={}\nretry0={}\nretry1={}\nstatus0={}\nstatus1={}\n",
+                f.current,
+                f.active,
+                f.retry[0],
+                f.retry[1],
+                st(f.unbootable[0]),
+                st(f.unbootable[1])
+            ),
+        )
+        .unwrap();
+    }
+
+    /// One boot as L4T's UEFI counts it: the active slot boots if it has tries left (using
+    /// one); one that has none is marked unbootable and the other slot boots instead. Returns
+    /// the nvbootctrl number of the slot that booted.
+    fn boot(&self) -> u8 {
+        let mut f = self.fw();
+        let mut s = f.active as usize;
+        if f.retry[s] == 0 {
+            f.unbootable[s] = true;
+            s = 1 - s;
+            f.active = s as u8;
+        }
+        assert!(f.retry[s] > 0, "no bootable slot left: {f:?}");
+        f.retry[s] -= 1;
+        f.current = s as u8;
+        self.set_fw(&f);
+        s as u8
+    }
+
+    fn log(&self) -> Vec<String> {
+        fs::read_to_string(self.bin.join("nvbootctrl.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn clear_log(&self) {
+        let _ = fs::remove_file(self.bin.join("nvbootctrl.log"));
+    }
+
+    /// A bundle whose only payload is `rootfs` (a Jetson boots kernel and initrd from the slot).
+    fn bundle_with(
+        &self,
+        name: &str,
+        compatible: &str,
+        version: &str,
+        rootfs: &[u8],
+        key: &LedgerKey,
+    ) -> (PathBuf, Manifest) {
+        let dir = self.root.join("payloads").join(name);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("rootfs"), rootfs).unwrap();
+        let sources = [PayloadSource {
+            name: "rootfs".into(),
+            path: dir.join("rootfs"),
+            encoding: Encoding::Zstd,
+        }];
+        let out = self.root.join("bundles").join(name);
+        let v = semver::Version::parse(version).unwrap();
+        let m = write_bundle(&out, compatible, &v, &sources, key, &mut |_, _| {}).unwrap();
+        (out, m)
+    }
+
+    fn bundle(&self, name: &str, version: &str, rootfs: &[u8]) -> (PathBuf, Manifest) {
+        self.bundle_with(name, JETSON_COMPATIBLE, version, rootfs, &self.key)
+    }
+
+    fn update(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(edgelorad());
+        c.arg("update")
+            .args(args)
+            .arg("--layout")
+            .arg(&self.layout)
+            .env_remove("EDGELORA_UPDATE_LAYOUT");
+        c
+    }
+
+    fn apply(&self, bundle: &Path, extra: &[&str]) -> Output {
+        self.update(&["apply"])
+            .arg(bundle)
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> Value {
+        let out = ok(self.update(&["status", "--json"]).output().unwrap());
+        serde_json::from_str(&out).unwrap()
+    }
+
+    fn prefix_digest(path: &Path, len: usize) -> String {
+        let mut f = fs::File::open(path).unwrap();
+        let mut buf = vec![0u8; len];
+        f.read_exact(&mut buf).unwrap();
+        blake3::hash(&buf).to_hex().to_string()
+    }
+
+    /// Both slots, the update state file (or its absence) and the firmware state.
+    fn snapshot(&self) -> BTreeMap<String, String> {
+        let mut m = BTreeMap::new();
+        m.insert("APP".into(), hash_file(&self.slot_a));
+        m.insert("APP_b".into(), hash_file(&self.slot_b));
+        m.insert(
+            "state".into(),
+            fs::read_to_string(&self.state_file).unwrap_or_else(|_| "absent".into()),
+        );
+        m.insert("fw".into(), format!("{:?}", self.fw()));
+        m
+    }
+}
+
+/// The calls a refused or read-only command may make.
+fn only_reads(log: &[String]) -> bool {
+    log.iter()
+        .all(|l| l == "-t rootfs get-current-slot" || l == "-t rootfs dump-slots-info")
+}
+
+#[test]
+fn jetson_apply_switches_with_nvbootctrl_then_rolls_back_or_is_marked_good() {
+    let j = FakeJetson::new(16 * MIB);
+    let mut rng = Rng(0x5eed_0101);
+    let img = rng.bytes(3 * MIB + 4321);
+    let (bundle, m) = j.bundle("1.1.0.bundle", "1.1.0", &img);
+    let want = m.payload("rootfs").unwrap().raw_blake3.clone();
+    let slot_a_before = hash_file(&j.slot_a);
+
+    let out = ok(j.apply(&bundle, &["--json"]));
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["slot"], "b");
+    assert_eq!(report["fallback_slot"], "a");
+    assert_eq!(report["active_boot_slot"], 1);
+    // The running slot is made the next boot before the write, the new one only after it.
+    assert_eq!(
+        j.log(),
+        [
+            "-t rootfs get-current-slot",
+            "-t rootfs set-active-boot-slot 0",
+            "-t rootfs set-active-boot-slot 1"
+        ]
+    );
+    let b = fs::read(&j.slot_b).unwrap();
+    assert_eq!(b.len(), 16 * MIB, "the slot must not be truncated or grown");
+    assert!(b[..img.len()] == img[..], "APP_b != rootfs");
+    assert!(b[img.len()..] == pattern(0x3c, 16 * MIB)[img.len()..]);
+    assert_eq!(FakeJetson::prefix_digest(&j.slot_b, img.len()), want);
+    assert_eq!(hash_file(&j.slot_a), slot_a_before);
+    assert_eq!(j.fw().active, 1);
+    let s = j.status();
+    assert_eq!(s["boot"], "jetson");
+    assert_eq!(s["current_slot"], "a");
+    assert_eq!(s["current_version"], "1.0.0");
+    assert_eq!(s["next_boot"]["slot"], "b");
+    assert_eq!(s["trial"]["slot"], "b");
+    assert_eq!(s["trial"]["version"], "1.1.0");
+    assert_eq!(s["slots"]["b"]["state"], "normal");
+    assert_eq!(s["slots"]["b"]["version"], "1.1.0");
+    assert_eq!(s["rolled_back"], false);
+    let after_apply = j.fw();
+    let state_after_apply = fs::read_to_string(&j.state_file).unwrap();
+
+    // Three boots into b that never get confirmed, then the firmware falls back to a.
+    for i in 0..3 {
+        assert_eq!(j.boot(), 1, "boot attempt {i}");
+    }
+    assert_eq!(j.boot(), 0, "the fourth boot must be the old slot");
+    j.set_version("1.0.0");
+    let s = j.status();
+    assert_eq!(s["current_slot"], "a");
+    assert_eq!(s["slots"]["b"]["state"], "unbootable");
+    assert_eq!(s["next_boot"]["slot"], "a");
+    assert_eq!(s["rolled_back"], true);
+
+    // Back to right after the apply: one boot into b, which comes up healthy.
+    j.set_fw(&after_apply);
+    fs::write(&j.state_file, &state_after_apply).unwrap();
+    assert_eq!(j.boot(), 1);
+    j.set_version("1.1.0");
+    assert_eq!(j.fw().retry[1], 2, "an unconfirmed boot used a try");
+    // No new update while the running slot is on trial: it would overwrite the only proven one.
+    let img2 = rng.bytes(2 * MIB + 1);
+    let (bundle2, m2) = j.bundle("1.1.1.bundle", "1.1.1", &img2);
+    let before = j.snapshot();
+    j.clear_log();
+    refused(
+        j.apply(&bundle2, &[]),
+        "the running slot has not been marked good yet",
+        "update during trial",
+    );
+    assert_eq!(j.snapshot(), before, "a refused apply changed the box");
+    assert!(only_reads(&j.log()), "a refused apply called {:?}", j.log());
+    // The daemon answers 503 first, then 200: mark-good confirms only after the 200.
+    j.clear_log();
+    let server = HealthServer::start(vec![503, 200]);
+    let out = ok(j
+        .update(&["mark-good", "--health-url", &server.url, "--timeout", "30"])
+        .output()
+        .unwrap());
+    assert!(out.contains("marked slot b good"), "{out}");
+    assert_eq!(server.stop(), ["GET /health HTTP/1.1"; 2]);
+    assert_eq!(
+        j.log(),
+        [
+            "-t rootfs get-current-slot",
+            "-t rootfs mark-boot-successful"
+        ]
+    );
+    assert_eq!(j.fw().retry[1], 3, "the confirmation restores the tries");
+    let s = j.status();
+    assert_eq!(s["trial"], Value::Null);
+    assert_eq!(s["current_slot"], "b");
+    assert_eq!(s["next_boot"]["slot"], "b");
+    // Confirmed boots do not count down.
+    j.boot();
+    j.update(&["mark-good", "--no-wait"]).output().unwrap();
+    assert_eq!(j.fw().retry[1], 3);
+    // Now b is the fallback: the next update goes to APP.
+    j.clear_log();
+    ok(j.apply(&bundle2, &[]));
+    assert_eq!(
+        j.log(),
+        [
+            "-t rootfs get-current-slot",
+            "-t rootfs set-active-boot-slot 1",
+            "-t rootfs set-active-boot-slot 0"
+        ]
+    );
+    assert_eq!(
+        FakeJetson::prefix_digest(&j.slot_a, img2.len()),
+        m2.payload("rootfs").unwrap().raw_blake3
+    );
+    assert_eq!(FakeJetson::prefix_digest(&j.slot_b, img.len()), want);
+    assert_eq!(j.fw().active, 0);
+}
+
+#[test]
+fn jetson_mark_good_confirms_only_a_healthy_boot() {
+    let j = FakeJetson::new(8 * MIB);
+    let mut rng = Rng(0x5eed_0102);
+    let (bundle, _) = j.bundle("1.1.0.bundle", "1.1.0", &rng.bytes(MIB));
+    ok(j.apply(&bundle, &[]));
+    assert_eq!(j.boot(), 1);
+    j.set_version("1.1.0");
+    j.clear_log();
+    let server = HealthServer::start(vec![503]);
+    let t0 = Instant::now();
+    let out = j
+        .update(&["mark-good", "--health-url", &server.url, "--timeout", "2"])
+        .output()
+        .unwrap();
+    refused(out, "was not healthy within 2s", "unhealthy mark-good");
+    assert!(t0.elapsed() >= Duration::from_secs(2));
+    assert!(server.stop().len() >= 2);
+    assert_eq!(
+        j.log(),
+        ["-t rootfs get-current-slot"],
+        "an unhealthy boot must not be confirmed"
+    );
+    assert_eq!(j.fw().retry[1], 2);
+    assert_eq!(j.status()["trial"]["slot"], "b", "still on trial");
+    // Healthy, but this nvbootctrl refuses the command: exit 3, which the unit counts as
+    // success (no reboot loop of a healthy box), and the trial stays recorded.
+    fs::write(j.bin.join("fail-mark"), "").unwrap();
+    let server = HealthServer::start(vec![200]);
+    let out = j
+        .update(&["mark-good", "--health-url", &server.url, "--timeout", "10"])
+        .output()
+        .unwrap();
+    server.stop();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("mark-boot-successful"), "{err}");
+    assert_eq!(j.status()["trial"]["slot"], "b");
+    fs::remove_file(j.bin.join("fail-mark")).unwrap();
+    let out = ok(j.update(&["mark-good", "--no-wait"]).output().unwrap());
+    assert!(out.contains("marked slot b good"), "{out}");
+    assert_eq!(j.status()["trial"], Value::Null);
+    // nvbootctrl's own failures are named.
+    fs::write(j.bin.join("fw.state"), "current=7\n").unwrap();
+    refused(
+        j.update(&["mark-good", "--no-wait"]).output().unwrap(),
+        "not 0 or 1",
+        "odd current slot",
+    );
+}
+
+#[test]
+fn jetson_hostile_bundles_call_nothing_and_write_nothing() {
+    let j = FakeJetson::new(16 * MIB);
+    let mut rng = Rng(0x5eed_0103);
+    let img = rng.bytes(3 * MIB + 99);
+    let (good_path, m) = j.bundle("good", "1.1.0", &img);
+    let good = fs::read(&good_path).unwrap();
+    let mlen = u32::from_le_bytes(good[16..20].try_into().unwrap()) as usize;
+    let data = 20 + mlen + 64;
+    let rootfs = m.payload("rootfs").unwrap();
+    let r0 = data + rootfs.offset as usize;
+    let sig = "signature does not verify";
+
+    let mut cases: Vec<(String, Vec<u8>, &str)> = Vec::new();
+    let mut unsigned = good.clone();
+    unsigned[20 + mlen..data].fill(0);
+    cases.push(("unsigned".into(), unsigned, sig));
+    let other_key = LedgerKey::generate("edgelora-updates").unwrap();
+    let (p, _) = j.bundle_with("foreign", JETSON_COMPATIBLE, "1.1.0", &img, &other_key);
+    cases.push(("signed by another key".into(), fs::read(p).unwrap(), sig));
+    for cut in [0, 20 + mlen / 2, data + 100, r0 + 5000, good.len() - 1] {
+        cases.push((
+            format!("truncated at {cut}"),
+            good[..cut].to_vec(),
+            "truncated",
+        ));
+    }
+    cases.push((
+        "bit flip in the manifest".into(),
+        flipped(&good, 20 + mlen / 2),
+        sig,
+    ));
+    cases.push((
+        "bit flip in the rootfs payload".into(),
+        flipped(&good, r0 + rootfs.size as usize / 2),
+        "payload rootfs",
+    ));
+    let (p, _) = j.bundle("downgrade", "0.9.0", &img);
+    let downgrade = fs::read(&p).unwrap();
+    cases.push((
+        "downgrade".into(),
+        downgrade.clone(),
+        "downgrade from 1.0.0 to 0.9.0 refused; --force to allow",
+    ));
+    let (p, _) = j.bundle("same", "1.0.0", &img);
+    cases.push((
+        "same version".into(),
+        fs::read(p).unwrap(),
+        "version 1.0.0 is already installed",
+    ));
+    let (p, _) = j.bundle_with("x86", COMPATIBLE, "1.1.0", &img, &j.key);
+    cases.push((
+        "an x86_64 bundle".into(),
+        fs::read(p).unwrap(),
+        "it is for `edgelora-x86_64` but this box is `edgelora-aarch64`",
+    ));
+    let (p, _) = j.bundle("big", "1.1.0", &vec![7u8; 16 * MIB + 1]);
+    cases.push((
+        "rootfs larger than the slot".into(),
+        fs::read(p).unwrap(),
+        "holds only 16777216",
+    ));
+    {
+        let dir = j.root.join("payloads/no-rootfs");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("kernel"), b"kernel").unwrap();
+        let src = [PayloadSource {
+            name: "kernel".into(),
+            path: dir.join("kernel"),
+            encoding: Encoding::Raw,
+        }];
+        let out = j.root.join("bundles/no-rootfs");
+        let v = semver::Version::parse("1.1.0").unwrap();
+        write_bundle(&out, JETSON_COMPATIBLE, &v, &src, &j.key, &mut |_, _| {}).unwrap();
+        cases.push((
+            "no rootfs payload".into(),
+            fs::read(out).unwrap(),
+            "has no `rootfs` payload",
+        ));
+    }
+
+    let before = j.snapshot();
+    let case_path = j.root.join("bundles/case.bundle");
+    for (what, bytes, needle) in &cases {
+        fs::write(&case_path, bytes).unwrap();
+        j.clear_log();
+        refused(j.apply(&case_path, &[]), needle, what);
+        assert_eq!(
+            j.snapshot(),
+            before,
+            "{what}: the refused bundle changed the box"
+        );
+        assert!(
+            only_reads(&j.log()),
+            "{what}: nvbootctrl called {:?}",
+            j.log()
+        );
+    }
+    // The box still works: the intact bundle installs, and --force allows a downgrade.
+    ok(j.apply(&good_path, &[]));
+    assert_eq!(j.fw().active, 1);
+    j.reset();
+    fs::write(&case_path, &downgrade).unwrap();
+    ok(j.apply(&case_path, &["--force"]));
+    assert_eq!(j.status()["trial"]["version"], "0.9.0");
+}
+
+#[test]
+fn jetson_killed_apply_never_points_the_firmware_at_a_half_written_slot() {
+    const TRIALS: usize = 10;
+    let j = FakeJetson::new(40 * MIB);
+    let mut rng = Rng(0x5eed_0104);
+    let img = rng.bytes(32 * MIB + 777);
+    let (bundle, m) = j.bundle("1.1.0.bundle", "1.1.0", &img);
+    let want = m.payload("rootfs").unwrap().raw_blake3.clone();
+    let slot_a = hash_file(&j.slot_a);
+    edgelorad();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        j.reset();
+        let t0 = Instant::now();
+        ok(j.apply(&bundle, &[]));
+        times.push(t0.elapsed());
+    }
+    times.sort();
+    let full = times[1];
+    let mut outcomes = BTreeMap::<&str, usize>::new();
+    for trial in 0..TRIALS {
+        j.reset();
+        let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 23 / 20));
+        let mut child = j
+            .update(&["apply"])
+            .arg(&bundle)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let killed = child.try_wait().unwrap().is_none();
+        if killed {
+            child.kill().unwrap();
+        }
+        child.wait().unwrap();
+        let fw = j.fw();
+        let ctx = format!("trial {trial} (killed after {delay:?}: {killed}), {fw:?}");
+        assert_eq!(hash_file(&j.slot_a), slot_a, "{ctx}: APP was written");
+        if fw.active == 1 {
+            assert_eq!(
+                FakeJetson::prefix_digest(&j.slot_b, img.len()),
+                want,
+                "{ctx}: the firmware boots APP_b next but it does not hold the image"
+            );
+            *outcomes.entry("new slot next").or_default() += 1;
+        } else {
+            *outcomes.entry("old slot next").or_default() += 1;
+        }
+        // A new slot that never gets confirmed: three boots, then the firmware is back on APP.
+        if fw.active == 1 {
+            for _ in 0..3 {
+                assert_eq!(j.boot(), 1, "{ctx}");
+            }
+            assert_eq!(j.boot(), 0, "{ctx}: no fallback to APP");
+        }
+        if killed {
+            *outcomes.entry("killed").or_default() += 1;
+        }
+    }
+    eprintln!("jetson outcomes over {TRIALS} trials: {outcomes:?}");
+    assert!(outcomes.get("killed").copied().unwrap_or(0) > 0);
 }

@@ -53,6 +53,9 @@ struct Plan {
 
 /// Checks `bundle_path` against this box and installs it into the other slot.
 pub fn apply(layout: &Layout, bundle_path: &Path, force: bool) -> Result<ApplyReport> {
+    if layout.boot != super::layout::Boot::SystemdBoot {
+        bail!("{}: not a systemd-boot layout", layout.path.display());
+    }
     let mut plan = preflight(layout, bundle_path, force)?;
     install(layout, &mut plan)
 }
@@ -104,7 +107,11 @@ fn preflight(layout: &Layout, bundle_path: &Path, force: bool) -> Result<Plan> {
 }
 
 /// Only a newer version installs, unless forced.
-fn check_version(running: &semver::Version, new: &semver::Version, force: bool) -> Result<()> {
+pub(super) fn check_version(
+    running: &semver::Version,
+    new: &semver::Version,
+    force: bool,
+) -> Result<()> {
     use std::cmp::Ordering;
     match new.cmp_precedence(running) {
         Ordering::Greater => Ok(()),
@@ -159,7 +166,7 @@ fn required_payloads(bundle: &Bundle) -> Result<PayloadEntry> {
 
 /// Opens a slot for writing without truncating it, and returns its size: a block device's
 /// size is where its end seeks to (its metadata says 0); a regular file's is its length.
-fn open_slot(path: &Path) -> Result<(File, u64)> {
+pub(super) fn open_slot(path: &Path) -> Result<(File, u64)> {
     let mut f = OpenOptions::new()
         .write(true)
         .open(path)
@@ -241,19 +248,34 @@ fn remove_entries(esp: &Path, slot: Slot) -> Result<()> {
     Ok(())
 }
 
-/// Step 6: streams the decoded rootfs onto the slot from offset 0 and syncs it. The reader
-/// checks size and digest at its end, so it is read until it says so.
+/// Step 6: streams the decoded rootfs onto the slot from offset 0 and syncs it.
 fn write_rootfs(plan: &mut Plan, device_path: &Path) -> Result<()> {
-    let raw_size = plan.rootfs.raw_size;
-    let mut reader = plan
-        .bundle
+    write_slot(
+        &plan.bundle,
+        &plan.rootfs,
+        &mut plan.device,
+        device_path,
+        plan.target,
+    )
+}
+
+/// Streams the decoded `rootfs` payload onto `dev` (slot `slot`, at `device_path`) from offset 0
+/// and syncs it. The reader checks size and digest at its end, so it is read until it says so.
+pub(super) fn write_slot(
+    bundle: &Bundle,
+    rootfs: &PayloadEntry,
+    dev: &mut File,
+    device_path: &Path,
+    slot: Slot,
+) -> Result<()> {
+    let raw_size = rootfs.raw_size;
+    let mut reader = bundle
         .payload_reader("rootfs")
         .context("reading the rootfs payload")?;
-    let dev = &mut plan.device;
     dev.seek(SeekFrom::Start(0))?;
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
-    let mut progress = Progress::new(&format!("writing slot {}", plan.target));
+    let mut progress = Progress::new(&format!("writing slot {slot}"));
     loop {
         let n = read_full(&mut reader, &mut buf).context("reading the rootfs payload")?;
         if n == 0 {
@@ -293,7 +315,7 @@ fn drop_cache(f: &File, len: u64) {
 }
 
 /// Step 7: the slot's first `raw_size` bytes must hash to the signed digest.
-fn verify_rootfs(device_path: &Path, rootfs: &PayloadEntry) -> Result<()> {
+pub(super) fn verify_rootfs(device_path: &Path, rootfs: &PayloadEntry) -> Result<()> {
     let mut f = File::open(device_path)
         .with_context(|| format!("opening {} to read it back", device_path.display()))?;
     let mut hasher = blake3::Hasher::new();

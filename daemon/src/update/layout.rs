@@ -1,12 +1,14 @@
 //! `/etc/edgelora/update.toml`: where this box keeps its root slots, its ESP, its update key
-//! and its version, so the update code has no built-in device paths and tests can point every
-//! one of them into a temporary directory.
+//! and its version, and which boot loader switches between the slots (`boot`: systemd-boot on
+//! x86_64, NVIDIA's UEFI and `nvbootctrl` on Jetson), so the update code has no built-in device
+//! paths and tests can point every one of them (the `nvbootctrl` program too) into a temporary
+//! directory.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::loader::Slot;
 
@@ -17,6 +19,20 @@ pub const LAYOUT_ENV: &str = "EDGELORA_UPDATE_LAYOUT";
 /// The kernel command line key naming the running slot (the boot entry sets it).
 pub const SLOT_KEY: &str = "edgelora.slot";
 
+/// What switches the boot between the slots and counts failed boots.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Boot {
+    /// systemd-boot's Boot Loader Specification entries on the ESP, with automatic boot
+    /// assessment (`+tries` in the entry name); the running slot is `edgelora.slot=` on the
+    /// kernel command line.
+    #[default]
+    SystemdBoot,
+    /// NVIDIA Jetson (L4T r36, UEFI): rootfs A/B slots `APP` / `APP_b`, switched and confirmed
+    /// with `nvbootctrl -t rootfs`; the firmware keeps the retry count and falls back itself.
+    Jetson,
+}
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct LayoutFile {
@@ -24,14 +40,41 @@ struct LayoutFile {
     public_key: PathBuf,
     #[serde(default = "default_version_file")]
     version_file: PathBuf,
-    esp: PathBuf,
+    #[serde(default)]
+    boot: Boot,
+    /// Required for systemd-boot; Jetson has none.
+    esp: Option<PathBuf>,
     #[serde(default = "default_cmdline_file")]
     cmdline_file: PathBuf,
     #[serde(default)]
     kernel_cmdline: String,
     #[serde(default = "default_tries")]
     tries: u32,
+    #[serde(default)]
+    jetson: JetsonFile,
     slots: SlotsFile,
+}
+
+/// `[jetson]`: only read when `boot = "jetson"`.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct JetsonFile {
+    #[serde(default = "default_nvbootctrl")]
+    nvbootctrl: PathBuf,
+    #[serde(default = "default_state_file")]
+    state_file: PathBuf,
+    #[serde(default)]
+    set_extlinux_root: bool,
+}
+
+impl Default for JetsonFile {
+    fn default() -> JetsonFile {
+        JetsonFile {
+            nvbootctrl: default_nvbootctrl(),
+            state_file: default_state_file(),
+            set_extlinux_root: false,
+        }
+    }
 }
 
 #[derive(Deserialize, Debug)]
@@ -53,6 +96,33 @@ fn default_tries() -> u32 {
     3
 }
 
+/// Where NVIDIA's `nvidia-l4t-tools` package installs it.
+pub const DEFAULT_NVBOOTCTRL: &str = "/usr/sbin/nvbootctrl";
+
+fn default_nvbootctrl() -> PathBuf {
+    PathBuf::from(DEFAULT_NVBOOTCTRL)
+}
+
+/// On the data partition: it must outlive the root slots it describes.
+pub const DEFAULT_STATE_FILE: &str = "/var/lib/edgelora/update-state.json";
+
+fn default_state_file() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_FILE)
+}
+
+/// The Jetson part of a layout.
+#[derive(Clone, Debug)]
+pub struct JetsonLayout {
+    /// The `nvbootctrl` program (a fake in tests).
+    pub nvbootctrl: PathBuf,
+    /// Which slot holds an update on trial (JSON), kept across the reboot.
+    pub state_file: PathBuf,
+    /// After writing a slot, point `root=` in its `/boot/extlinux/extlinux.conf` at that slot's
+    /// partition (L4T's launcher passes the file's `APPEND` line to the kernel unchanged, and a
+    /// bundle's image is the same for both slots). Needs `mount`; off in tests with plain files.
+    pub set_extlinux_root: bool,
+}
+
 /// The loaded layout, every path absolute (or as given, when the layout path was relative).
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -64,14 +134,19 @@ pub struct Layout {
     pub public_key: PathBuf,
     /// The running image's semantic version, one line.
     pub version_file: PathBuf,
-    /// The mounted EFI system partition.
+    /// Which boot loader this box has.
+    pub boot: Boot,
+    /// The mounted EFI system partition (systemd-boot only; empty on Jetson).
     pub esp: PathBuf,
     /// The kernel command line (`/proc/cmdline` on a box).
     pub cmdline_file: PathBuf,
     /// Extra kernel options appended to new boot entries.
     pub kernel_cmdline: String,
-    /// Boot attempts a new slot gets before the loader falls back.
+    /// Boot attempts a new slot gets before the loader falls back (systemd-boot; on Jetson the
+    /// firmware's ROOTFS_RETRY_COUNT_MAX, set when flashing, decides).
     pub tries: u32,
+    /// `boot = "jetson"` settings (defaults otherwise).
+    pub jetson: JetsonLayout,
     slot_a: PathBuf,
     slot_b: PathBuf,
 }
@@ -120,15 +195,31 @@ impl Layout {
         if f.slots.a == f.slots.b {
             return Err(bad("slots a and b are the same device"));
         }
+        let esp = match (f.boot, &f.esp) {
+            (Boot::SystemdBoot, Some(e)) => abs(e),
+            (Boot::SystemdBoot, None) => {
+                return Err(bad("`esp` is needed with boot = \"systemd-boot\""));
+            }
+            (Boot::Jetson, None) => PathBuf::new(),
+            (Boot::Jetson, Some(_)) => {
+                return Err(bad("`esp` has no meaning with boot = \"jetson\""));
+            }
+        };
         Ok(Layout {
             path: path.to_path_buf(),
             compatible: f.compatible,
             public_key: abs(&f.public_key),
             version_file: abs(&f.version_file),
-            esp: abs(&f.esp),
+            boot: f.boot,
+            esp,
             cmdline_file: abs(&f.cmdline_file),
             kernel_cmdline: f.kernel_cmdline.trim().to_string(),
             tries: f.tries,
+            jetson: JetsonLayout {
+                nvbootctrl: abs(&f.jetson.nvbootctrl),
+                state_file: abs(&f.jetson.state_file),
+                set_extlinux_root: f.jetson.set_extlinux_root,
+            },
             slot_a: abs(&f.slots.a),
             slot_b: abs(&f.slots.b),
         })
@@ -220,6 +311,43 @@ b = "/dev/disk/by-partlabel/edgelora-root-b"
             Path::new("/dev/disk/by-partlabel/edgelora-root-b")
         );
         assert_eq!(l.tries, 3);
+    }
+
+    #[test]
+    fn jetson_layouts() {
+        let text = r#"
+compatible = "edgelora-aarch64"
+public_key = "/etc/edgelora/update.pub"
+boot = "jetson"
+[jetson]
+nvbootctrl = "fake-nvbootctrl"
+[slots]
+a = "/dev/disk/by-partlabel/APP"
+b = "/dev/disk/by-partlabel/APP_b"
+"#;
+        let l = Layout::parse(text, Path::new("/box/etc/update.toml")).unwrap();
+        assert_eq!(l.boot, Boot::Jetson);
+        assert_eq!(l.jetson.nvbootctrl, Path::new("/box/etc/fake-nvbootctrl"));
+        assert_eq!(l.jetson.state_file, Path::new(DEFAULT_STATE_FILE));
+        assert!(!l.jetson.set_extlinux_root);
+        assert_eq!(
+            l.slot_device(Slot::B),
+            Path::new("/dev/disk/by-partlabel/APP_b")
+        );
+        // Defaults: systemd-boot, which needs an ESP; Jetson has none.
+        let l = Layout::parse(LAYOUT, Path::new("/x/update.toml")).unwrap();
+        assert_eq!(l.boot, Boot::SystemdBoot);
+        assert_eq!(l.jetson.nvbootctrl, Path::new(DEFAULT_NVBOOTCTRL));
+        let no_esp = LAYOUT.replace("esp = \"esp\"\n", "");
+        let e = Layout::parse(&no_esp, Path::new("/x/update.toml")).unwrap_err();
+        assert!(e.to_string().contains("`esp` is needed"), "{e}");
+        let with_esp = text.replace(
+            "boot = \"jetson\"",
+            "boot = \"jetson\"\nesp = \"/boot/efi\"",
+        );
+        assert!(Layout::parse(&with_esp, Path::new("/x/update.toml")).is_err());
+        let bad = text.replace("\"jetson\"", "\"grub\"");
+        assert!(Layout::parse(&bad, Path::new("/x/update.toml")).is_err());
     }
 
     #[test]

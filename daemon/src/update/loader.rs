@@ -22,7 +22,7 @@ use std::fs;
 use std::io;
 use std::path::Path;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where systemd-boot reads Boot Loader Specification type 1 entries, relative to the ESP.
 pub const ENTRIES_DIR: &str = "loader/entries";
@@ -32,7 +32,7 @@ pub const SORT_KEY: &str = "edgelora";
 pub const ENTRY_PREFIX: &str = "edgelora-";
 
 /// One of the two root slots.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Slot {
     A,

@@ -10,10 +10,14 @@
 //!
 //! Paths come from the layout file (`layout`), the boot entry convention and the loader's
 //! choice from `loader`, so tests run all of it against a fake box in a directory.
+//!
+//! On Jetson (`boot = "jetson"` in the layout) NVIDIA's firmware switches and counts instead;
+//! `jetson` drives it with `nvbootctrl` and shares the checks and the slot writing with `apply`.
 
 pub mod apply;
 pub mod fsutil;
 pub mod health;
+pub mod jetson;
 pub mod layout;
 pub mod loader;
 
@@ -26,7 +30,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use fsutil::fsync_dir;
-use layout::Layout;
+use layout::{Boot, Layout};
 use loader::{Assessment, ENTRIES_DIR, Entry, Slot};
 
 #[derive(Args, Debug, Clone)]
@@ -68,7 +72,8 @@ pub enum UpdateCommand {
         json: bool,
     },
     /// Mark the running slot good once the daemon is healthy (run by a unit at boot; exits 1
-    /// if it never gets healthy, so the boot counts as failed).
+    /// if it never gets healthy, so the boot counts as failed; on Jetson, exits 3 if healthy
+    /// but nvbootctrl would not record it).
     MarkGood {
         /// Polled until it answers HTTP 200.
         #[arg(long, default_value = health::DEFAULT_HEALTH_URL)]
@@ -92,8 +97,20 @@ pub fn run(cmd: UpdateCommand) -> Result<()> {
             force,
             layout,
             json,
-        } => cmd_apply(&layout.load()?, &bundle, force, json),
-        UpdateCommand::Status { layout, json } => cmd_status(&layout.load()?, json),
+        } => {
+            let layout = layout.load()?;
+            match layout.boot {
+                Boot::SystemdBoot => cmd_apply(&layout, &bundle, force, json),
+                Boot::Jetson => jetson::cmd_apply(&layout, &bundle, force, json),
+            }
+        }
+        UpdateCommand::Status { layout, json } => {
+            let layout = layout.load()?;
+            match layout.boot {
+                Boot::SystemdBoot => cmd_status(&layout, json),
+                Boot::Jetson => jetson::cmd_status(&layout, json),
+            }
+        }
         UpdateCommand::MarkGood {
             health_url,
             timeout,
@@ -101,7 +118,11 @@ pub fn run(cmd: UpdateCommand) -> Result<()> {
             layout,
         } => {
             let wait = (!no_wait).then(|| (health_url.as_str(), Duration::from_secs(timeout)));
-            cmd_mark_good(&layout.load()?, wait)
+            let layout = layout.load()?;
+            match layout.boot {
+                Boot::SystemdBoot => cmd_mark_good(&layout, wait),
+                Boot::Jetson => jetson::cmd_mark_good(&layout, wait),
+            }
         }
     }
 }

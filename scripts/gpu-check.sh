@@ -2,7 +2,7 @@
 # Runs the CUDA tests and GPU benches on a machine with a GPU and no Rust toolchain, from
 # binaries built elsewhere (scripts/gpu-pack.sh puts them, the PTX and the model into gpu-xfer/).
 #   scripts/gpu-check.sh [tests|smollm2|bench|all]      SWEEP=1: also the split heuristics' sweeps;
-#   SKIP="gemv attention adapter-load": leave those benches out
+#   SKIP="gemv attention adapter-load": leave those benches out; PROFILE=1: ncu per-kernel times
 # Three calls in a row while the machine stays warm: gpu-xfer/bin.txz with `all`, then
 # gpu-xfer/a.xz (unpacked to /tmp), then gpu-xfer/b.xz with `smollm2`.
 # Results go to stdout and, when $OUT is set, to $OUT/*.log.
@@ -75,6 +75,30 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     if [ "${SWEEP:-0}" = 1 ]; then
         echo "== decode llama-1b, per-weight INT4 GEMV kernels $(date +%T)"
         EDGELORA_INT4_GEMV=per-weight timeout 100 $B gpu decode --synth llama-1b --kv int4 --batch 1 2>&1 | tee "$OUTDIR/decode-llama-1b-per-weight.log"
+    fi
+    # PROFILE=1: per-kernel device time of decode steps (Nsight Compute, where the machine has
+    # it): each kernel timed alone with cold caches, so small kernels read high.
+    if [ "${PROFILE:-0}" = 1 ] && [ -x /usr/local/cuda/bin/ncu ]; then
+        for act in int8 f32; do
+            echo "== ncu: decode llama-1b batch 1, act $act (per kernel, summed over 260 launches)"
+            timeout 120 /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --launch-skip 900 \
+                --launch-count 260 --csv $B gpu decode --synth llama-1b --kv int4 --act $act \
+                --batch 1 --steps 3 --prompt 4 2>/dev/null > "$OUTDIR/ncu-$act.csv"
+            python3 - "$OUTDIR/ncu-$act.csv" <<'PY'
+import csv, collections, sys
+rows = list(csv.reader(open(sys.argv[1])))
+hdr = next((r for r in rows if r and r[0] == "ID"), None)
+agg = collections.defaultdict(lambda: [0, 0.0])
+for r in rows:
+    if hdr and len(r) == len(hdr) and r[0] != "ID":
+        d = dict(zip(hdr, r))
+        a = agg[d["Kernel Name"].split("(")[0]]
+        a[0] += 1
+        a[1] += float(d["Metric Value"].replace(",", "")) / 1e3
+for k, (n, us) in sorted(agg.items(), key=lambda x: -x[1][1]):
+    print(f"{k:28s} {n:4d} launches {us:9.1f} us  avg {us / n:7.2f} us")
+PY
+        done
     fi
     skip adapter-load || { echo "== cold adapter load NVMe -> VRAM"
     timeout 120 $B gpu adapter-load 2>&1 | tee "$OUTDIR/adapter-load.log"; }

@@ -171,3 +171,83 @@ pub unsafe fn q8q8_tiles(dotprod: bool, tiles: &[TileQ8], xs: &[&[BlockQ8A]], ou
         }
     }
 }
+
+/// The LoRA expand over consecutive groups of a `LoraB` (`data`, `stride` bytes per group: eight
+/// f16 scales, then per chunk of four ranks 32 bytes whose 32-bit lane `i` holds row `i`'s four
+/// codes): `out[8g + i] += (d[i] * scale) * dot(codes of row i, t)`, rounded as the reference
+/// (`lora_axpy_reference`) rounds it, so the result is the same bits.
+macro_rules! lora_axpy_arm {
+    ($name:ident, $feat:literal, $dot:ident) => {
+        #[target_feature(enable = $feat)]
+        fn $name(data: &[u8], stride: usize, chunks: usize, t: &[i8], scale: f32, out: &mut [f32]) {
+            let groups = out.len() / TILE_ROWS;
+            assert!(
+                data.len() >= groups * stride
+                    && stride >= 16 + 32 * chunks
+                    && t.len() >= 4 * chunks,
+                "LoRA B layout"
+            );
+            for gi in 0..groups {
+                let g = &data[gi * stride..(gi + 1) * stride];
+                let ds: [f32; TILE_ROWS] = std::array::from_fn(|i| {
+                    f16_to_f32(u16::from_le_bytes([g[2 * i], g[2 * i + 1]])) * scale
+                });
+                let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
+                for j in 0..chunks {
+                    // SAFETY: chunk j is 32 bytes at 16 + 32j, inside the group (asserted).
+                    let (w_lo, w_hi) = unsafe {
+                        (
+                            vld1q_s8(g.as_ptr().add(16 + 32 * j) as *const i8),
+                            vld1q_s8(g.as_ptr().add(32 + 32 * j) as *const i8),
+                        )
+                    };
+                    let tj = &t[4 * j..4 * j + 4];
+                    let x = vreinterpretq_s8_s32(vdupq_n_s32(i32::from_le_bytes([
+                        tj[0] as u8,
+                        tj[1] as u8,
+                        tj[2] as u8,
+                        tj[3] as u8,
+                    ])));
+                    s_lo = vaddq_s32(s_lo, $dot(w_lo, x));
+                    s_hi = vaddq_s32(s_hi, $dot(w_hi, x));
+                }
+                let o = &mut out[TILE_ROWS * gi..TILE_ROWS * (gi + 1)];
+                // SAFETY: `ds` and `o` hold 8 f32 each; unaligned loads and stores.
+                unsafe {
+                    let (d_lo, d_hi) = (vld1q_f32(ds.as_ptr()), vld1q_f32(ds.as_ptr().add(4)));
+                    let v_lo = vmulq_f32(vcvtq_f32_s32(s_lo), d_lo);
+                    let v_hi = vmulq_f32(vcvtq_f32_s32(s_hi), d_hi);
+                    vst1q_f32(o.as_mut_ptr(), vaddq_f32(vld1q_f32(o.as_ptr()), v_lo));
+                    vst1q_f32(
+                        o.as_mut_ptr().add(4),
+                        vaddq_f32(vld1q_f32(o.as_ptr().add(4)), v_hi),
+                    );
+                }
+            }
+        }
+    };
+}
+
+lora_axpy_arm!(lora_axpy_neon, "neon", dot_i8_neon);
+lora_axpy_arm!(lora_axpy_sdot, "neon,dotprod", dot_i8_sdot);
+
+/// # Safety
+/// As [`q4q8_tiles`].
+pub unsafe fn lora_axpy(
+    dotprod: bool,
+    data: &[u8],
+    stride: usize,
+    chunks: usize,
+    t: &[i8],
+    scale: f32,
+    out: &mut [f32],
+) {
+    // SAFETY: the caller guarantees the features.
+    unsafe {
+        if dotprod {
+            lora_axpy_sdot(data, stride, chunks, t, scale, out)
+        } else {
+            lora_axpy_neon(data, stride, chunks, t, scale, out)
+        }
+    }
+}

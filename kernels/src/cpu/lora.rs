@@ -295,11 +295,26 @@ pub fn lora_axpy(isa: Isa, b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, ou
                 )
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon | Isa::NeonDot => {
+            // SAFETY: as above.
+            unsafe {
+                crate::cpu::arm::lora_axpy(
+                    isa == Isa::NeonDot,
+                    b.groups_data(gs),
+                    b.stride(),
+                    b.chunks(),
+                    t,
+                    scale,
+                    out,
+                )
+            }
+        }
         _ => lora_axpy_reference(b, gs, t, scale, out),
     }
 }
 
-/// Reference for [`lora_axpy`] (also the path of the ISAs without a SIMD version).
+/// Reference for [`lora_axpy`] (also the scalar path); the SIMD paths give its bits.
 pub fn lora_axpy_reference(b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, out: &mut [f32]) {
     for (o, n) in out.iter_mut().zip(gs.start * TILE_ROWS..) {
         if n >= b.rows() {

@@ -11,8 +11,8 @@
 //! values (beyond [`OUTLIER_FACTOR`] times the row's mean magnitude without them, at most [`MAX_OUTLIERS`] per row) are
 //! taken out of the int8 blocks and applied exactly, column by column, after the integer product.
 //!
-//! Rows are quantized with AVX2 where the CPU has it (`act_x86.rs`), bit-identical to the scalar
-//! reference: see `RowKernels`.
+//! Rows are quantized with AVX2 (`act_x86.rs`) or NEON (`act_arm.rs`) where the CPU has it,
+//! bit-identical to the scalar reference: see `RowKernels`.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -21,6 +21,10 @@ use crate::cpu::q4::QK;
 #[cfg(target_arch = "x86_64")]
 #[path = "act_x86.rs"]
 mod x86;
+
+#[cfg(target_arch = "aarch64")]
+#[path = "act_arm.rs"]
+mod arm;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Pod, Zeroable)]
@@ -84,9 +88,9 @@ impl Parts {
 }
 
 /// The passes a row's quantization is made of, each over a whole row: the scalar reference
-/// ([`Scalar`]) and, on x86-64, AVX2 (`x86::Avx2`). They agree to the bit: float sums accumulate
-/// in [`LANES`] striped lanes added up by [`reduce_lanes`], maxima do not depend on order, and
-/// each value is rounded by the same sequence of IEEE operations.
+/// ([`Scalar`]), on x86-64 AVX2 (`x86::Avx2`) and on aarch64 NEON (`arm::Neon`). They agree to
+/// the bit: float sums accumulate in [`LANES`] striped lanes added up by [`reduce_lanes`], maxima
+/// do not depend on order, and each value is rounded by the same sequence of IEEE operations.
 trait RowKernels: Copy {
     /// `(sum |x|, max |x|)`, the maximum ignoring NaNs.
     fn abs_sum_max(self, x: &[f32]) -> (f32, f32);
@@ -223,6 +227,10 @@ impl Largest {
 fn quantize_row(xr: &[f32], blocks: &mut [BlockQ8A], slots: &mut [(u32, f32)]) -> usize {
     #[cfg(target_arch = "x86_64")]
     if let Some(k) = x86::Avx2::get() {
+        return quantize_row_with(k, xr, blocks, slots);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if let Some(k) = arm::Neon::get() {
         return quantize_row_with(k, xr, blocks, slots);
     }
     quantize_row_reference(xr, blocks, slots)
@@ -483,6 +491,10 @@ mod tests {
         if let Some(k) = x86::Avx2::detect() {
             v.push(run("avx2", x, |x, b, s| quantize_row_with(k, x, b, s)));
         }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(k) = arm::Neon::detect() {
+            v.push(run("neon", x, |x, b, s| quantize_row_with(k, x, b, s)));
+        }
         v
     }
 
@@ -506,11 +518,20 @@ mod tests {
     }
 
     /// The row passes themselves, on thresholds between the values.
-    #[cfg(target_arch = "x86_64")]
     fn assert_passes_agree(x: &[f32], what: &str) {
-        let Some(k) = x86::Avx2::detect() else {
-            return;
-        };
+        #[cfg(target_arch = "x86_64")]
+        if let Some(k) = x86::Avx2::detect() {
+            assert_passes_agree_with(k, x, what);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if let Some(k) = arm::Neon::detect() {
+            assert_passes_agree_with(k, x, what);
+        }
+        let _ = (x, what); // used by no path on other targets
+    }
+
+    #[allow(dead_code)] // no SIMD path on other targets
+    fn assert_passes_agree_with<K: RowKernels>(k: K, x: &[f32], what: &str) {
         let (s0, m0) = Scalar.abs_sum_max(x);
         let (s1, m1) = k.abs_sum_max(x);
         assert_eq!(
@@ -541,7 +562,6 @@ mod tests {
         for len in lens {
             let scale = [1e-3f32, 0.37, 1.0, 24.0][len % 4];
             let x: Vec<f32> = (0..len).map(|_| rng.unit() * scale).collect();
-            #[cfg(target_arch = "x86_64")]
             assert_passes_agree(&x, "random");
             assert_paths_agree(&x, "random");
         }
@@ -567,7 +587,6 @@ mod tests {
                         x[rng.below(len)] = sign * big;
                     }
                     let what = format!("{count} outliers (ties {tie})");
-                    #[cfg(target_arch = "x86_64")]
                     assert_passes_agree(&x, &what);
                     let out = assert_paths_agree(&x, &what);
                     if count * 20 <= len {

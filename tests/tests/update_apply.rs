@@ -66,6 +66,28 @@ impl Rng {
 }
 
 /// A slot's initial content: recognisable, and different for each slot.
+/// A delay uniform in [0, 1.15 × `full`): most kills land inside an apply that takes `full`.
+fn random_delay(rng: &mut Rng, full: Duration) -> Duration {
+    Duration::from_micros(rng.below(full.as_micros() as u64 * 23 / 20))
+}
+
+/// Runs `cmd` (output discarded) and SIGKILLs it after `delay` unless it has ended; whether it
+/// was killed.
+fn killed_after(cmd: &mut Command, delay: Duration) -> bool {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let killed = child.try_wait().unwrap().is_none();
+    if killed {
+        child.kill().unwrap();
+    }
+    child.wait().unwrap();
+    killed
+}
+
 fn pattern(tag: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| tag ^ (i % 251) as u8).collect()
 }
@@ -787,20 +809,8 @@ fn killed_apply_never_leaves_a_broken_boot() {
     let mut outcomes = BTreeMap::<&str, usize>::new();
     for trial in 0..TRIALS {
         fb.reset();
-        let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 23 / 20));
-        let mut child = fb
-            .update(&["apply"])
-            .arg(&bundle)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let killed = child.try_wait().unwrap().is_none();
-        if killed {
-            child.kill().unwrap();
-        }
-        child.wait().unwrap();
+        let delay = random_delay(&mut rng, full);
+        let killed = killed_after(fb.update(&["apply"]).arg(&bundle), delay);
 
         let b_now = fb.slot_b_prefix_digest(img.rootfs.len());
         if b_now != want && b_now != b_untouched {
@@ -1438,20 +1448,8 @@ fn jetson_killed_apply_never_points_the_firmware_at_a_half_written_slot() {
     let mut outcomes = BTreeMap::<&str, usize>::new();
     for trial in 0..TRIALS {
         j.reset();
-        let delay = Duration::from_micros(rng.below(full.as_micros() as u64 * 23 / 20));
-        let mut child = j
-            .update(&["apply"])
-            .arg(&bundle)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(delay);
-        let killed = child.try_wait().unwrap().is_none();
-        if killed {
-            child.kill().unwrap();
-        }
-        child.wait().unwrap();
+        let delay = random_delay(&mut rng, full);
+        let killed = killed_after(j.update(&["apply"]).arg(&bundle), delay);
         let fw = j.fw();
         let ctx = format!("trial {trial} (killed after {delay:?}: {killed}), {fw:?}");
         assert_eq!(hash_file(&j.slot_a), slot_a, "{ctx}: APP was written");

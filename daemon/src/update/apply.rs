@@ -60,11 +60,14 @@ pub fn apply(layout: &Layout, bundle_path: &Path, force: bool) -> Result<ApplyRe
     install(layout, &mut plan)
 }
 
-/// Steps 1–4: every check, no writes.
-fn preflight(layout: &Layout, bundle_path: &Path, force: bool) -> Result<Plan> {
+/// The bundle opened with the fleet's key (signature and manifest checked), for this box
+/// (`compatible`) and newer than the running version unless forced; and that version.
+pub(super) fn open_bundle(
+    layout: &Layout,
+    bundle_path: &Path,
+    force: bool,
+) -> Result<(Bundle, semver::Version)> {
     let key = layout.load_public_key()?;
-    let current = layout.current_slot()?;
-    let target = current.other();
     let bundle = Bundle::open(bundle_path, &key).context("refusing the bundle")?;
     let m = bundle.manifest();
     if m.compatible != layout.compatible {
@@ -77,10 +80,17 @@ fn preflight(layout: &Layout, bundle_path: &Path, force: bool) -> Result<Plan> {
     }
     let running = layout.running_version()?;
     check_version(&running, &m.semver(), force)?;
-    let entries = loader::scan(&layout.esp)
-        .with_context(|| format!("reading boot entries on {}", layout.esp.display()))?;
-    check_running_entry(&entries, current, force)?;
-    let rootfs = required_payloads(&bundle)?;
+    Ok((bundle, running))
+}
+
+/// The target slot's device opened for writing, checked to hold the rootfs, and every payload
+/// of the bundle verified against its digest (the last check before any write).
+pub(super) fn open_target_verified(
+    layout: &Layout,
+    bundle: &Bundle,
+    rootfs: &PayloadEntry,
+    target: Slot,
+) -> Result<File> {
     let (device, size) = open_slot(layout.slot_device(target))?;
     if rootfs.raw_size > size {
         bail!(
@@ -94,6 +104,19 @@ fn preflight(layout: &Layout, bundle_path: &Path, force: bool) -> Result<Plan> {
         .verify_payloads(&mut |d, t| progress.update(d, t))
         .context("refusing the bundle")?;
     progress.finish();
+    Ok(device)
+}
+
+/// Steps 1–4: every check, no writes.
+fn preflight(layout: &Layout, bundle_path: &Path, force: bool) -> Result<Plan> {
+    let current = layout.current_slot()?;
+    let target = current.other();
+    let (bundle, running) = open_bundle(layout, bundle_path, force)?;
+    let entries = loader::scan(&layout.esp)
+        .with_context(|| format!("reading boot entries on {}", layout.esp.display()))?;
+    check_running_entry(&entries, current, force)?;
+    let rootfs = required_payloads(&bundle)?;
+    let device = open_target_verified(layout, &bundle, &rootfs, target)?;
     let generation = next_generation(&entries);
     Ok(Plan {
         bundle,

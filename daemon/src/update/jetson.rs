@@ -23,11 +23,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use edgelora_image::bundle::Bundle;
 use serde::{Deserialize, Serialize};
 
-use super::Progress;
-use super::apply::{check_version, open_slot, verify_rootfs, write_slot};
+use super::apply::{open_bundle, open_target_verified, verify_rootfs, write_slot};
 use super::fsutil::replace_file;
 use super::health;
 use super::layout::Layout;
@@ -229,21 +227,10 @@ pub struct ApplyReport {
 pub fn apply(layout: &Layout, bundle_path: &Path, force: bool) -> Result<ApplyReport> {
     let nv = Nvbootctrl::new(layout);
     // Every check first: nothing below changes the box until the last one has passed.
-    let key = layout.load_public_key()?;
     let current = nv.current_slot()?;
     let target = current.other();
-    let bundle = Bundle::open(bundle_path, &key).context("refusing the bundle")?;
+    let (bundle, running) = open_bundle(layout, bundle_path, force)?;
     let m = bundle.manifest();
-    if m.compatible != layout.compatible {
-        bail!(
-            "refusing the bundle: it is for `{}` but this box is `{}` (compatible in {})",
-            m.compatible,
-            layout.compatible,
-            layout.path.display()
-        );
-    }
-    let running = layout.running_version()?;
-    check_version(&running, &m.semver(), force)?;
     let state = read_state(&layout.jetson.state_file)?;
     if let Some(t) = state.trial.as_ref().filter(|t| t.slot == current && !force) {
         bail!(
@@ -256,19 +243,7 @@ pub fn apply(layout: &Layout, bundle_path: &Path, force: bool) -> Result<ApplyRe
         bail!("refusing the bundle: it has no `rootfs` payload");
     };
     let device_path = layout.slot_device(target);
-    let (mut device, size) = open_slot(device_path)?;
-    if rootfs.raw_size > size {
-        bail!(
-            "refusing the bundle: its rootfs is {} bytes but slot {target} ({}) holds only {size}",
-            rootfs.raw_size,
-            device_path.display()
-        );
-    }
-    let mut progress = Progress::new("verifying bundle");
-    bundle
-        .verify_payloads(&mut |d, t| progress.update(d, t))
-        .context("refusing the bundle")?;
-    progress.finish();
+    let mut device = open_target_verified(layout, &bundle, &rootfs, target)?;
 
     // The writes. Until the very last step the running slot is the next boot, so a power cut
     // or a kill anywhere before it boots the old system.

@@ -15,6 +15,21 @@ use edgelora_daemon::update::loader::{self, Assessment, Entry, Slot};
 use edgelora_image::files;
 use edgelora_tests::workspace_bin;
 
+/// `edgelora-fleet init --dir DIR` (the CA and the update signing key).
+fn fleet_init(dir: &std::path::Path) {
+    let fleet = workspace_bin("edgelora-fleet", "edgelora-fleet");
+    let st = Command::new(&fleet)
+        .args(["init", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+}
+
 #[test]
 fn the_builders_update_layout_is_what_the_daemon_reads() {
     let cmdline = r#"ro console=ttyS0,115200 quiet "odd\value""#;
@@ -131,13 +146,7 @@ fn build_refuses_bad_inputs_before_any_work() {
     std::fs::write(dir.path().join("c.toml"), "listen = \"127.0.0.1:8080\"\n").unwrap();
     std::fs::write(dir.path().join("bad.toml"), "listen = [\n").unwrap();
     std::fs::write(dir.path().join("not-elf"), "#!/bin/sh\n").unwrap();
-    let fleet = workspace_bin("edgelora-fleet", "edgelora-fleet");
-    let st = Command::new(&fleet)
-        .args(["init", "--dir"])
-        .arg(dir.path().join("fleet"))
-        .output()
-        .unwrap();
-    assert!(st.status.success());
+    fleet_init(&dir.path().join("fleet"));
     let pubk = dir.path().join("fleet/update.pub");
     let pubk = pubk.to_str().unwrap();
     let daemon = edgelora_tests::edgelorad();
@@ -287,15 +296,7 @@ fn jetson_build_makes_an_l4t_root_filesystem_and_the_exact_hand_off() {
         .status()
         .unwrap();
     assert!(st.success());
-    let fleet = workspace_bin("edgelora-fleet", "edgelora-fleet");
-    assert!(
-        Command::new(&fleet)
-            .args(["init", "--dir"])
-            .arg(d.join("fleet"))
-            .status()
-            .unwrap()
-            .success()
-    );
+    fleet_init(&d.join("fleet"));
     std::fs::write(d.join("c.toml"), "listen = \"0.0.0.0:8081\"\n").unwrap();
     let daemon = aarch64_daemon(d);
     let out = d.join("jetson");
@@ -493,15 +494,7 @@ fn jetson_build_makes_an_l4t_root_filesystem_and_the_exact_hand_off() {
 fn jetson_build_without_a_daemon_names_what_the_cross_compile_lacks() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let fleet = workspace_bin("edgelora-fleet", "edgelora-fleet");
-    assert!(
-        Command::new(&fleet)
-            .args(["init", "--dir"])
-            .arg(d.join("fleet"))
-            .status()
-            .unwrap()
-            .success()
-    );
+    fleet_init(&d.join("fleet"));
     std::fs::write(d.join("c.toml"), "listen = \"127.0.0.1:8080\"\n").unwrap();
     std::fs::write(d.join("base.tar"), b"").unwrap();
     let bin = workspace_bin("edgelora-image", "edgelora-image");

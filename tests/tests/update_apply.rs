@@ -122,49 +122,39 @@ impl Image {
 /// A box in a temporary directory: `etc/` (layout, key, version, cmdline), `esp/`, the two
 /// slot files, and `bundles/` for the bundles under test.
 struct FakeBox {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    layout: PathBuf,
+    base: BoxBase,
     esp: PathBuf,
     slot_a: PathBuf,
     slot_b: PathBuf,
     slot_size: usize,
-    key: LedgerKey,
+}
+
+impl std::ops::Deref for FakeBox {
+    type Target = BoxBase;
+    fn deref(&self) -> &BoxBase {
+        &self.base
+    }
 }
 
 impl FakeBox {
     fn new(slot_size: usize) -> FakeBox {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let etc = root.join("etc");
-        fs::create_dir_all(&etc).unwrap();
-        fs::create_dir_all(root.join("bundles")).unwrap();
-        let key = LedgerKey::generate("edgelora-updates").unwrap();
-        fs::write(
-            etc.join("update.pub"),
-            format!("{}\n", key.public_key().to_verifier_string()),
-        )
-        .unwrap();
         // Relative paths: the layout resolves them against its own directory.
-        fs::write(
-            etc.join("update.toml"),
-            format!(
+        let base = BoxBase::new(
+            &format!(
                 "compatible = \"{COMPATIBLE}\"\npublic_key = \"update.pub\"\n\
                  version_file = \"version\"\nesp = \"../esp\"\ncmdline_file = \"cmdline\"\n\
                  kernel_cmdline = \"{KERNEL_CMDLINE}\"\ntries = 3\n\n[slots]\n\
                  a = \"../slot-a.img\"\nb = \"../slot-b.img\"\n"
             ),
-        )
-        .unwrap();
+            &[],
+        );
+        let root = &base.root;
         let b = FakeBox {
-            layout: etc.join("update.toml"),
             esp: root.join("esp"),
             slot_a: root.join("slot-a.img"),
             slot_b: root.join("slot-b.img"),
-            root,
-            _tmp: tmp,
             slot_size,
-            key,
+            base,
         };
         fs::write(&b.slot_a, pattern(0xa5, slot_size)).unwrap();
         b.reset();
@@ -223,45 +213,9 @@ impl FakeBox {
         ]
     }
 
-    /// A bundle of `img` signed with `key`, at `bundles/<name>`.
-    fn bundle_with(
-        &self,
-        name: &str,
-        compatible: &str,
-        version: &str,
-        sources: &[PayloadSource],
-        key: &LedgerKey,
-    ) -> (PathBuf, Manifest) {
-        let out = self.root.join("bundles").join(name);
-        let v = semver::Version::parse(version).unwrap();
-        let m = write_bundle(&out, compatible, &v, sources, key, &mut |_, _| {}).unwrap();
-        (out, m)
-    }
-
     fn bundle(&self, name: &str, version: &str, img: &Image) -> (PathBuf, Manifest) {
         let sources = self.write_image_files(img, name);
         self.bundle_with(name, COMPATIBLE, version, &sources, &self.key)
-    }
-
-    fn update(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(edgelorad());
-        c.arg("update")
-            .args(args)
-            .arg("--layout")
-            .arg(&self.layout)
-            .env_remove("EDGELORA_UPDATE_LAYOUT");
-        c
-    }
-
-    fn apply(&self, bundle: &Path, extra: &[&str]) -> Output {
-        let mut c = self.update(&["apply"]);
-        c.arg(bundle).args(extra);
-        c.output().unwrap()
-    }
-
-    fn status(&self) -> Value {
-        let out = ok(self.update(&["status", "--json"]).output().unwrap());
-        serde_json::from_str(&out).unwrap()
     }
 
     fn entry_names(&self) -> Vec<String> {
@@ -305,11 +259,88 @@ impl FakeBox {
 
     /// BLAKE3 of slot b's first `len` bytes.
     fn slot_b_prefix_digest(&self, len: usize) -> String {
-        let mut f = fs::File::open(&self.slot_b).unwrap();
-        let mut buf = vec![0u8; len];
-        f.read_exact(&mut buf).unwrap();
-        blake3::hash(&buf).to_hex().to_string()
+        prefix_digest(&self.slot_b, len)
     }
+}
+
+/// What both fake boxes share: a temporary root with `etc/update.toml` (the layout),
+/// `etc/update.pub` for the fleet key the tests sign with, and `bundles/`.
+struct BoxBase {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    layout: PathBuf,
+    key: LedgerKey,
+}
+
+impl BoxBase {
+    /// `update_toml` as the layout; `dirs` made under the root besides `etc/` and `bundles/`.
+    fn new(update_toml: &str, dirs: &[&str]) -> BoxBase {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let etc = root.join("etc");
+        for d in ["etc", "bundles"].iter().chain(dirs) {
+            fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let key = LedgerKey::generate("edgelora-updates").unwrap();
+        fs::write(
+            etc.join("update.pub"),
+            format!("{}\n", key.public_key().to_verifier_string()),
+        )
+        .unwrap();
+        fs::write(etc.join("update.toml"), update_toml).unwrap();
+        BoxBase {
+            layout: etc.join("update.toml"),
+            root,
+            _tmp: tmp,
+            key,
+        }
+    }
+
+    /// A bundle of `sources` signed with `key`, at `bundles/<name>`.
+    fn bundle_with(
+        &self,
+        name: &str,
+        compatible: &str,
+        version: &str,
+        sources: &[PayloadSource],
+        key: &LedgerKey,
+    ) -> (PathBuf, Manifest) {
+        let out = self.root.join("bundles").join(name);
+        let v = semver::Version::parse(version).unwrap();
+        let m = write_bundle(&out, compatible, &v, sources, key, &mut |_, _| {}).unwrap();
+        (out, m)
+    }
+
+    fn update(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(edgelorad());
+        c.arg("update")
+            .args(args)
+            .arg("--layout")
+            .arg(&self.layout)
+            .env_remove("EDGELORA_UPDATE_LAYOUT");
+        c
+    }
+
+    fn apply(&self, bundle: &Path, extra: &[&str]) -> Output {
+        self.update(&["apply"])
+            .arg(bundle)
+            .args(extra)
+            .output()
+            .unwrap()
+    }
+
+    fn status(&self) -> Value {
+        let out = ok(self.update(&["status", "--json"]).output().unwrap());
+        serde_json::from_str(&out).unwrap()
+    }
+}
+
+/// BLAKE3 of the first `len` bytes of `path`.
+fn prefix_digest(path: &Path, len: usize) -> String {
+    let mut f = fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    blake3::hash(&buf).to_hex().to_string()
 }
 
 fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
@@ -935,56 +966,45 @@ impl Fw {
 /// A Jetson in a temporary directory: `etc/` (layout, key, version), `bin/nvbootctrl` (the
 /// fake) with its state and log, the two slot files, and the update state file.
 struct FakeJetson {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-    layout: PathBuf,
+    base: BoxBase,
     slot_a: PathBuf,
     slot_b: PathBuf,
     slot_size: usize,
     bin: PathBuf,
     state_file: PathBuf,
-    key: LedgerKey,
+}
+
+impl std::ops::Deref for FakeJetson {
+    type Target = BoxBase;
+    fn deref(&self) -> &BoxBase {
+        &self.base
+    }
 }
 
 impl FakeJetson {
     fn new(slot_size: usize) -> FakeJetson {
         use std::os::unix::fs::PermissionsExt;
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let etc = root.join("etc");
-        let bin = root.join("bin");
-        for d in [&etc, &bin, &root.join("bundles"), &root.join("data")] {
-            fs::create_dir_all(d).unwrap();
-        }
-        let key = LedgerKey::generate("edgelora-updates").unwrap();
-        fs::write(
-            etc.join("update.pub"),
-            format!("{}\n", key.public_key().to_verifier_string()),
-        )
-        .unwrap();
-        fs::write(
-            etc.join("update.toml"),
-            format!(
+        let base = BoxBase::new(
+            &format!(
                 "compatible = \"{JETSON_COMPATIBLE}\"\npublic_key = \"update.pub\"\n\
                  version_file = \"version\"\nboot = \"jetson\"\n\n[jetson]\n\
                  nvbootctrl = \"../bin/nvbootctrl\"\nstate_file = \"../data/update-state.json\"\n\n\
                  [slots]\na = \"../APP.img\"\nb = \"../APP_b.img\"\n"
             ),
-        )
-        .unwrap();
+            &["bin", "data"],
+        );
+        let root = &base.root;
+        let bin = root.join("bin");
         let nv = bin.join("nvbootctrl");
         fs::write(&nv, FAKE_NVBOOTCTRL).unwrap();
         fs::set_permissions(&nv, fs::Permissions::from_mode(0o755)).unwrap();
         let j = FakeJetson {
-            layout: etc.join("update.toml"),
             slot_a: root.join("APP.img"),
             slot_b: root.join("APP_b.img"),
             state_file: root.join("data/update-state.json"),
             bin,
-            root,
-            _tmp: tmp,
             slot_size,
-            key,
+            base,
         };
         fs::write(&j.slot_a, pattern(0xa5, slot_size)).unwrap();
         j.reset();
@@ -1075,7 +1095,7 @@ impl FakeJetson {
     }
 
     /// A bundle whose only payload is `rootfs` (a Jetson boots kernel and initrd from the slot).
-    fn bundle_with(
+    fn rootfs_bundle(
         &self,
         name: &str,
         compatible: &str,
@@ -1091,44 +1111,11 @@ impl FakeJetson {
             path: dir.join("rootfs"),
             encoding: Encoding::Zstd,
         }];
-        let out = self.root.join("bundles").join(name);
-        let v = semver::Version::parse(version).unwrap();
-        let m = write_bundle(&out, compatible, &v, &sources, key, &mut |_, _| {}).unwrap();
-        (out, m)
+        self.bundle_with(name, compatible, version, &sources, key)
     }
 
     fn bundle(&self, name: &str, version: &str, rootfs: &[u8]) -> (PathBuf, Manifest) {
-        self.bundle_with(name, JETSON_COMPATIBLE, version, rootfs, &self.key)
-    }
-
-    fn update(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(edgelorad());
-        c.arg("update")
-            .args(args)
-            .arg("--layout")
-            .arg(&self.layout)
-            .env_remove("EDGELORA_UPDATE_LAYOUT");
-        c
-    }
-
-    fn apply(&self, bundle: &Path, extra: &[&str]) -> Output {
-        self.update(&["apply"])
-            .arg(bundle)
-            .args(extra)
-            .output()
-            .unwrap()
-    }
-
-    fn status(&self) -> Value {
-        let out = ok(self.update(&["status", "--json"]).output().unwrap());
-        serde_json::from_str(&out).unwrap()
-    }
-
-    fn prefix_digest(path: &Path, len: usize) -> String {
-        let mut f = fs::File::open(path).unwrap();
-        let mut buf = vec![0u8; len];
-        f.read_exact(&mut buf).unwrap();
-        blake3::hash(&buf).to_hex().to_string()
+        self.rootfs_bundle(name, JETSON_COMPATIBLE, version, rootfs, &self.key)
     }
 
     /// Both slots, the update state file (or its absence) and the firmware state.
@@ -1178,7 +1165,7 @@ fn jetson_apply_switches_with_nvbootctrl_then_rolls_back_or_is_marked_good() {
     assert_eq!(b.len(), 16 * MIB, "the slot must not be truncated or grown");
     assert!(b[..img.len()] == img[..], "APP_b != rootfs");
     assert!(b[img.len()..] == pattern(0x3c, 16 * MIB)[img.len()..]);
-    assert_eq!(FakeJetson::prefix_digest(&j.slot_b, img.len()), want);
+    assert_eq!(prefix_digest(&j.slot_b, img.len()), want);
     assert_eq!(hash_file(&j.slot_a), slot_a_before);
     assert_eq!(j.fw().active, 1);
     let s = j.status();
@@ -1261,10 +1248,10 @@ fn jetson_apply_switches_with_nvbootctrl_then_rolls_back_or_is_marked_good() {
         ]
     );
     assert_eq!(
-        FakeJetson::prefix_digest(&j.slot_a, img2.len()),
+        prefix_digest(&j.slot_a, img2.len()),
         m2.payload("rootfs").unwrap().raw_blake3
     );
-    assert_eq!(FakeJetson::prefix_digest(&j.slot_b, img.len()), want);
+    assert_eq!(prefix_digest(&j.slot_b, img.len()), want);
     assert_eq!(j.fw().active, 0);
 }
 
@@ -1337,7 +1324,7 @@ fn jetson_hostile_bundles_call_nothing_and_write_nothing() {
     unsigned[20 + mlen..data].fill(0);
     cases.push(("unsigned".into(), unsigned, sig));
     let other_key = LedgerKey::generate("edgelora-updates").unwrap();
-    let (p, _) = j.bundle_with("foreign", JETSON_COMPATIBLE, "1.1.0", &img, &other_key);
+    let (p, _) = j.rootfs_bundle("foreign", JETSON_COMPATIBLE, "1.1.0", &img, &other_key);
     cases.push(("signed by another key".into(), fs::read(p).unwrap(), sig));
     for cut in [0, 20 + mlen / 2, data + 100, r0 + 5000, good.len() - 1] {
         cases.push((
@@ -1369,7 +1356,7 @@ fn jetson_hostile_bundles_call_nothing_and_write_nothing() {
         fs::read(p).unwrap(),
         "version 1.0.0 is already installed",
     ));
-    let (p, _) = j.bundle_with("x86", COMPATIBLE, "1.1.0", &img, &j.key);
+    let (p, _) = j.rootfs_bundle("x86", COMPATIBLE, "1.1.0", &img, &j.key);
     cases.push((
         "an x86_64 bundle".into(),
         fs::read(p).unwrap(),
@@ -1455,7 +1442,7 @@ fn jetson_killed_apply_never_points_the_firmware_at_a_half_written_slot() {
         assert_eq!(hash_file(&j.slot_a), slot_a, "{ctx}: APP was written");
         if fw.active == 1 {
             assert_eq!(
-                FakeJetson::prefix_digest(&j.slot_b, img.len()),
+                prefix_digest(&j.slot_b, img.len()),
                 want,
                 "{ctx}: the firmware boots APP_b next but it does not hold the image"
             );

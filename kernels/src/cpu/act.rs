@@ -116,6 +116,26 @@ fn reduce_lanes(a: &[f32; LANES]) -> f32 {
     (w[0] + w[2]) + (w[1] + w[3])
 }
 
+/// The chunks of [`LANES`] of `x`, the last (if partial) zero-padded, passed to `f` in order
+/// (the SIMD passes' loop: padding zeros add nothing to a sum or a maximum of magnitudes).
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64")),
+    allow(dead_code)
+)]
+#[inline(always)]
+fn for_each_chunk(x: &[f32], mut f: impl FnMut(&[f32; LANES])) {
+    let mut chunks = x.chunks_exact(LANES);
+    for c in &mut chunks {
+        f(c.try_into().expect("chunks of 32"));
+    }
+    let rem = chunks.remainder();
+    if !rem.is_empty() {
+        let mut tmp = [0f32; LANES];
+        tmp[..rem.len()].copy_from_slice(rem);
+        f(&tmp);
+    }
+}
+
 /// The scalar reference passes.
 #[derive(Clone, Copy)]
 struct Scalar;

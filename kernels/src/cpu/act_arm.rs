@@ -6,7 +6,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{BlockQ8A, LANES, RowKernels, block_at, scales};
+use super::{BlockQ8A, LANES, RowKernels, block_at, for_each_chunk, scales};
 use crate::cpu::q4::QK;
 use crate::cpu::qdot::{Isa, best_isa};
 
@@ -61,21 +61,6 @@ impl RowKernels for Neon {
 fn load(c: &[f32; LANES]) -> [float32x4_t; 8] {
     // SAFETY: floats 4g .. 4g + 4 of `c`, g < 8.
     std::array::from_fn(|g| unsafe { vld1q_f32(c.as_ptr().add(4 * g)) })
-}
-
-/// The chunks of 32 of `x`, the last (if partial) zero-padded, passed to `f` in order.
-#[inline(always)]
-fn for_each_chunk(x: &[f32], mut f: impl FnMut(&[f32; LANES])) {
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        f(c.try_into().expect("chunks of 32"));
-    }
-    let rem = chunks.remainder();
-    if !rem.is_empty() {
-        let mut tmp = [0f32; LANES];
-        tmp[..rem.len()].copy_from_slice(rem);
-        f(&tmp);
-    }
 }
 
 /// [`super::reduce_lanes`] on eight vectors: lane i of the reference's first step is

@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{BlockQ8A, LANES, RowKernels, block_at, scales};
+use super::{BlockQ8A, LANES, RowKernels, block_at, for_each_chunk, scales};
 use crate::cpu::q4::QK;
 use crate::cpu::qdot::{Isa, best_isa};
 
@@ -68,21 +68,6 @@ fn load_abs(c: &[f32; LANES]) -> [__m256; 4] {
             _mm256_and_ps(_mm256_loadu_ps(p.add(16)), m),
             _mm256_and_ps(_mm256_loadu_ps(p.add(24)), m),
         ]
-    }
-}
-
-/// The chunks of 32 of `x`, the last (if partial) zero-padded, passed to `f` in order.
-#[inline(always)]
-fn for_each_chunk(x: &[f32], mut f: impl FnMut(&[f32; LANES])) {
-    let mut chunks = x.chunks_exact(LANES);
-    for c in &mut chunks {
-        f(c.try_into().expect("chunks of 32"));
-    }
-    let rem = chunks.remainder();
-    if !rem.is_empty() {
-        let mut tmp = [0f32; LANES];
-        tmp[..rem.len()].copy_from_slice(rem);
-        f(&tmp);
     }
 }
 

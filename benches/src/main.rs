@@ -8,6 +8,7 @@ mod gpu;
 mod gpu_load;
 mod ledger;
 mod llamacpp;
+mod lora_mix;
 mod membw;
 mod prefill;
 mod report;
@@ -52,6 +53,9 @@ enum Cmd {
     /// Cold adapter load: pack read (io_uring, pread) and decode against a raw O_DIRECT read of
     /// the same file, and TTFT cold vs warm through `edgelorad serve`.
     Swap(swap::SwapArgs),
+    /// The projections of a decode step with no adapter, one shared and B distinct adapters, beside
+    /// each other (what mixed adapters add to the products).
+    LoraMix(lora_mix::LoraMixArgs),
     /// Throughput over 1..thousands of distinct adapters through a small pool, against one
     /// adapter and the base model in the same run.
     Adapters(adapters::AdaptersArgs),
@@ -125,6 +129,7 @@ fn main() -> Result<()> {
         Cmd::Serve(a) => serve::run(a),
         Cmd::Swap(a) => swap::run(a),
         Cmd::Adapters(a) => adapters::run(a),
+        Cmd::LoraMix(a) => lora_mix::run(a),
         Cmd::Ledger(a) => ledger::run(a),
         Cmd::LedgerSoak(a) => ledger::run_soak(a),
         Cmd::Sync(a) => sync::run(a),

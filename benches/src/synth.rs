@@ -71,6 +71,12 @@ struct Dims {
     tied: bool,
 }
 
+/// The projection shapes of `shape`: (hidden, layers, k/v width, intermediate).
+pub fn proj_dims(shape: Shape) -> (usize, usize, usize, usize) {
+    let (d, _) = config(shape);
+    (d.hidden, d.layers, d.hidden / d.heads * d.kv_heads, d.inter)
+}
+
 fn config(shape: Shape) -> (Dims, Value) {
     let (d, extra) = match shape {
         Shape::Llama1b => (

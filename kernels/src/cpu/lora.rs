@@ -126,6 +126,10 @@ impl LoraB {
     pub fn stride(&self) -> usize {
         Self::stride_for(self.chunks)
     }
+    /// Every byte, group after group.
+    pub fn all_data(&self) -> &[u8] {
+        &self.data
+    }
     /// The bytes of row groups `gs`, group after group.
     pub fn groups_data(&self, gs: Range<usize>) -> &[u8] {
         &self.data[gs.start * self.stride()..gs.end * self.stride()]

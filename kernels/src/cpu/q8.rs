@@ -165,6 +165,10 @@ impl Q8Matrix {
     pub fn nbytes(&self) -> usize {
         self.tiles.len() * std::mem::size_of::<TileQ8>()
     }
+    /// The tiles as stored (for prefetching).
+    pub fn as_bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.tiles)
+    }
 
     pub fn dequantize_row(&self, n: usize, out: &mut [f32]) {
         self.dequantize_row_blocks(n, 0..self.blocks_per_row(), out);

@@ -125,24 +125,113 @@ pub fn q8q8_dot_reference(w: &[BlockQ8], x: &[BlockQ8A]) -> f32 {
 /// Eight outputs (one row group) for each of up to four activation rows.
 pub type TileOut = [[f32; TILE_ROWS]; 4];
 
+/// Cache lines that a tile kernel prefetches on the side, one per tile it reads, so that bytes
+/// needed later (a LoRA adapter's) stream in while it computes: `lines` lines from `at`.
+#[derive(Clone, Copy, Debug)]
+pub struct Side {
+    at: *const u8,
+    lines: usize,
+}
+
+impl Side {
+    pub const NONE: Side = Side {
+        at: std::ptr::null(),
+        lines: 0,
+    };
+
+    /// The first `lines` cache lines of `bytes` (fewer when it is shorter).
+    pub fn of(bytes: &[u8], lines: usize) -> Side {
+        Side {
+            at: bytes.as_ptr(),
+            lines: lines.min(bytes.len().div_ceil(LINE)),
+        }
+    }
+
+    /// The prefetches that go with tile `b` of `tiles`: lines `b`, `b + tiles`, ...
+    #[inline(always)]
+    pub fn line(self, b: usize, tiles: usize) {
+        let mut i = b;
+        while i < self.lines {
+            // `wrapping_add`: in bounds (`i < lines`), and a prefetch never faults anyway.
+            prefetch(self.at.wrapping_add(i * LINE));
+            i += tiles;
+        }
+    }
+
+    pub fn lines(self) -> usize {
+        self.lines
+    }
+
+    pub fn start(self) -> *const u8 {
+        self.at
+    }
+
+    /// Prefetches every line (for the paths that do not interleave them).
+    pub fn all(self) {
+        self.line(0, 1);
+    }
+}
+
+/// A cache line's size in bytes.
+pub const LINE: usize = 64;
+
+/// A hint to bring the line at `p` into the cache (L2 and up); no effect on results.
+#[inline(always)]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults and has no architectural effect.
+    unsafe {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: as above (PRFM never faults).
+    unsafe {
+        std::arch::asm!(
+            "prfm pldl2keep, [{0}]",
+            in(reg) p,
+            options(nostack, readonly, preserves_flags)
+        );
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = p;
+}
+
 /// One row group of an INT4 matrix (its tiles, one per block column) against up to four
 /// activation rows: `out[r][i] = dot(row i of the group, xs[r])`. The weight bytes are unpacked
 /// once per tile and reused for every activation row (the prefill GEMM's micro-kernel; decode
 /// passes one row).
 pub fn q4q8_tiles(isa: Isa, kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+    q4q8_tiles_side(isa, kind, tiles, xs, out, Side::NONE)
+}
+
+/// [`q4q8_tiles`], prefetching `side`'s lines as it goes (interleaved on x86-64, before it
+/// otherwise).
+pub fn q4q8_tiles_side(
+    isa: Isa,
+    kind: Q4Kind,
+    tiles: &[TileQ4],
+    xs: &[&[BlockQ8A]],
+    out: &mut TileOut,
+    side: Side,
+) {
     debug_assert!(!xs.is_empty() && xs.len() <= 4);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::x86::q4q8_tiles(isa == Isa::Avx512Vnni, kind, tiles, xs, out) }
+            unsafe {
+                crate::cpu::x86::q4q8_tiles(isa == Isa::Avx512Vnni, kind, tiles, xs, out, side)
+            }
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => {
+            side.all();
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
             unsafe { crate::cpu::arm::q4q8_tiles(isa == Isa::NeonDot, kind, tiles, xs, out) }
         }
         Isa::Scalar => {
+            side.all();
             for (r, x) in xs.iter().enumerate() {
                 for (i, o) in out[r].iter_mut().enumerate() {
                     let row: Vec<BlockQ4> = tiles.iter().map(|t| t.block(i)).collect();
@@ -155,19 +244,32 @@ pub fn q4q8_tiles(isa: Isa, kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], 
 
 /// As [`q4q8_tiles`] for a Q8_0 matrix.
 pub fn q8q8_tiles(isa: Isa, tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+    q8q8_tiles_side(isa, tiles, xs, out, Side::NONE)
+}
+
+/// As [`q4q8_tiles_side`] for a Q8_0 matrix.
+pub fn q8q8_tiles_side(
+    isa: Isa,
+    tiles: &[TileQ8],
+    xs: &[&[BlockQ8A]],
+    out: &mut TileOut,
+    side: Side,
+) {
     debug_assert!(!xs.is_empty() && xs.len() <= 4);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::x86::q8q8_tiles(isa == Isa::Avx512Vnni, tiles, xs, out) }
+            unsafe { crate::cpu::x86::q8q8_tiles(isa == Isa::Avx512Vnni, tiles, xs, out, side) }
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => {
+            side.all();
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
             unsafe { crate::cpu::arm::q8q8_tiles(isa == Isa::NeonDot, tiles, xs, out) }
         }
         Isa::Scalar => {
+            side.all();
             for (r, x) in xs.iter().enumerate() {
                 for (i, o) in out[r].iter_mut().enumerate() {
                     let row: Vec<BlockQ8> = tiles.iter().map(|t| t.block(i)).collect();

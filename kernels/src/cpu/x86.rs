@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use crate::cpu::act::BlockQ8A;
 use crate::cpu::q4::{Q4Kind, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::TileOut;
+use crate::cpu::qdot::{Side, TileOut};
 
 /// `acc + ` the sum of each lane's four unsigned-by-signed byte products.
 #[inline]
@@ -49,11 +49,13 @@ macro_rules! q4_tiles_impl {
             tiles: &[TileQ4],
             xs: &[&[BlockQ8A]],
             out: &mut TileOut,
+            side: Side,
         ) {
             let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); R];
             let mut offs = [_mm256_setzero_ps(); R];
             for (b, t) in tiles.iter().enumerate() {
+                side.line(b, tiles.len());
                 // SAFETY: `d` and `m` are 8 × u16 = 16 bytes; unaligned loads.
                 let (draw, mraw) = unsafe {
                     (
@@ -102,9 +104,15 @@ macro_rules! q4_tiles_impl {
 macro_rules! q8_tiles_impl {
     ($name:ident, $feat:literal, $dp:ident) => {
         #[target_feature(enable = $feat)]
-        fn $name<const R: usize>(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+        fn $name<const R: usize>(
+            tiles: &[TileQ8],
+            xs: &[&[BlockQ8A]],
+            out: &mut TileOut,
+            side: Side,
+        ) {
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, t) in tiles.iter().enumerate() {
+                side.line(b, tiles.len());
                 // SAFETY: `d` is 16 bytes; unaligned load.
                 let dvec =
                     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(t.d.as_ptr() as *const __m128i) });
@@ -293,38 +301,45 @@ pub unsafe fn q4q8_tiles(
     tiles: &[TileQ4],
     xs: &[&[BlockQ8A]],
     out: &mut TileOut,
+    side: Side,
 ) {
     debug_assert!(xs.iter().all(|x| x.len() >= tiles.len()));
     // SAFETY: the caller guarantees the features.
     unsafe {
         match (vnni, xs.len()) {
-            (false, 1) => q4_avx2::<1>(kind, tiles, xs, out),
-            (false, 2) => q4_avx2::<2>(kind, tiles, xs, out),
-            (false, 3) => q4_avx2::<3>(kind, tiles, xs, out),
-            (false, _) => q4_avx2::<4>(kind, tiles, xs, out),
-            (true, 1) => q4_vnni::<1>(kind, tiles, xs, out),
-            (true, 2) => q4_vnni::<2>(kind, tiles, xs, out),
-            (true, 3) => q4_vnni::<3>(kind, tiles, xs, out),
-            (true, _) => q4_vnni::<4>(kind, tiles, xs, out),
+            (false, 1) => q4_avx2::<1>(kind, tiles, xs, out, side),
+            (false, 2) => q4_avx2::<2>(kind, tiles, xs, out, side),
+            (false, 3) => q4_avx2::<3>(kind, tiles, xs, out, side),
+            (false, _) => q4_avx2::<4>(kind, tiles, xs, out, side),
+            (true, 1) => q4_vnni::<1>(kind, tiles, xs, out, side),
+            (true, 2) => q4_vnni::<2>(kind, tiles, xs, out, side),
+            (true, 3) => q4_vnni::<3>(kind, tiles, xs, out, side),
+            (true, _) => q4_vnni::<4>(kind, tiles, xs, out, side),
         }
     }
 }
 
 /// # Safety
 /// As [`q4q8_tiles`].
-pub unsafe fn q8q8_tiles(vnni: bool, tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+pub unsafe fn q8q8_tiles(
+    vnni: bool,
+    tiles: &[TileQ8],
+    xs: &[&[BlockQ8A]],
+    out: &mut TileOut,
+    side: Side,
+) {
     debug_assert!(xs.iter().all(|x| x.len() >= tiles.len()));
     // SAFETY: the caller guarantees the features.
     unsafe {
         match (vnni, xs.len()) {
-            (false, 1) => q8_avx2::<1>(tiles, xs, out),
-            (false, 2) => q8_avx2::<2>(tiles, xs, out),
-            (false, 3) => q8_avx2::<3>(tiles, xs, out),
-            (false, _) => q8_avx2::<4>(tiles, xs, out),
-            (true, 1) => q8_vnni::<1>(tiles, xs, out),
-            (true, 2) => q8_vnni::<2>(tiles, xs, out),
-            (true, 3) => q8_vnni::<3>(tiles, xs, out),
-            (true, _) => q8_vnni::<4>(tiles, xs, out),
+            (false, 1) => q8_avx2::<1>(tiles, xs, out, side),
+            (false, 2) => q8_avx2::<2>(tiles, xs, out, side),
+            (false, 3) => q8_avx2::<3>(tiles, xs, out, side),
+            (false, _) => q8_avx2::<4>(tiles, xs, out, side),
+            (true, 1) => q8_vnni::<1>(tiles, xs, out, side),
+            (true, 2) => q8_vnni::<2>(tiles, xs, out, side),
+            (true, 3) => q8_vnni::<3>(tiles, xs, out, side),
+            (true, _) => q8_vnni::<4>(tiles, xs, out, side),
         }
     }
 }

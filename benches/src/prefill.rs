@@ -9,7 +9,7 @@ use edgelora_daemon::engine::{SeqKv, SeqStep, forward};
 use edgelora_daemon::model::Model;
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::qdot::{Isa, available_isas, best_isa};
-use edgelora_kernels::{BlockQ4, Q4Kind, Q4Matrix, Weight};
+use edgelora_kernels::{BlockQ4, BlockQ8, Q4Kind, Q4Matrix, Q8Matrix, Weight};
 use half::f16;
 
 use crate::common::{
@@ -56,7 +56,8 @@ pub struct GemmPeakArgs {
     /// Seconds of measurement per instruction-set path.
     #[arg(long, default_value_t = 1.0)]
     pub secs: f64,
-    /// Block kind: affine (GGUF Q4_1-like) or zero-point (our quantizer, GPTQ, Q4_0).
+    /// Block kind: affine (GGUF Q4_1-like), zero-point (our quantizer, GPTQ, Q4_0), or q8_0 (the
+    /// 8-bit path of output heads and Q8_0 tensors).
     #[arg(long, default_value = "affine")]
     pub kind: String,
     #[arg(long)]
@@ -122,7 +123,29 @@ pub fn gemm_peak(
     secs: f64,
     all_isas: bool,
 ) -> Vec<(Isa, f64)> {
-    let w = Weight::Q4(random_q4(rows, cols, kind, 7));
+    gemm_peak_of(
+        &Weight::Q4(random_q4(rows, cols, kind, 7)),
+        m,
+        secs,
+        all_isas,
+    )
+}
+
+/// A random Q8_0 matrix (the 8-bit path: output heads, Q8_0 tensors).
+pub fn random_q8(rows: usize, cols: usize, seed: u64) -> Q8Matrix {
+    let mut g = Rng::new(seed);
+    let blocks = (0..rows * cols.div_ceil(32))
+        .map(|_| BlockQ8 {
+            d: f16::from_f32(g.uniform() * 0.01 + 1e-3).to_bits(),
+            qs: std::array::from_fn(|_| ((g.next_u64() % 255) as i32 - 127) as i8),
+        })
+        .collect();
+    Q8Matrix::from_blocks(rows, cols, blocks).expect("consistent shape")
+}
+
+/// [`gemm_peak`] of a given weight.
+pub fn gemm_peak_of(w: &Weight, m: usize, secs: f64, all_isas: bool) -> Vec<(Isa, f64)> {
+    let (rows, cols) = (w.rows(), w.cols());
     let mut g = Rng::new(3);
     let x: Vec<f32> = (0..m * cols).map(|_| g.symmetric(1.0)).collect();
     let xq = ActQ8::quantize(&x, m, cols);
@@ -134,7 +157,7 @@ pub fn gemm_peak(
     isas.into_iter()
         .map(|isa| {
             eprintln!("gemm-peak: {} [{rows}x{cols}] x {m} rows ...", isa.name());
-            (isa, gemm_gops(&w, &xq, isa, secs))
+            (isa, gemm_gops(w, &xq, isa, secs))
         })
         .collect()
 }
@@ -158,7 +181,12 @@ fn parse_kind(s: &str) -> Result<Q4Kind> {
 pub fn run_gemm_peak(a: GemmPeakArgs) -> Result<()> {
     let threads = resolve_threads(a.threads);
     init_threads(threads);
-    let kind = parse_kind(&a.kind)?;
+    let q8 = a.kind == "q8_0";
+    let kind = if q8 {
+        Q4Kind::Affine
+    } else {
+        parse_kind(&a.kind)?
+    };
     let mut report = Report::new(
         a.json,
         Context {
@@ -167,8 +195,18 @@ pub fn run_gemm_peak(a: GemmPeakArgs) -> Result<()> {
             model: None,
         },
     );
-    let wbytes = a.rows * Q4Matrix::blocks_per_row_for(a.cols) * 20;
-    let res = gemm_peak(a.rows, a.cols, a.m, kind, a.secs, true);
+    let bpr = Q4Matrix::blocks_per_row_for(a.cols);
+    let (wbytes, res, name) = if q8 {
+        let w = Weight::Q8(random_q8(a.rows, a.cols, 7));
+        (
+            a.rows * bpr * 34,
+            gemm_peak_of(&w, a.m, a.secs, true),
+            "int8 x int8",
+        )
+    } else {
+        let res = gemm_peak(a.rows, a.cols, a.m, kind, a.secs, true);
+        (a.rows * bpr * 20, res, "int4 x int8")
+    };
     let best = best_isa();
     let best_gops = res
         .iter()
@@ -177,16 +215,20 @@ pub fn run_gemm_peak(a: GemmPeakArgs) -> Result<()> {
     for (isa, gops) in res {
         let mut row = Row::new(
             "gemm-peak",
-            format!("int4 x int8 ({})", isa.name()),
+            format!("{name} ({})", isa.name()),
             gops,
             "GOP/s",
         );
         if isa == best {
             row = row.note(format!(
-                "default path; weight [{}x{}] {:?} ({} KiB, stays in L2) x {} activation rows",
+                "default path; weight [{}x{}] {} ({} KiB, stays in L2) x {} activation rows",
                 a.rows,
                 a.cols,
-                kind,
+                if q8 {
+                    "Q8_0".to_string()
+                } else {
+                    format!("{kind:?}")
+                },
                 wbytes >> 10,
                 a.m
             ));

@@ -145,6 +145,47 @@ macro_rules! q8_tiles_impl {
     };
 }
 
+/// [`q8_avx2`] on AVX-512 VNNI, without the sign trick: `vpdpbusd` sums four products into 32
+/// bits without saturating, so the weights go in as unsigned bytes `u = w + 128` (one XOR per
+/// weight vector, shared by the rows) and the bias comes off per block through the activation
+/// block's stored `s = dx * sum(q)`: `dw * dx * sum(w q) = dw * dx * sum(u q) - 128 * dw * s`.
+/// That drops the two sign operations per weight vector and row that AVX2's saturating
+/// `maddubs` needs.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn q8_vnni<const R: usize>(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut, side: Side) {
+    let bias = _mm256_set1_epi8(-128);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut offs = [_mm256_setzero_ps(); R];
+    for (b, t) in tiles.iter().enumerate() {
+        side.line(b, tiles.len());
+        // SAFETY: `d` is 16 bytes; unaligned load.
+        let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(t.d.as_ptr() as *const __m128i) });
+        let mut u = [_mm256_setzero_si256(); 8];
+        for (j, uj) in u.iter_mut().enumerate() {
+            // SAFETY: `qs` is 256 bytes; bytes 32j..32j+32.
+            let w = unsafe { _mm256_loadu_si256(t.qs.as_ptr().add(32 * j) as *const __m256i) };
+            *uj = _mm256_xor_si256(w, bias);
+        }
+        for r in 0..R {
+            let xb = &xs[r][b];
+            let mut s0 = _mm256_setzero_si256();
+            let mut s1 = _mm256_setzero_si256();
+            for j in (0..8).step_by(2) {
+                s0 = _mm256_dpbusd_epi32(s0, u[j], xbcast(xb, j));
+                s1 = _mm256_dpbusd_epi32(s1, u[j + 1], xbcast(xb, j + 1));
+            }
+            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+            acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(dvec, _mm256_set1_ps(xb.d)), acc[r]);
+            offs[r] = _mm256_fmadd_ps(dvec, _mm256_set1_ps(xb.s), offs[r]);
+        }
+    }
+    for r in 0..R {
+        let v = _mm256_fnmadd_ps(offs[r], _mm256_set1_ps(128.0), acc[r]);
+        // SAFETY: `out[r]` is 8 f32; unaligned store.
+        unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), v) };
+    }
+}
+
 macro_rules! lora_axpy_impl {
     ($name:ident, $feat:literal, $dp:ident) => {
         #[target_feature(enable = $feat)]
@@ -291,7 +332,6 @@ pub fn q8_columns(tiles: &[TileQ8], ks: &[u32], out: &mut Vec<[f32; 8]>) {
 q4_tiles_impl!(q4_avx2, "avx2,fma,f16c", dpbusd_avx2);
 q4_tiles_impl!(q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dpbusd_vnni);
 q8_tiles_impl!(q8_avx2, "avx2,fma,f16c", dpbusd_avx2);
-q8_tiles_impl!(q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dpbusd_vnni);
 
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI + VL when `vnni`.

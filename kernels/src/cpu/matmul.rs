@@ -21,6 +21,8 @@ use std::ops::Range;
 const ROW_ALIGN: usize = 16;
 /// Row groups (of eight rows) per task are a multiple of this.
 const GROUP_ALIGN: usize = 2;
+/// The most adapter bytes one projection region prefetches (about one core's L2).
+const PREFETCH_BYTES: usize = 1 << 20;
 
 /// How a projection's input is presented.
 pub struct Input<'a> {
@@ -494,8 +496,19 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         let mut seen = std::collections::HashSet::new();
         runs.retain(|r| seen.insert(r.as_ptr()));
     }
-    let run_lines = Prefetch::new(runs.clone()).lines();
-    let share = run_lines.div_ceil(group_tasks);
+    // What was fetched must still be in cache when the shrink and expand read it: at most
+    // PREFETCH_BYTES, fetched by the last group tasks only, over about PREFETCH_BYTES of base
+    // weights streamed through the same caches (all the tasks on a small model; the last one on
+    // a large projection).
+    let run_lines = Prefetch::new(runs.clone())
+        .lines()
+        .min(PREFETCH_BYTES / LINE);
+    let base_bytes: usize = outs.iter().filter_map(|o| o.0).map(Weight::nbytes).sum();
+    let fetchers = (group_tasks * PREFETCH_BYTES)
+        .div_ceil(base_bytes.max(1))
+        .clamp(1, group_tasks);
+    let first_fetcher = group_tasks - fetchers;
+    let share = run_lines.div_ceil(fetchers);
     // Tasks, in the order the pool hands them out: the group tasks (base products), the shrink
     // pieces, then (with adapters) the expand tasks, which wait for both before them.
     let segs: Vec<(usize, usize)> = outs
@@ -510,7 +523,13 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
     let based = AtomicUsize::new(0);
     pool.run(group_tasks + n_pieces + expand_tasks, &|t| {
         if t < group_tasks {
-            let mut ahead = Prefetch::new(runs.clone()).window(t * share, share);
+            let (mut ahead, mine) = if t >= first_fetcher {
+                let first = (t - first_fetcher) * share;
+                let mine = share.min(run_lines.saturating_sub(first));
+                (Prefetch::new(runs.clone()).window(first, mine), mine)
+            } else {
+                (Prefetch::new(Vec::new()), 0)
+            };
             // Lines per tile kernel call: the task's share over its calls.
             let calls: usize = task_runs(t, per, total, &starts)
                 .map(|(j, gs)| {
@@ -521,9 +540,7 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
                     }
                 })
                 .sum();
-            let per_call = share
-                .min(run_lines.saturating_sub(t * share))
-                .div_ceil(calls.max(1));
+            let per_call = mine.div_ceil(calls.max(1));
             let mut cols = Vec::new();
             for (j, gs) in task_runs(t, per, total, &starts) {
                 if let Some(w) = outs[j].0 {

@@ -150,8 +150,8 @@ impl LoraB {
 }
 
 /// A segment for the int8 path: A `[rank, in]` as Q8_0 in the base weights' tiled layout (the
-/// shrink runs on their micro-kernels) and B as [`LoraB`]. The expand is fused into the base
-/// projection's row-group tasks, see [`crate::cpu::matmul::project_q8`].
+/// shrink runs on their micro-kernels) and B as [`LoraB`]. Shrink and expand run in the base
+/// projection's parallel region, after its products, see [`crate::cpu::matmul::project_q8`].
 #[derive(Clone, Debug)]
 pub struct LoraSegmentQ8<'a> {
     pub rows: Range<usize>,
@@ -236,8 +236,8 @@ pub(crate) fn shrink_rows(
 
 /// The expand of row groups `gs` (output columns `8 gs.start .. 8 gs.end`) for the rows of
 /// `seg`: `out[r][n] += scaling * d_t * d_B[n] * dot(B[n], t[r])`, where `t_row(r)` gives row
-/// `r`'s codes and scale and `op` is `out` (`[rows, out_dim]`; the caller owns these columns):
-/// one [`lora_axpy`] per row over the whole run of groups.
+/// `r`'s codes and scale and `op` is `out` (`[rows, out_dim]`; the caller owns these columns of the
+/// segment's rows): one [`lora_axpy`] per row over the whole run of groups.
 pub(crate) fn expand_groups<'t>(
     isa: Isa,
     seg: &LoraSegmentQ8<'_>,

@@ -346,7 +346,7 @@ pub struct ProjQ8<'w, 'o> {
 }
 
 /// A buffer that the tasks of one region write at disjoint places and read only after every
-/// write is done (the shrink results: written by the shrink tasks, read by the row-group tasks
+/// write is done (the shrink results: written by the shrink tasks, read by the expand tasks
 /// once the shrink counter, released by each writer, says all are done).
 struct RawBuf<T> {
     ptr: *mut T,

@@ -8,7 +8,7 @@ use std::arch::aarch64::*;
 use crate::cpu::act::BlockQ8A;
 use crate::cpu::q4::{Q4Kind, TILE_ROWS, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::{TileOut, f16_to_f32};
+use crate::cpu::qdot::{Side, TileOut, f16_to_f32};
 
 #[inline]
 #[target_feature(enable = "neon")]
@@ -59,11 +59,14 @@ fn scales(d: &[u16; TILE_ROWS], xd: f32) -> (float32x4_t, float32x4_t) {
 macro_rules! arm_impl {
     ($q4:ident, $q8:ident, $feat:literal, $dot:ident) => {
         #[target_feature(enable = $feat)]
-        fn $q4(kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+        fn $q4(kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], out: &mut TileOut, side: Side) {
             let m4 = vdupq_n_u8(0x0F);
             for (r, x) in xs.iter().enumerate() {
                 let (mut acc_lo, mut acc_hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
-                for (t, xb) in tiles.iter().zip(x.iter()) {
+                for (b, (t, xb)) in tiles.iter().zip(x.iter()).enumerate() {
+                    if r == 0 {
+                        side.line(b, tiles.len());
+                    }
                     let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
                     for g in 0..4 {
                         // SAFETY: `qs` is 128 bytes: rows 0-3 at 32g, rows 4-7 at 32g + 16.
@@ -106,10 +109,13 @@ macro_rules! arm_impl {
         }
 
         #[target_feature(enable = $feat)]
-        fn $q8(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+        fn $q8(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut, side: Side) {
             for (r, x) in xs.iter().enumerate() {
                 let (mut acc_lo, mut acc_hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
-                for (t, xb) in tiles.iter().zip(x.iter()) {
+                for (b, (t, xb)) in tiles.iter().zip(x.iter()).enumerate() {
+                    if r == 0 {
+                        side.line(b, tiles.len());
+                    }
                     let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
                     for j in 0..8 {
                         // SAFETY: `qs` is 256 bytes: rows 0-3 at 32j, rows 4-7 at 32j + 16.
@@ -148,26 +154,33 @@ pub unsafe fn q4q8_tiles(
     tiles: &[TileQ4],
     xs: &[&[BlockQ8A]],
     out: &mut TileOut,
+    side: Side,
 ) {
     // SAFETY: the caller guarantees the features.
     unsafe {
         if dotprod {
-            q4_sdot(kind, tiles, xs, out)
+            q4_sdot(kind, tiles, xs, out, side)
         } else {
-            q4_neon(kind, tiles, xs, out)
+            q4_neon(kind, tiles, xs, out, side)
         }
     }
 }
 
 /// # Safety
 /// As [`q4q8_tiles`].
-pub unsafe fn q8q8_tiles(dotprod: bool, tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut) {
+pub unsafe fn q8q8_tiles(
+    dotprod: bool,
+    tiles: &[TileQ8],
+    xs: &[&[BlockQ8A]],
+    out: &mut TileOut,
+    side: Side,
+) {
     // SAFETY: the caller guarantees the features.
     unsafe {
         if dotprod {
-            q8_sdot(tiles, xs, out)
+            q8_sdot(tiles, xs, out, side)
         } else {
-            q8_neon(tiles, xs, out)
+            q8_neon(tiles, xs, out, side)
         }
     }
 }

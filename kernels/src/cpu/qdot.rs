@@ -205,8 +205,8 @@ pub fn q4q8_tiles(isa: Isa, kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], 
     q4q8_tiles_side(isa, kind, tiles, xs, out, Side::NONE)
 }
 
-/// [`q4q8_tiles`], prefetching `side`'s lines as it goes (interleaved on x86-64, before it
-/// otherwise).
+/// [`q4q8_tiles`], prefetching `side`'s lines as it goes (one or more per tile on the SIMD
+/// paths, all first on the scalar one).
 pub fn q4q8_tiles_side(
     isa: Isa,
     kind: Q4Kind,
@@ -226,9 +226,8 @@ pub fn q4q8_tiles_side(
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => {
-            side.all();
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::arm::q4q8_tiles(isa == Isa::NeonDot, kind, tiles, xs, out) }
+            unsafe { crate::cpu::arm::q4q8_tiles(isa == Isa::NeonDot, kind, tiles, xs, out, side) }
         }
         Isa::Scalar => {
             side.all();
@@ -264,9 +263,8 @@ pub fn q8q8_tiles_side(
         }
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => {
-            side.all();
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe { crate::cpu::arm::q8q8_tiles(isa == Isa::NeonDot, tiles, xs, out) }
+            unsafe { crate::cpu::arm::q8q8_tiles(isa == Isa::NeonDot, tiles, xs, out, side) }
         }
         Isa::Scalar => {
             side.all();

@@ -391,8 +391,9 @@ impl<T> RawBuf<T> {
 /// LoRA segment's shrink and expand, in **one** parallel region of three kinds of task, handed
 /// out in this order:
 /// 1. row-group tasks: the base product of their groups (eight output columns for every row);
-///    meanwhile each prefetches its share of the adapters' bytes, one cache line per weight tile
-///    it computes, so that the adapters stream in while the base product computes;
+///    meanwhile the last of them prefetch the adapters' bytes (at most [`PREFETCH_BYTES`]), one
+///    cache line per weight tile they compute, so that the adapters stream in while the base
+///    product computes;
 /// 2. shrink pieces: `t = A x` for up to four rows of one segment, quantized per row;
 /// 3. expand tasks (with adapters): `out[rows] += B t` for whole segments, each B read as one run.
 ///

@@ -391,7 +391,7 @@ impl<T> RawBuf<T> {
 /// LoRA segment's shrink and expand, in **one** parallel region of three kinds of task, handed
 /// out in this order:
 /// 1. row-group tasks: the base product of their groups (eight output columns for every row);
-///    meanwhile the last of them prefetch the adapters' bytes (at most [`PREFETCH_BYTES`]), one
+///    meanwhile the last of them prefetch the adapters' bytes (at most 1 MiB per region), one
 ///    cache line per weight tile they compute, so that the adapters stream in while the base
 ///    product computes;
 /// 2. shrink pieces: `t = A x` for up to four rows of one segment, quantized per row;

@@ -112,7 +112,7 @@ impl Weight {
         isa: Isa,
         op: SharedOut,
         cols: &mut Vec<[f32; TILE_ROWS]>,
-        ahead: &mut Prefetch<'_>,
+        ahead: &mut Prefetch<'_, '_>,
         per: usize,
     ) {
         let (rows, m) = (self.rows(), xrows.len());
@@ -271,16 +271,16 @@ impl OutlierPlan {
 
 /// Byte runs to prefetch (a region's adapter bytes), handed out a contiguous chunk of lines at a
 /// time to the tile kernels, which prefetch one line per tile they compute ([`Side`]).
-struct Prefetch<'a> {
-    runs: Vec<&'a [u8]>,
+struct Prefetch<'r, 'a> {
+    runs: &'r [&'a [u8]],
     /// The next run, and the next line in it.
     at: (usize, usize),
     /// Lines still to hand out.
     budget: usize,
 }
 
-impl<'a> Prefetch<'a> {
-    fn new(runs: Vec<&'a [u8]>) -> Self {
+impl<'r, 'a> Prefetch<'r, 'a> {
+    fn new(runs: &'r [&'a [u8]]) -> Self {
         Self {
             runs,
             at: (0, 0),
@@ -476,9 +476,7 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         .collect();
     let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
     let pool = crate::cpu::threads::global();
-    let units = total.div_ceil(GROUP_ALIGN);
-    let tasks = (pool.threads() * 4).min(units).max(1);
-    let per = units.div_ceil(tasks) * GROUP_ALIGN;
+    let per = pool.chunk(total, GROUP_ALIGN);
     let group_tasks = total.div_ceil(per);
     let n_pieces = pieces.len();
     // The adapters' bytes (every segment's A, then its B), prefetched by the group tasks, each
@@ -501,9 +499,7 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
     // PREFETCH_BYTES, fetched by the last group tasks only, over about PREFETCH_BYTES of base
     // weights streamed through the same caches (all the tasks on a small model; the last one on
     // a large projection).
-    let run_lines = Prefetch::new(runs.clone())
-        .lines()
-        .min(PREFETCH_BYTES / LINE);
+    let run_lines = Prefetch::new(&runs).lines().min(PREFETCH_BYTES / LINE);
     let base_bytes: usize = outs.iter().filter_map(|o| o.0).map(Weight::nbytes).sum();
     let fetchers = (group_tasks * PREFETCH_BYTES)
         .div_ceil(base_bytes.max(1))
@@ -517,9 +513,8 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         .enumerate()
         .flat_map(|(j, o)| (0..o.3.len()).map(move |si| (j, si)))
         .collect();
-    let expand_tasks = (pool.threads() * 4).min(segs.len());
-    let seg_per = segs.len().div_ceil(expand_tasks.max(1));
-    let expand_tasks = segs.len().div_ceil(seg_per.max(1));
+    let seg_per = pool.chunk(segs.len(), 1);
+    let expand_tasks = segs.len().div_ceil(seg_per);
     let shrunk = AtomicUsize::new(0);
     let based = AtomicUsize::new(0);
     pool.run(group_tasks + n_pieces + expand_tasks, &|t| {
@@ -527,9 +522,9 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
             let (mut ahead, mine) = if t >= first_fetcher {
                 let first = (t - first_fetcher) * share;
                 let mine = share.min(run_lines.saturating_sub(first));
-                (Prefetch::new(runs.clone()).window(first, mine), mine)
+                (Prefetch::new(&runs).window(first, mine), mine)
             } else {
-                (Prefetch::new(Vec::new()), 0)
+                (Prefetch::new(&[]), 0)
             };
             // Lines per tile kernel call: the task's share over its calls.
             let calls: usize = task_runs(t, per, total, &starts)
@@ -854,9 +849,9 @@ mod tests {
             .iter()
             .flat_map(|r| (0..r.len().div_ceil(LINE)).map(|i| r[i * LINE..].as_ptr()))
             .collect();
-        assert_eq!(Prefetch::new(runs.clone()).lines(), 20);
+        assert_eq!(Prefetch::new(&runs).lines(), 20);
         for (first, n, chunk) in [(0, 20, 3), (1, 5, 4), (3, 10, 1), (15, 100, 2), (19, 1, 8)] {
-            let mut p = Prefetch::new(runs.clone()).window(first, n);
+            let mut p = Prefetch::new(&runs).window(first, n);
             let mut got = Vec::new();
             loop {
                 let side = p.chunk(chunk);

@@ -92,6 +92,16 @@ impl ThreadPool {
         self.workers.len() + 1
     }
 
+    /// Items per task when `0..n` is split into about `4 * threads` contiguous chunks (a multiple
+    /// of `align`; the tasks are `n.div_ceil` of it): enough tasks to even out the threads, few
+    /// enough to keep each worth its hand-out.
+    pub fn chunk(&self, n: usize, align: usize) -> usize {
+        let align = align.max(1);
+        let units = n.div_ceil(align);
+        let tasks = (self.threads() * 4).min(units).max(1);
+        units.div_ceil(tasks).max(1) * align
+    }
+
     /// Runs `f(0..n_tasks)` across the pool and returns when every task is done. Tasks are handed
     /// out dynamically, so uneven tasks balance.
     pub fn run(&self, n_tasks: usize, f: &(dyn Fn(usize) + Sync)) {
@@ -251,10 +261,7 @@ pub fn global() -> &'static ThreadPool {
 /// each across the global pool.
 pub fn parallel_ranges(n: usize, align: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
     let pool = global();
-    let align = align.max(1);
-    let units = n.div_ceil(align);
-    let tasks = (pool.threads() * 4).min(units).max(1);
-    let per = units.div_ceil(tasks) * align;
+    let per = pool.chunk(n, align);
     let tasks = n.div_ceil(per);
     pool.run(tasks, &|t| f(t * per..((t + 1) * per).min(n)));
 }

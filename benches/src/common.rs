@@ -149,7 +149,7 @@ pub fn synth_adapter(c: &ModelConfig, rank: usize, index: usize) -> LoraAdapter 
             })
         })
         .collect();
-    LoraAdapter {
+    let mut adapter = LoraAdapter {
         name: format!("synth-{index}"),
         rank,
         alpha: rank as f32,
@@ -157,7 +157,10 @@ pub fn synth_adapter(c: &ModelConfig, rank: usize, index: usize) -> LoraAdapter 
         scaling: 1.0,
         layers,
         targets: Proj::ALL.to_vec(),
-    }
+    };
+    // As the engine's loaders leave them.
+    adapter.pack_pages();
+    adapter
 }
 
 /// Bytes of an adapter's A and B matrices that a step it takes part in reads: their Q8_0 copies on

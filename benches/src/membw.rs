@@ -7,6 +7,8 @@
 //! `threads` threads started together behind a barrier. Best of `reps`.
 
 use std::sync::Barrier;
+
+use edgelora_kernels::cpu::mem::{self, Store};
 use std::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
@@ -51,12 +53,17 @@ pub fn read_sum(x: &[u64]) -> u64 {
     sum_lanes(x)
 }
 
-/// A buffer of `bytes` bytes, every page written.
-pub fn touched_buffer(bytes: usize) -> Vec<u64> {
+/// A buffer of `bytes` bytes, every page written, on huge pages where the engine puts its
+/// weights there (see `edgelora_kernels::cpu::mem`), so that yardstick and weights stream through
+/// the same kind of pages.
+pub fn touched_buffer(bytes: usize) -> Store<u64> {
     let n = (bytes / 8).max(16);
-    (0..n as u64)
+    let mut buf: Store<u64> = (0..n as u64)
         .map(|i| i.wrapping_mul(0x9E37_79B9) | 1)
-        .collect()
+        .collect::<Vec<_>>()
+        .into();
+    mem::pack(|f| f(&mut buf));
+    buf
 }
 
 /// Seconds for `threads` threads to read their equal parts of `buf` together.

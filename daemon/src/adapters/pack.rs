@@ -878,7 +878,7 @@ pub fn decode_payload(
     for (pair, p) in pairs.iter().zip(decoded) {
         layers[pair[0].layer][pair[0].proj.index()] = Some(p?);
     }
-    Ok(LoraAdapter {
+    let mut adapter = LoraAdapter {
         name: id.to_string(),
         rank,
         alpha: info.alpha,
@@ -886,7 +886,9 @@ pub fn decode_payload(
         scaling: info.scaling,
         layers,
         targets: info.targets.clone(),
-    })
+    };
+    adapter.pack_pages();
+    Ok(adapter)
 }
 
 /// Everything about a pack but its payload, before writing.

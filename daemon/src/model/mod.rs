@@ -169,6 +169,19 @@ impl Model {
             }
         };
         model.weights.validate(&model.config)?;
+        let mut model = model;
+        let regions = model.weights.pack_pages();
+        if regions.is_empty() {
+            tracing::info!("weights on the heap (small, EDGELORA_HUGEPAGES=0, or no mapping)");
+        } else {
+            let huge: Option<usize> = regions.iter().map(|r| r.huge_bytes()).sum();
+            tracing::info!(
+                regions = regions.len(),
+                mb = regions.iter().map(|r| r.len()).sum::<usize>() as f64 / 1e6,
+                huge_page_mb = huge.map(|b| b as f64 / 1e6),
+                "weights packed on huge pages"
+            );
+        }
         Ok(model)
     }
 }

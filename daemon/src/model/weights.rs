@@ -131,6 +131,24 @@ impl ModelWeights {
         self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Moves every quantized weight into huge-page regions
+    /// ([`edgelora_kernels::cpu::mem::pack`]), so that a step's stream of weights does not take a
+    /// TLB miss every 4 KiB. Nothing but speed changes. Returns the regions (none: the weights
+    /// stay on the heap, see [`edgelora_kernels::cpu::mem::pack`]).
+    pub fn pack_pages(&mut self) -> Vec<std::sync::Arc<edgelora_kernels::cpu::mem::Region>> {
+        edgelora_kernels::cpu::mem::pack(|f| {
+            self.embed.stores(f);
+            if let Some(h) = self.lm_head.as_mut() {
+                h.stores(f);
+            }
+            for l in self.layers.iter_mut() {
+                for p in l.proj.iter_mut() {
+                    p.weight.stores(f);
+                }
+            }
+        })
+    }
+
     /// Bytes of weights one decode step reads (every projection, the output head, norms).
     pub fn bytes_per_token(&self) -> usize {
         let mut n = self.output().nbytes() + self.norm.len() * 4;

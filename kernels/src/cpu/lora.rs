@@ -11,6 +11,7 @@ use half::f16;
 
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
+use crate::cpu::mem::{Packable, Store};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::qdot::{Isa, TileOut, q8q8_tiles};
@@ -64,7 +65,7 @@ pub struct LoraB {
     rows: usize,
     rank: usize,
     chunks: usize,
-    data: Vec<u8>,
+    data: Store<u8>,
 }
 
 impl LoraB {
@@ -105,7 +106,7 @@ impl LoraB {
             rows,
             rank,
             chunks,
-            data,
+            data: data.into(),
         })
     }
 
@@ -125,6 +126,10 @@ impl LoraB {
     /// Bytes per group of eight rows.
     pub fn stride(&self) -> usize {
         Self::stride_for(self.chunks)
+    }
+    /// Hands its storage to `f` (for [`crate::cpu::mem::pack`]).
+    pub fn stores(&mut self, f: &mut dyn FnMut(&mut dyn Packable)) {
+        f(&mut self.data)
     }
     /// Every byte, group after group.
     pub fn all_data(&self) -> &[u8] {

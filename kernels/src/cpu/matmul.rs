@@ -841,6 +841,83 @@ mod tests {
     }
 
     #[test]
+    fn weights_and_adapters_packed_on_huge_pages_give_the_same_bits() {
+        use crate::cpu::lora::LoraB;
+        use crate::cpu::mem;
+        let mut g = Lcg(77);
+        let (rows, cols, m, rank) = (1536, 576, 6, 16);
+        let x = g.vec(m * cols);
+        let xq = ActQ8::quantize(&x, m, cols);
+        let mut ws = vec![
+            Weight::Q4(Q4Matrix::quantize(&g.vec(rows * cols), rows, cols, 32).unwrap()),
+            Weight::Q4(affine(rows, cols, &mut g)),
+            Weight::Q8(q8(rows, cols, &mut g)),
+        ];
+        let mut ads: Vec<(Q8Matrix, LoraB)> = (0..3)
+            .map(|_| {
+                let a: Vec<f32> = g.vec(rank * cols).iter().map(|v| v * 0.1).collect();
+                let b: Vec<f32> = g.vec(rows * rank).iter().map(|v| v * 0.1).collect();
+                (
+                    Q8Matrix::quantize(&a, rank, cols).unwrap(),
+                    LoraB::quantize(&b, rows, rank).unwrap(),
+                )
+            })
+            .collect();
+        let run = |ws: &[Weight], ads: &[(Q8Matrix, LoraB)]| -> Vec<Vec<f32>> {
+            let mut outs = vec![vec![0f32; m * rows]; ws.len()];
+            let segs: Vec<LoraSegmentQ8> = ads
+                .iter()
+                .enumerate()
+                .map(|(i, (a, b))| LoraSegmentQ8 {
+                    rows: 2 * i..2 * i + 2,
+                    a,
+                    b,
+                    scaling: 0.5,
+                })
+                .collect();
+            let mut jobs: Vec<ProjQ8> = ws
+                .iter()
+                .zip(outs.iter_mut())
+                .map(|(w, out)| ProjQ8 {
+                    weight: Some(w),
+                    out,
+                    out_dim: rows,
+                    lora: &segs,
+                })
+                .collect();
+            project_q8(&mut jobs, &xq, crate::cpu::qdot::best_isa());
+            outs
+        };
+        let before = run(&ws, &ads);
+        // One region for all of them (the adapters alone are too small to be packed).
+        let regions = mem::pack(|f| {
+            ws.iter_mut().for_each(|w| w.stores(f));
+            for (a, b) in ads.iter_mut() {
+                a.stores(f);
+                b.stores(f);
+            }
+        });
+        if mem::packing_enabled() {
+            let want: usize = ws.iter().map(Weight::nbytes).sum::<usize>()
+                + ads
+                    .iter()
+                    .map(|(a, b)| a.nbytes() + b.nbytes())
+                    .sum::<usize>();
+            assert_eq!(regions.len(), 1);
+            assert!(regions[0].len() >= want);
+            // Nothing is left on the heap to pack.
+            assert!(mem::pack(|f| ws.iter_mut().for_each(|w| w.stores(f))).is_empty());
+        }
+        let after = run(&ws, &ads);
+        for (b, a) in before.iter().zip(&after) {
+            assert!(
+                b.iter().zip(a).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "packed storage changed a product"
+            );
+        }
+    }
+
+    #[test]
     fn prefetch_windows_hand_out_each_line_once_in_order() {
         // Runs of 100, 1000, 64 and 1 bytes: 2 + 16 + 1 + 1 = 20 lines.
         let bufs: Vec<Vec<u8>> = [100, 1000, 64, 1].iter().map(|&n| vec![0u8; n]).collect();

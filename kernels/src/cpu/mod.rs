@@ -8,6 +8,7 @@ pub mod dense;
 pub mod kv;
 pub mod lora;
 pub mod matmul;
+pub mod mem;
 pub mod ops;
 pub mod q4;
 pub mod q8;

@@ -20,6 +20,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use crate::KernelError;
+use crate::cpu::mem::{Packable, Store};
 
 /// Elements per block.
 pub const QK: usize = 32;
@@ -138,7 +139,7 @@ pub struct Q4Matrix {
     rows: usize,
     cols: usize,
     kind: Q4Kind,
-    tiles: Vec<TileQ4>,
+    tiles: Store<TileQ4>,
 }
 
 impl Q4Matrix {
@@ -179,7 +180,7 @@ impl Q4Matrix {
             rows,
             cols,
             kind,
-            tiles,
+            tiles: tiles.into(),
         })
     }
 
@@ -238,6 +239,10 @@ impl Q4Matrix {
     /// Bytes of weight data a product reads.
     pub fn nbytes(&self) -> usize {
         self.tiles.len() * std::mem::size_of::<TileQ4>()
+    }
+    /// Hands its storage to `f` (for [`crate::cpu::mem::pack`]).
+    pub fn stores(&mut self, f: &mut dyn FnMut(&mut dyn Packable)) {
+        f(&mut self.tiles)
     }
 
     /// Quantizes a row-major f32 matrix by the reference definition (see the fixtures README):

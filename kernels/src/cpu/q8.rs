@@ -8,6 +8,7 @@ use bytemuck::{Pod, Zeroable};
 use half::f16;
 
 use crate::KernelError;
+use crate::cpu::mem::{Packable, Store};
 use crate::cpu::q4::{QK, TILE_ROWS};
 
 #[repr(C)]
@@ -57,7 +58,7 @@ impl TileQ8 {
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
-    tiles: Vec<TileQ8>,
+    tiles: Store<TileQ8>,
 }
 
 /// `f32::round` (half away from zero) for |x| < 2^31, without the libm call that baseline x86-64
@@ -94,7 +95,11 @@ impl Q8Matrix {
                 t.qs[TileQ8::index(n % TILE_ROWS, k)] = q;
             }
         }
-        Ok(Self { rows, cols, tiles })
+        Ok(Self {
+            rows,
+            cols,
+            tiles: tiles.into(),
+        })
     }
     /// Quantizes a row-major f32 matrix to Q8_0 blocks as llama.cpp does (`d = max|w| / 127`
     /// stored as f16, `q = round(w / d)`), e.g. LoRA factors for the int8 fast path.
@@ -137,6 +142,10 @@ impl Q8Matrix {
     }
     pub fn row_groups(&self) -> usize {
         self.rows.div_ceil(TILE_ROWS)
+    }
+    /// Hands its storage to `f` (for [`crate::cpu::mem::pack`]).
+    pub fn stores(&mut self, f: &mut dyn FnMut(&mut dyn Packable)) {
+        f(&mut self.tiles)
     }
     /// The tiles of row group `g`.
     pub fn group_tiles(&self, g: usize) -> &[TileQ8] {

@@ -1,5 +1,6 @@
 //! A projection's weight in whichever format it was loaded, behind one product.
 
+use crate::cpu::mem::Packable;
 use crate::{DenseMatrix, Q4Matrix, Q8Matrix};
 
 #[derive(Clone, Debug)]
@@ -32,6 +33,15 @@ impl Weight {
             Weight::F32(w) => w.nbytes(),
             Weight::Q4(w) => w.nbytes(),
             Weight::Q8(w) => w.nbytes(),
+        }
+    }
+    /// Hands its quantized storage to `f` (for [`crate::cpu::mem::pack`]; dense weights, the exact
+    /// path's, stay where they are).
+    pub fn stores(&mut self, f: &mut dyn FnMut(&mut dyn Packable)) {
+        match self {
+            Weight::F32(_) => {}
+            Weight::Q4(w) => w.stores(f),
+            Weight::Q8(w) => w.stores(f),
         }
     }
     pub fn format_name(&self) -> &'static str {

@@ -36,6 +36,8 @@ use std::str::FromStr;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::cpu::mem::HugeVec;
+
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KvDtype {
@@ -104,15 +106,15 @@ pub type PageId = u32;
 
 /// The element storage, one variant per dtype. Tile-shaped arrays are `[page][layer][kv_head][..]`.
 enum Store {
-    F32 { k: Vec<f32>, v: Vec<f32> },
-    F16 { k: Vec<f16>, v: Vec<f16> },
+    F32 { k: HugeVec<f32>, v: HugeVec<f32> },
+    F16 { k: HugeVec<f16>, v: HugeVec<f16> },
     Int4(Int4Store),
 }
 
 struct Int4Store {
     /// Packed codes, `[tile][slot][head_dim / 2]`.
-    k_codes: Vec<u8>,
-    v_codes: Vec<u8>,
+    k_codes: HugeVec<u8>,
+    v_codes: HugeVec<u8>,
     /// Key metadata, per channel: `[tile][channel]`.
     k_scale: Vec<f16>,
     k_min: Vec<f16>,
@@ -175,17 +177,19 @@ impl KvPool {
             return Err(KvError::TooLarge(n_pages));
         }
         let store = match dtype {
+            // Page arrays on huge pages: attention reads them in page-sized pieces all over the
+            // pool, which on 4 KiB pages costs a TLB miss per piece.
             KvDtype::F32 => Store::F32 {
-                k: vec![0.0; elems],
-                v: vec![0.0; elems],
+                k: HugeVec::zeroed(elems),
+                v: HugeVec::zeroed(elems),
             },
             KvDtype::F16 => Store::F16 {
-                k: vec![f16::ZERO; elems],
-                v: vec![f16::ZERO; elems],
+                k: HugeVec::zeroed(elems),
+                v: HugeVec::zeroed(elems),
             },
             KvDtype::Int4 => Store::Int4(Int4Store {
-                k_codes: vec![0; elems / 2],
-                v_codes: vec![0; elems / 2],
+                k_codes: HugeVec::zeroed(elems / 2),
+                v_codes: HugeVec::zeroed(elems / 2),
                 k_scale: vec![f16::ZERO; tiles * head_dim],
                 k_min: vec![f16::ZERO; tiles * head_dim],
                 v_scale: vec![f16::ZERO; tiles * page_size],

@@ -158,6 +158,61 @@ impl<T: Pod> std::fmt::Debug for Store<T> {
     }
 }
 
+/// A zeroed, writable buffer that owns its memory: on huge pages (a [`Region`] of its own) when
+/// it is at least [`PACK_MIN`] bytes and packing is on, else on the heap. For buffers written in
+/// place, such as the KV cache's pages, which attention reads in scattered pieces.
+pub struct HugeVec<T> {
+    region: Option<Region>,
+    heap: Vec<T>,
+    len: usize,
+}
+
+impl<T: Pod> HugeVec<T> {
+    /// `len` zeroed values (an anonymous mapping is zero-filled and, like `calloc`'s memory,
+    /// takes physical pages only where written).
+    pub fn zeroed(len: usize) -> Self {
+        let bytes = len.saturating_mul(std::mem::size_of::<T>());
+        if packing_enabled() && bytes >= PACK_MIN && std::mem::align_of::<T>() <= HUGE_PAGE {
+            if let Ok(region) = Region::new(bytes) {
+                return HugeVec {
+                    region: Some(region),
+                    heap: Vec::new(),
+                    len,
+                };
+            }
+        }
+        HugeVec {
+            region: None,
+            heap: vec![T::zeroed(); len],
+            len,
+        }
+    }
+
+    pub fn is_mapped(&self) -> bool {
+        self.region.is_some()
+    }
+}
+
+impl<T: Pod> std::ops::Deref for HugeVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match &self.region {
+            Some(r) => bytemuck::cast_slice(&r.bytes()[..self.len * std::mem::size_of::<T>()]),
+            None => &self.heap,
+        }
+    }
+}
+
+impl<T: Pod> std::ops::DerefMut for HugeVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        let n = self.len * std::mem::size_of::<T>();
+        match &mut self.region {
+            Some(r) => bytemuck::cast_slice_mut(&mut r.bytes_mut()[..n]),
+            None => &mut self.heap,
+        }
+    }
+}
+
 /// A store of any element type, as [`pack`] sees it.
 pub trait Packable {
     /// Bytes it would take in a region (0 once packed).
@@ -320,6 +375,24 @@ mod tests {
         for (i, s) in stores.iter().enumerate() {
             assert!(s.is_packed());
             assert!(s.iter().all(|&b| b == i as u8 + 1), "store {i}");
+        }
+    }
+
+    #[test]
+    fn huge_vecs_start_zeroed_and_keep_what_is_written() {
+        for len in [10usize, 3 << 20] {
+            let mut v: HugeVec<f32> = HugeVec::zeroed(len);
+            assert_eq!(v.len(), len);
+            assert_eq!(v.is_mapped(), packing_enabled() && len * 4 >= PACK_MIN);
+            assert!(v.iter().all(|&x| x == 0.0));
+            for (i, x) in v.iter_mut().enumerate().step_by(997) {
+                *x = i as f32;
+            }
+            assert!(
+                v.iter()
+                    .enumerate()
+                    .all(|(i, &x)| x == if i % 997 == 0 { i as f32 } else { 0.0 })
+            );
         }
     }
 

@@ -11,9 +11,10 @@
 #     root and missing) for the collector's store tests, and stops it on exit;
 #   - as root, installs QEMU, OVMF, debootstrap and the mkfs tools (Debian packages) so the
 #     appliance image test builds an image and boots it under QEMU;
+#   - installs the aarch64 (Jetson) rustup target, Debian's cross linker and qemu-user-static
+#     when missing (the image builder's tests and the NEON kernel tests use them);
 #   - runs `cargo test --release --workspace`;
-#   - cross-compiles the kernels for aarch64 (Jetson) and runs their tests under qemu-user, after
-#     installing the rustup target, Debian's cross linker and qemu-user-static when missing.
+#   - cross-compiles the kernels for aarch64 and runs their tests under qemu-user.
 # Tests that need the real model skip with a loud message when the fetch failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -90,10 +91,8 @@ else
     loud "not root: the appliance image test (debootstrap, image ownership) will be SKIPPED"
 fi
 
-echo "== test (host)"
-cargo test --release --locked --workspace -- --test-threads 2
-
-echo "== test (aarch64 kernels under qemu-user)"
+echo "== the aarch64 (Jetson) toolchain: rustup target, cross linker, qemu-user"
+# Before the host tests too: the image builder's tests cross-compile checks against it.
 aarch64_ready() {
     rustup target list --installed 2>/dev/null | grep -q '^aarch64-unknown-linux-gnu$' &&
         command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64-static >/dev/null
@@ -106,6 +105,11 @@ if ! aarch64_ready; then
             gcc-aarch64-linux-gnu qemu-user-static; } >/dev/null || true
     fi
 fi
+
+echo "== test (host)"
+cargo test --release --locked --workspace -- --test-threads 2
+
+echo "== test (aarch64 kernels under qemu-user)"
 if aarch64_ready; then
     EDGELORA_REQUIRE_NVRTC=0 cargo test --release --locked --target aarch64-unknown-linux-gnu -p edgelora-kernels
 else

@@ -172,14 +172,16 @@ impl<T: Pod> HugeVec<T> {
     /// takes physical pages only where written).
     pub fn zeroed(len: usize) -> Self {
         let bytes = len.saturating_mul(std::mem::size_of::<T>());
-        if packing_enabled() && bytes >= PACK_MIN && std::mem::align_of::<T>() <= HUGE_PAGE {
-            if let Ok(region) = Region::new(bytes) {
-                return HugeVec {
-                    region: Some(region),
-                    heap: Vec::new(),
-                    len,
-                };
-            }
+        if packing_enabled()
+            && bytes >= PACK_MIN
+            && std::mem::align_of::<T>() <= HUGE_PAGE
+            && let Ok(region) = Region::new(bytes)
+        {
+            return HugeVec {
+                region: Some(region),
+                heap: Vec::new(),
+                len,
+            };
         }
         HugeVec {
             region: None,

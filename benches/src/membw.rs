@@ -7,9 +7,9 @@
 //! `threads` threads started together behind a barrier. Best of `reps`.
 
 use std::sync::Barrier;
+use std::time::Instant;
 
 use edgelora_kernels::cpu::mem::{self, Store};
-use std::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Membw {

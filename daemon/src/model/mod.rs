@@ -149,7 +149,7 @@ impl Model {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
         let meta = std::fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
-        let model = if meta.is_dir() {
+        let mut model = if meta.is_dir() {
             let (config, weights, tokenizer, format) = hf::load_folder(path, opts)?;
             Model {
                 config,
@@ -169,7 +169,6 @@ impl Model {
             }
         };
         model.weights.validate(&model.config)?;
-        let mut model = model;
         let regions = model.weights.pack_pages();
         if regions.is_empty() {
             tracing::info!("weights on the heap (small, EDGELORA_HUGEPAGES=0, or no mapping)");

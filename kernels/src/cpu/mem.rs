@@ -1,17 +1,19 @@
-//! Weight storage on transparent huge pages.
+//! Weight and KV storage on transparent huge pages.
 //!
 //! A decode step streams every weight, and a batch of distinct adapters reads thousands of short
 //! runs in scattered places. On 4 KiB pages each page needs its own TLB entry, a miss costs a page
 //! walk (under a hypervisor's nested paging, a two-dimensional one), and a software prefetch that
 //! misses the TLB walks too. So the buffers of things that live and die together (one model's
-//! weights, one adapter) can be **packed** into one anonymous mapping, aligned to 2 MiB and
-//! advised `MADV_HUGEPAGE`, which Linux backs with huge pages wherever transparent huge pages are
-//! enabled ("madvise" or "always", the default of most distributions).
+//! weights, one adapter) can be **packed** into anonymous mappings aligned to 2 MiB and advised
+//! `MADV_HUGEPAGE`, which Linux backs with huge pages wherever transparent huge pages are enabled
+//! ("madvise" or "always", the default of most distributions).
 //!
 //! A [`Store`] starts on the heap (the `Vec` a quantizer builds); [`pack`] moves a set of stores
-//! into one [`Region`], which lives as long as any store in it. Packed stores are read-only and
-//! clone by sharing. Less than [`PACK_MIN`] bytes in all stay on the heap (a small adapter would
-//! otherwise hold a whole 2 MiB page); `EDGELORA_HUGEPAGES=0` turns packing off.
+//! into [`Region`]s of up to [`GROUP_BYTES`], each of which lives as long as any store in it.
+//! Packed stores are read-only and clone by sharing. Less than [`PACK_MIN`] bytes in all stay on
+//! the heap (a small adapter would otherwise hold a whole 2 MiB page). [`HugeVec`] is the
+//! writable kind, for buffers written in place (the KV cache's pages). `EDGELORA_HUGEPAGES=0`
+//! turns both off.
 
 use std::sync::Arc;
 

@@ -843,7 +843,7 @@ mod tests {
     #[test]
     fn weights_and_adapters_packed_on_huge_pages_give_the_same_bits() {
         use crate::cpu::lora::LoraB;
-        use crate::cpu::mem;
+        use crate::cpu::mem::{self, HUGE_PAGE};
         let mut g = Lcg(77);
         let (rows, cols, m, rank) = (1536, 576, 6, 16);
         let x = g.vec(m * cols);
@@ -903,9 +903,10 @@ mod tests {
                     .iter()
                     .map(|(a, b)| a.nbytes() + b.nbytes())
                     .sum::<usize>();
-            assert_eq!(regions.len(), 1);
-            assert!(regions[0].len() >= want);
-            // Nothing is left on the heap to pack.
+            // 2.4 MB: the first whole huge page is packed, the rest stays on the heap.
+            assert_eq!(regions.iter().map(|r| r.len()).sum::<usize>(), HUGE_PAGE);
+            assert!(want > HUGE_PAGE);
+            // What is left (0.4 MB) is too little to pack.
             assert!(mem::pack(|f| ws.iter_mut().for_each(|w| w.stores(f))).is_empty());
         }
         let after = run(&ws, &ads);

@@ -121,7 +121,7 @@ pub fn run(a: LoraMixArgs) -> Result<()> {
             }
         }));
     }
-    let huge: Option<usize> = regions.iter().map(|r| r.huge_bytes()).sum();
+    let huge = mem::huge_bytes(regions.iter().map(|r| &**r));
     eprintln!(
         "{} regions, {:.1} MB, {:.1} MB of it on huge pages",
         regions.len(),

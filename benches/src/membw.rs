@@ -9,7 +9,7 @@
 use std::sync::Barrier;
 use std::time::Instant;
 
-use edgelora_kernels::cpu::mem::{self, Store};
+use edgelora_kernels::cpu::mem::HugeVec;
 
 #[derive(Clone, Copy, Debug)]
 pub struct Membw {
@@ -56,13 +56,11 @@ pub fn read_sum(x: &[u64]) -> u64 {
 /// A buffer of `bytes` bytes, every page written, on huge pages where the engine puts its
 /// weights there (see `edgelora_kernels::cpu::mem`), so that yardstick and weights stream through
 /// the same kind of pages.
-pub fn touched_buffer(bytes: usize) -> Store<u64> {
-    let n = (bytes / 8).max(16);
-    let mut buf: Store<u64> = (0..n as u64)
-        .map(|i| i.wrapping_mul(0x9E37_79B9) | 1)
-        .collect::<Vec<_>>()
-        .into();
-    mem::pack(|f| f(&mut buf));
+pub fn touched_buffer(bytes: usize) -> HugeVec<u64> {
+    let mut buf = HugeVec::zeroed((bytes / 8).max(16));
+    for (i, v) in buf.iter_mut().enumerate() {
+        *v = (i as u64).wrapping_mul(0x9E37_79B9) | 1;
+    }
     buf
 }
 

@@ -173,7 +173,7 @@ impl Model {
         if regions.is_empty() {
             tracing::info!("weights on the heap (small, EDGELORA_HUGEPAGES=0, or no mapping)");
         } else {
-            let huge: Option<usize> = regions.iter().map(|r| r.huge_bytes()).sum();
+            let huge = edgelora_kernels::cpu::mem::huge_bytes(regions.iter().map(|r| &**r));
             tracing::info!(
                 regions = regions.len(),
                 mb = regions.iter().map(|r| r.len()).sum::<usize>() as f64 / 1e6,

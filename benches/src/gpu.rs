@@ -113,18 +113,25 @@ fn open_gpu(ordinal: usize) -> Result<Arc<Gpu>> {
     }
 }
 
-/// Seconds per call of `f`, from CUDA events around `iters` calls after 3 untimed ones.
+/// Seconds per call of `f`, from CUDA events around `iters` calls after 3 untimed ones. The timed
+/// calls queue behind a kernel that holds the stream for longer than the host takes to issue them
+/// (1.5× the warm-up calls' host time, at least 5 ms), so the events see the device running them
+/// back to back, not the host's launch rate (which varied 2-3× between runs on a lent H100).
 pub(crate) fn time_events(
     gpu: &Gpu,
     iters: usize,
     mut f: impl FnMut() -> Result<()>,
 ) -> Result<f64> {
+    let t0 = std::time::Instant::now();
     for _ in 0..3 {
         f()?;
     }
+    let host_per_call = t0.elapsed().as_secs_f64() / 3.0;
     let ctx = gpu.context();
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let (a, b) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
+    let hold_s = (1.5 * host_per_call * iters as f64).clamp(5e-3, 1.0);
+    edgelora_kernels::cuda::smoke::hold(gpu, (hold_s * 1e9) as u64)?;
     a.record(gpu.stream())?;
     for _ in 0..iters {
         f()?;

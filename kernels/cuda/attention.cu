@@ -311,18 +311,23 @@ extern "C" __global__ void kv_read_token(const float* kf, const float* vf, const
 // A row's entries (meta + rows[0]) are its visible page ids, one int each.
 
 #define BOUND_WARPS 8
-#define BOUND_PAGES 16
+#define BOUND_PAGES 32
 
 // bounds[bounds_off + h * C + i] = page_bound(q_h, kmin, kmax) of candidate page 1 + i, with the
 // CPU's summation order: lane (g, u) of a warp sums channels u, u + 8, ... of head g in order (the
 // CPU's lane u), the three xor shuffles add lanes exactly as reduce8 pairs them (IEEE addition is
-// commutative), then the tail. One warp per page, BOUND_PAGES pages per block.
+// commutative), then the tail. One warp per page, BOUND_PAGES / BOUND_WARPS pages per warp.
+// The warp stages a page's key min / max in shared memory with 16-byte loads, one per lane and
+// array (512 bytes per load instruction where lanes reading their own channels would bring 32),
+// and when a page fits one chunk (d <= BOUND_CHUNK) it loads the next page's into registers
+// while it sums the current one, so every warp keeps a page in flight.
 // Grid: (S, ceil(Cmax / BOUND_PAGES), n_kv), 32 * BOUND_WARPS threads.
-// Dynamic shared memory: G * (d + 8) floats (the group's queries, rows padded against conflicts).
-extern "C" __global__ void attn_page_bounds(const float* q, const int* meta, int sp_off,
-                                            const float* bmin, const float* bmax, float* bounds,
-                                            int layer, int n_layers, int n_kv, int d,
-                                            int n_heads) {
+// Dynamic shared memory: G * (d + 8) + BOUND_WARPS * 2 * BOUND_CHUNK floats.
+#define BOUND_CHUNK 128
+#define BOUND_PER_WARP (BOUND_PAGES / BOUND_WARPS)
+extern "C" __global__ void __launch_bounds__(32 * BOUND_WARPS)
+attn_page_bounds(const float* q, const int* meta, int sp_off, const float* bmin, const float* bmax,
+                 float* bounds, int layer, int n_layers, int n_kv, int d, int n_heads) {
     extern __shared__ float bq[];
     const int* sp = meta + sp_off + blockIdx.x * SPARSE_INTS;
     const int row = sp[0], C = sp[1];
@@ -331,32 +336,95 @@ extern "C" __global__ void attn_page_bounds(const float* q, const int* meta, int
     const int qs = d + 8;
     const int i0 = blockIdx.y * BOUND_PAGES;
     if (i0 >= C) return;  // block-uniform, before the barrier
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int* ent = meta + meta[row * ROW_INTS];
+    // Lane t < BOUND_PER_WARP holds the page id of the warp's t-th candidate (-1: none).
+    int my_page = -1;
+    {
+        const int it = i0 + warp + BOUND_WARPS * lane;
+        if (lane < BOUND_PER_WARP && it < C) my_page = ent[1 + it];
+    }
     const float* qg = q + ((long long)row * n_heads + (long long)kv * G) * d;
     for (int e = threadIdx.x; e < G * d; e += blockDim.x) {
         const int g = e / d;
         bq[g * qs + (e - g * d)] = qg[e];
     }
-    __syncthreads();
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int* ent = meta + meta[row * ROW_INTS];
+    float* slo = bq + G * qs + warp * 2 * BOUND_CHUNK;  // this warp's staged min / max
+    float* shi = slo + BOUND_CHUNK;
     const int d8 = d & ~7;
+    const bool vec = (d & 3) == 0;          // rows 16-byte aligned
+    const bool one = vec && d <= BOUND_CHUNK;  // a page is one chunk: prefetch whole pages
+    const bool lv = 4 * lane < d;            // this lane loads in the one-chunk path
+    float4 nlo = make_float4(0.f, 0.f, 0.f, 0.f), nhi = nlo;
+    if (one && i0 + warp < C) {
+        const int page = __shfl_sync(FULL_MASK, my_page, 0);
+        const long long tile = tile_index(page, layer, kv, n_layers, n_kv);
+        if (lv) {
+            nlo = __ldg((const float4*)(bmin + tile * d) + lane);
+            nhi = __ldg((const float4*)(bmax + tile * d) + lane);
+        }
+    }
+    __syncthreads();  // the queries are staged
     float* outb = bounds + sp[4] + (long long)kv * G * C;
-    const int i_end = min(i0 + BOUND_PAGES, C);
-    for (int i = i0 + warp; i < i_end; i += BOUND_WARPS) {  // warp-uniform
-        const int page = ent[1 + i];
+    for (int t = 0; t < BOUND_PER_WARP; ++t) {
+        const int i = i0 + warp + BOUND_WARPS * t;
+        if (i >= C) break;  // warp-uniform
+        const int page = __shfl_sync(FULL_MASK, my_page, t);
         const long long tile = tile_index(page, layer, kv, n_layers, n_kv);
         const float* lo = bmin + tile * d;
         const float* hi = bmax + tile * d;
-        for (int base = 0; base < G * 8; base += 32) {
+        if (one) {
+            __syncwarp();  // the previous page's readers are done
+            if (lv) {
+                *(float4*)(slo + 4 * lane) = nlo;
+                *(float4*)(shi + 4 * lane) = nhi;
+            }
+            __syncwarp();
+            if (t + 1 < BOUND_PER_WARP && i + BOUND_WARPS < C) {  // warp-uniform
+                const int np = __shfl_sync(FULL_MASK, my_page, t + 1);
+                const long long nt = tile_index(np, layer, kv, n_layers, n_kv);
+                if (lv) {
+                    nlo = __ldg((const float4*)(bmin + nt * d) + lane);
+                    nhi = __ldg((const float4*)(bmax + nt * d) + lane);
+                }
+            }
+        }
+        // Lane (g, u) of chain slot `base`: head g = (base + lane) / 8 (one slot for G <= 4).
+        for (int base = 0; base < G * 8; base += 32) {  // warp-uniform
             const int chain = base + lane, g = chain >> 3, u = chain & 7;
             const bool valid = g < G;
             const float* qh = bq + (valid ? g : 0) * qs;
             float l = 0.0f;
-            if (valid) {
+            if (one) {
+                if (valid) {
 #pragma unroll 4
-                for (int c = u; c < d8; c += 8) {
-                    const float qv = qh[c];
-                    l = __fadd_rn(l, fmaxf(__fmul_rn(qv, __ldg(lo + c)), __fmul_rn(qv, __ldg(hi + c))));
+                    for (int c = u; c < d8; c += 8)
+                        l = __fadd_rn(l, fmaxf(__fmul_rn(qh[c], slo[c]), __fmul_rn(qh[c], shi[c])));
+                }
+            } else {
+                // Channels in increasing order, chunk by chunk: lane u's chain is c = u, u + 8, ...
+                for (int c0 = 0; c0 < d8; c0 += BOUND_CHUNK) {
+                    const int n = min(BOUND_CHUNK, d - c0);
+                    __syncwarp();  // the previous chunk's readers are done
+                    if (vec) {
+                        if (4 * lane < n) {
+                            *(float4*)(slo + 4 * lane) = __ldg((const float4*)(lo + c0) + lane);
+                            *(float4*)(shi + 4 * lane) = __ldg((const float4*)(hi + c0) + lane);
+                        }
+                    } else {
+                        for (int c = lane; c < n; c += 32) {
+                            slo[c] = __ldg(lo + c0 + c);
+                            shi[c] = __ldg(hi + c0 + c);
+                        }
+                    }
+                    __syncwarp();
+                    if (valid) {
+                        const int cend = min(n, d8 - c0);
+#pragma unroll 4
+                        for (int c = u; c < cend; c += 8)
+                            l = __fadd_rn(l, fmaxf(__fmul_rn(qh[c0 + c], slo[c]),
+                                                   __fmul_rn(qh[c0 + c], shi[c])));
+                    }
                 }
             }
             l = __fadd_rn(l, __shfl_xor_sync(FULL_MASK, l, 4));
@@ -397,19 +465,25 @@ __device__ __forceinline__ u32 sel_key(const float* b, int i, int C, int nb) {
 // largest bounds (ties: lower page index), found by an MSB radix select over total_cmp keys
 // (shared-memory histograms, one warp-aggregated atomic per distinct digit per warp).
 // With `shared` (SparseConfig::group_shared) one block per (sparse row, kv head) selects for the
-// whole group by its heads' largest bound and sets all G bits.
+// whole group by its heads' largest bound, and, since no other block adds pages to its kv head,
+// writes the kept-page list itself (what attn_compact_pages does for per-head selection: page 0,
+// the kept candidates in page order, the recent pages, each with all G bits; the count to
+// counts[s * n_kv + kv]) without touching the masks.
 // Grid: (S, shared ? n_kv : n_heads), SEL_THREADS threads. Dynamic shared memory: key_cap u32
 // (keys cached when C <= key_cap, else recomputed from `bounds`).
 extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const float* bounds,
-                                             u32* masks, int n_heads, int n_kv, int key_cap,
-                                             int shared) {
+                                             u32* masks, int* lists, int* counts, int n_heads,
+                                             int n_kv, int key_cap, int shared) {
     extern __shared__ u32 skeys[];
-    __shared__ u32 hist[256];
-    __shared__ u32 s_digit;
-    __shared__ int s_rem;
+    // Double-buffered: a pass clears the next pass's histogram while warp 0 scans its own, so a
+    // pass needs two barriers.
+    __shared__ u32 hist2[2][256];
+    __shared__ u32 s_digit[2];
+    __shared__ int s_rem[2];
     __shared__ int warp_cnt[SEL_THREADS / 32];
+    __shared__ int warp_sel[SEL_THREADS / 32];
     const int* sp = meta + sp_off + blockIdx.x * SPARSE_INTS;
-    const int row = sp[0], C = sp[1], k = sp[2], rs = sp[3];
+    const int row = sp[0], C = sp[1], k = sp[2], rs = sp[3], cap = sp[7];
     const int G = n_heads / n_kv;
     const int kv = shared ? (int)blockIdx.y : (int)blockIdx.y / G;
     const int h = shared ? kv * G : (int)blockIdx.y;  // the first head whose bounds are read
@@ -419,8 +493,27 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
     u32* mask = masks + sp[5] + (long long)kv * npages;
     const float* b = bounds + sp[4] + (long long)h * C;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    if (tid == 0) atomicOr(&mask[0], bit);
-    for (int p = rs + tid; p < npages; p += SEL_THREADS) atomicOr(&mask[p], bit);
+    const int kk = k > 0 ? k : 0;  // candidates kept (C > k: the row has more pages than its budget)
+    int* list = lists + sp[6] + (long long)kv * cap * 2;
+    if (shared) {
+        // List: page 0, the kk kept candidates (written below), pages rs.. .
+        if (tid == 0) {
+            list[0] = 0;
+            list[1] = (int)bit;
+            const int n = 1 + kk + (npages - rs);
+            counts[blockIdx.x * n_kv + kv] = n < cap ? n : cap;
+        }
+        for (int p = rs + tid; p < npages; p += SEL_THREADS) {
+            const int pos = 1 + kk + (p - rs);
+            if (pos < cap) {
+                list[2 * pos] = p;
+                list[2 * pos + 1] = (int)bit;
+            }
+        }
+    } else {
+        if (tid == 0) atomicOr(&mask[0], bit);
+        for (int p = rs + tid; p < npages; p += SEL_THREADS) atomicOr(&mask[p], bit);
+    }
     if (k <= 0) return;
     const bool cached = C <= key_cap;
     if (cached)
@@ -428,9 +521,10 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
 
     u32 prefix = 0, pmask = 0;
     int rem = k;
-    for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = tid; i < 256; i += SEL_THREADS) hist[i] = 0;
-        __syncthreads();
+    for (int i = tid; i < 256; i += SEL_THREADS) hist2[0][i] = 0;
+    __syncthreads();  // hist2[0] clear, the cached keys written
+    for (int shift = 24, pass = 0; shift >= 0; shift -= 8, ++pass) {
+        u32* hist = hist2[pass & 1];
         for (int base = 0; base < C; base += SEL_THREADS) {  // block-uniform trip count
             const int i = base + tid;
             u32 dg = 256u;  // no digit
@@ -442,7 +536,10 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
             if (dg < 256u && lane == __ffs(peers) - 1) atomicAdd(&hist[dg], (u32)__popc(peers));
         }
         __syncthreads();
-        if (warp == 0) {
+        if (warp != 0) {
+            // The next pass's histogram (last read by the previous pass's scan).
+            for (int i = tid - 32; i < 256; i += SEL_THREADS - 32) hist2[(pass + 1) & 1][i] = 0;
+        } else {
             // Lane L holds digits 255 - 8L down to 248 - 8L: lanes in descending digit order.
             u32 cnt[8];
             u32 tot = 0;
@@ -464,8 +561,8 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
 #pragma unroll
                 for (int u = 0; u < 8; ++u) {
                     if (above + cnt[u] >= (u32)rem) {
-                        s_digit = 255u - 8u * lane - u;
-                        s_rem = rem - (int)above;
+                        s_digit[pass & 1] = 255u - 8u * lane - u;
+                        s_rem[pass & 1] = rem - (int)above;
                         break;
                     }
                     above += cnt[u];
@@ -473,31 +570,54 @@ extern "C" __global__ void attn_select_pages(const int* meta, int sp_off, const 
             }
         }
         __syncthreads();
-        prefix |= s_digit << shift;
+        prefix |= s_digit[pass & 1] << shift;
         pmask |= 255u << shift;
-        rem = s_rem;
-        __syncthreads();
+        rem = s_rem[pass & 1];
     }
     // Keys above the threshold `prefix` are all kept; of the keys equal to it, the first `rem` by
     // index (the CPU's tie order).
-    int taken = 0;
+    // Shared: a kept candidate's list position is 1 + the kept candidates before it, i.e. the
+    // keys above the threshold before it plus the first `rem` of the keys equal to it: both
+    // block-wide prefix counts come from one barrier.
+    const u32 below = (1u << lane) - 1u;
+    int eq_seen = 0, gt_seen = 0;
     for (int base = 0; base < C; base += SEL_THREADS) {
         const int i = base + tid;
         const u32 key = i < C ? (cached ? skeys[i] : sel_key(b, i, C, nb)) : 0u;
         const bool gt = i < C && key > prefix;
         const bool eq = i < C && key == prefix;
-        const u32 ball = __ballot_sync(FULL_MASK, eq);
-        const int before = __popc(ball & ((1u << lane) - 1u));
-        if (lane == 0) warp_cnt[warp] = __popc(ball);
-        __syncthreads();
-        int off = 0, total = 0;
-        for (int w = 0; w < SEL_THREADS / 32; ++w) {
-            const int c = warp_cnt[w];
-            if (w < warp) off += c;
-            total += c;
+        const u32 eb = __ballot_sync(FULL_MASK, eq), gb = __ballot_sync(FULL_MASK, gt);
+        if (lane == 0) {
+            warp_cnt[warp] = __popc(eb);
+            warp_sel[warp] = __popc(gb);
         }
-        if (gt || (eq && taken + off + before < rem)) atomicOr(&mask[1 + i], bit);
-        taken += total;
+        __syncthreads();
+        int eoff = 0, etot = 0, goff = 0, gtot = 0;
+        for (int w = 0; w < SEL_THREADS / 32; ++w) {
+            const int ce = warp_cnt[w], cg = warp_sel[w];
+            if (w < warp) {
+                eoff += ce;
+                goff += cg;
+            }
+            etot += ce;
+            gtot += cg;
+        }
+        const int eq_before = eq_seen + eoff + __popc(eb & below);
+        const bool keep = gt || (eq && eq_before < rem);
+        if (keep) {
+            if (!shared) {
+                atomicOr(&mask[1 + i], bit);
+            } else {
+                const int gt_before = gt_seen + goff + __popc(gb & below);
+                const int pos = 1 + gt_before + min(eq_before, rem);
+                if (pos < cap) {
+                    list[2 * pos] = 1 + i;
+                    list[2 * pos + 1] = (int)bit;
+                }
+            }
+        }
+        eq_seen += etot;
+        gt_seen += gtot;
         __syncthreads();
     }
 }
@@ -858,10 +978,10 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float* red, 
     v = is_max ? warp_max(v) : warp_sum(v);
     if (lane == 0) red[warp] = v;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float a = red[0];
-        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) a = is_max ? fmaxf(a, red[w]) : a + red[w];
-        *out = a;
+    if (warp == 0) {
+        float a = lane < (int)(blockDim.x >> 5) ? red[lane] : (is_max ? NEG_INF : 0.0f);
+        a = is_max ? warp_max(a) : warp_sum(a);
+        if (lane == 0) *out = a;
     }
     __syncthreads();
     return *out;

@@ -19,14 +19,15 @@
 //! layer while pages are written and sealed between layers ([`AttentionPlan`] states the rule).
 //! [`paged_attention_planned`] only launches kernels.
 //!
-//! Sparse rows run three small kernels: `attn_page_bounds` (one warp per candidate page; lanes
-//! (head, u) sum channels `u, u+8, ...` in order and xor shuffles pair the eight lanes exactly as
+//! Sparse rows run two or three small kernels: `attn_page_bounds` (one warp per candidate page,
+//! which stages the page's key min / max in shared memory with 16-byte loads; lanes (head, u) sum
+//! channels `u, u+8, ...` in order and xor shuffles pair the eight lanes exactly as
 //! [`crate::cpu::attention::page_bound`]'s `reduce8`, so the bounds are bit-identical),
 //! `attn_select_pages` (one block per (row, query head): MSB radix select over `f32::total_cmp` keys
 //! with shared-memory histograms and warp-aggregated atomics for the `k`-th largest bound, then ties
 //! by lower page index — the CPU's rule — writing a per-page bit mask of the group's heads; under
 //! [`SparseConfig::group_shared`] one block per (row, kv head) ranks by the group's largest bound
-//! and sets every head's bit), and
+//! and sets every head's bit, writing the kept-page list itself), and, for per-head selection,
 //! `attn_compact_pages` (per (row, kv head), the ascending list of pages any head of the group
 //! keeps, with their head masks; it clears the masks for the next layer). The selection is entirely
 //! on the device.
@@ -90,9 +91,11 @@ const WORK_INTS: usize = 3;
 const SEL_THREADS: u32 = 1024;
 /// Threads of an attn_reduce block (attention.cu).
 const RED_THREADS: u32 = 1024;
-/// Warps per attn_page_bounds block and candidate pages per block (attention.cu).
+/// Warps per attn_page_bounds block, candidate pages per block, and the channels a warp stages in
+/// shared memory at a time (attention.cu).
 const BOUND_WARPS: u32 = 8;
-const BOUND_PAGES: usize = 16;
+const BOUND_PAGES: usize = 32;
+const BOUND_CHUNK: usize = 128;
 /// Split-K target: blocks per SM over the whole grid (4 measured best at 4K and 32K contexts on an
 /// H200: 26.7 / 141.9 us against 30.3 / 145.0 us with 8).
 const WAVES_PER_SM: usize = 4;
@@ -254,6 +257,11 @@ fn chunk_tokens(d: usize, group: usize) -> Result<usize, CudaError> {
     Ok(ch)
 }
 
+/// Shared memory of an attn_page_bounds block: the group's queries and each warp's staged bounds.
+fn bounds_smem(d: usize, group: usize) -> usize {
+    (group * (d + 8) + BOUND_WARPS as usize * 2 * BOUND_CHUNK) * 4
+}
+
 fn attn_smem(ch: usize, d: usize, group: usize) -> usize {
     (2 * ch * (d + 4) + group * d) * 4 + (4 * ch + 4 * META_CAP) * 4
 }
@@ -284,7 +292,7 @@ pub fn attention_plan_with(
     if d > MAX_HEAD_DIM {
         return Err(shape(format!("attention: head_dim {d} > {MAX_HEAD_DIM}")));
     }
-    if group * (d + 8) * 4 > SMEM_LIMIT {
+    if bounds_smem(d, group) > SMEM_LIMIT {
         return Err(shape(format!(
             "attention: head_dim {d} × group {group} exceeds shared memory"
         )));
@@ -442,6 +450,7 @@ pub fn attention_plan_with(
 
     let s = gpu.stream();
     let n_sparse = sparse_rows.len();
+    let shared = sparse.is_some_and(|c| c.group_shared);
     Ok(AttentionPlan {
         rows,
         n_heads,
@@ -451,7 +460,7 @@ pub fn attention_plan_with(
         n_work,
         n_sparse,
         max_cand,
-        shared: sparse.is_some_and(|c| c.group_shared),
+        shared,
         split,
         work_off: work_off as i32,
         sp_off: sp_off as i32,
@@ -461,13 +470,15 @@ pub fn attention_plan_with(
         lists: s.alloc_zeros::<i32>(lists_len.max(1))?,
         bounds: s.alloc_zeros::<f32>(bounds_len.max(1))?,
         // Zero here; attn_compact_pages clears what attn_select_pages set, layer after layer.
-        masks: s.alloc_zeros::<u32>(masks_len.max(1))?,
+        // A shared selection writes its lists directly and never reads them.
+        masks: s.alloc_zeros::<u32>(if shared { 1 } else { masks_len.max(1) })?,
         part: s.alloc_zeros::<f32>(if split { n_work * n_heads * (d + 2) } else { 1 })?,
     })
 }
 
-/// Attention of one layer under `plan`: no host-device copy, only launches (3 selection kernels
-/// when some row is sparse, the attention kernel, and the split-K merge when some row is split).
+/// Attention of one layer under `plan`: no host-device copy, only launches (when some row is
+/// sparse, 2 selection kernels for a group-shared selection, 3 for per-head; the attention kernel;
+/// the split-K merge when some row is split).
 /// `q` and `out` are `[plan.rows() × n_heads·head_dim]`.
 pub fn paged_attention_planned(
     gpu: &Gpu,
@@ -519,15 +530,15 @@ pub fn paged_attention_planned(
                 n_kv as u32,
             ),
             block_dim: (32 * BOUND_WARPS, 1, 1),
-            shared_mem_bytes: (group * (d + 8) * 4) as u32,
+            shared_mem_bytes: bounds_smem(d, group) as u32,
         };
         let f = gpu.function(MODULE.name, "attn_page_bounds")?;
         // SAFETY: attn_page_bounds(const float* q, const int* meta, int sp_off,
         // const float* bmin, const float* bmax, float* bounds, int layer, int n_layers, int n_kv,
         // int d, int n_heads). Sparse records index rows < rows, candidate pages 1..recent_start of
         // tables whose page ids were checked < capacity; bounds holds every record's
-        // n_heads × C floats; shared memory holds G·(d + 8) floats (checked <= 48 KiB at plan
-        // time). The plan's scratch is device memory used only by launches on this stream.
+        // n_heads × C floats; shared memory is bounds_smem (checked <= 48 KiB at plan time). The
+        // plan's scratch is device memory used only by launches on this stream.
         unsafe {
             s.launch_builder(f)
                 .arg(q)
@@ -557,22 +568,29 @@ pub fn paged_attention_planned(
         };
         let f = gpu.function(MODULE.name, "attn_select_pages")?;
         // SAFETY: attn_select_pages(const int* meta, int sp_off, const float* bounds, u32* masks,
-        // int n_heads, int n_kv, int key_cap, int shared): one block per (record, query head), or
-        // per (record, kv head) when shared; masks holds n_kv × npages per record (zero: fresh,
-        // or cleared by the previous run's attn_compact_pages); keys are cached only when
-        // C <= key_cap, which the shared memory holds.
+        // int* lists, int* counts, int n_heads, int n_kv, int key_cap, int shared): one block per
+        // (record, query head), or per (record, kv head) when shared; masks holds n_kv × npages
+        // per record unless shared (zero: fresh, or cleared by the previous run's
+        // attn_compact_pages); shared, it writes lists (n_kv × cap pairs per record, writes
+        // capped) and counts (n_sparse × n_kv) instead; keys are cached only when C <= key_cap,
+        // which the shared memory holds.
         unsafe {
             s.launch_builder(f)
                 .arg(&plan.meta)
                 .arg(&sp_off_i)
                 .arg(&plan.bounds)
                 .arg(&plan.masks)
+                .arg(&plan.lists)
+                .arg(&plan.counts)
                 .arg(&n_heads_i)
                 .arg(&n_kv_i)
                 .arg(&key_cap_i)
                 .arg(&shared_i)
                 .launch(cfg)?;
         }
+    }
+    if n_sparse > 0 && !plan.shared {
+        // Per-head selections meet in the masks: their union, in page order, becomes the lists.
         let cfg = LaunchConfig {
             grid_dim: (n_sparse as u32, n_kv as u32, 1),
             block_dim: (SEL_THREADS, 1, 1),

@@ -558,6 +558,65 @@ fn split_k_long_context_matches_cpu() {
     }
 }
 
+/// Split rows leave partials that a second launch merges: runs of one plan, with the output
+/// cleared between them, must each write every head (a merge that skipped a head would leave
+/// zeros) and agree bit for bit (no order in the merge depends on scheduling), dense, per-head and
+/// group-shared sparse.
+#[test]
+fn split_merge_repeats_bit_for_bit_under_one_plan() {
+    let Some(gpu) = gpu_or_skip("attention::split_merge_repeats_bit_for_bit_under_one_plan") else {
+        return;
+    };
+    let (ps, n_kv, n_heads, d) = (16, 2, 8, 128);
+    let b = build(&gpu, KvDtype::Int4, ps, n_kv, d, &[3001], Seal::Engine, 35);
+    let q = Rng::new(36).vec(n_heads * d);
+    let s = gpu.stream();
+    let dq = s.clone_htod(&q).unwrap();
+    let mut out = s.alloc_zeros::<f32>(n_heads * d).unwrap();
+    let queries = [GpuQuery {
+        pages: &b.tables[0],
+        n_tokens: 3001,
+    }];
+    let split = SplitPlan {
+        entries_per_split: Some(3),
+    };
+    for sparse in [
+        None,
+        Some(SparseConfig::new(1024)),
+        Some(SparseConfig::new(1024).shared_by_group()),
+    ] {
+        let plan =
+            attention_plan_with(&gpu, &b.gpu, &queries, n_heads, sparse.as_ref(), split).unwrap();
+        assert!(plan.work_items() > 1, "the row is split");
+        let mut first: Option<Vec<f32>> = None;
+        for _ in 0..4 {
+            s.memset_zeros(&mut out).unwrap();
+            paged_attention_planned(
+                &gpu,
+                &b.gpu,
+                &plan,
+                1,
+                &dq.as_view(),
+                0.125,
+                &mut out.as_view_mut(),
+            )
+            .unwrap();
+            let got = s.clone_dtoh(&out).unwrap();
+            assert!(
+                got.chunks(d).all(|h| h.iter().any(|&x| x != 0.0)),
+                "{sparse:?}: a head was not written"
+            );
+            match &first {
+                None => first = Some(got),
+                Some(f) => assert!(
+                    f.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{sparse:?}: runs differ"
+                ),
+            }
+        }
+    }
+}
+
 /// A shared selection reads exactly the budget per KV head; per-head selection reads the union of
 /// the group's pages (more, on random queries).
 #[test]

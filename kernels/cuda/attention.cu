@@ -701,7 +701,9 @@ __device__ __forceinline__ void store16(float* dst, const float* v) {
         *(float4*)(dst + 4 * m) = make_float4(v[4 * m], v[4 * m + 1], v[4 * m + 2], v[4 * m + 3]);
 }
 
-extern "C" __global__ void __launch_bounds__(256, 4) attn_paged(
+// Blocks of 32 max(G, 8) threads, up to 1024 (G <= 32): the bounds cap registers at 64, as
+// (256, 4) did (ptxas gives byte-identical code), without refusing groups of more than 8 heads.
+extern "C" __global__ void __launch_bounds__(1024, 1) attn_paged(
     const float* q, float* out, float* part, const int* meta, int work_off, int sp_off,
     const int* lists, const int* counts, const int* stage_tab, const float* kf, const float* vf,
     const u16* kh, const u16* vh, const u8* kq, const u8* vq, const u16* ksc, const u16* kmn,

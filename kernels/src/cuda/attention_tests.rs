@@ -459,6 +459,57 @@ fn sparse_matches_cpu() {
     }
 }
 
+/// Head dims the other sparse tests do not reach: 256 stages each page's bounds in two chunks, and
+/// 66 (not a multiple of 4) by scalar loads with a tail past the last 8 channels; groups of 1, 3
+/// and 12 query heads (12: two chain slots of 32 lanes per page).
+#[test]
+fn sparse_matches_cpu_on_wide_and_odd_head_dims() {
+    let Some(gpu) = gpu_or_skip("attention::sparse_matches_cpu_on_wide_and_odd_head_dims") else {
+        return;
+    };
+    let mut rng = Rng::new(41);
+    let ps = 16;
+    for (case, (d, n_kv, n_heads)) in [(256, 2, 2), (256, 1, 3), (66, 2, 6), (66, 1, 12)]
+        .into_iter()
+        .enumerate()
+    {
+        let case = case as u64;
+        let lens = random_lens(&mut rng, ps);
+        let b = build(
+            &gpu,
+            KvDtype::F16,
+            ps,
+            n_kv,
+            d,
+            &lens,
+            Seal::Engine,
+            500 + case,
+        );
+        let rows = rows_for(&b);
+        let q = Rng::new(600 + case).vec(rows.len() * n_heads * d);
+        for cfg in [
+            SparseConfig::new(6 * ps),
+            SparseConfig::new(6 * ps).shared_by_group(),
+        ] {
+            let (got, want) = run_both(
+                &gpu,
+                &b,
+                1,
+                &rows,
+                n_heads,
+                &q,
+                Some(&cfg),
+                SplitPlan::default(),
+            );
+            let err = rel_err(&got, &want);
+            assert!(
+                err <= TOL,
+                "d={d} heads {n_heads}/{n_kv} lens {lens:?} {cfg:?}: err {err}"
+            );
+        }
+    }
+}
+
 /// Page bounds that tie exactly (identical pages) must be broken toward the lower page, as the CPU.
 #[test]
 fn sparse_ties_match_cpu() {

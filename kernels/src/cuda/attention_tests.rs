@@ -609,6 +609,42 @@ fn split_k_long_context_matches_cpu() {
     }
 }
 
+/// A random query for `n_heads` heads of `d` on the device, and an output buffer of its size.
+fn device_query(
+    gpu: &Gpu,
+    n_heads: usize,
+    d: usize,
+    seed: u64,
+) -> (CudaSlice<f32>, CudaSlice<f32>) {
+    let s = gpu.stream();
+    let q = Rng::new(seed).vec(n_heads * d);
+    (
+        s.clone_htod(&q).unwrap(),
+        s.alloc_zeros(n_heads * d).unwrap(),
+    )
+}
+
+/// Runs `plan` on layer 1 (scale 0.125) and returns the output.
+fn run_planned(
+    gpu: &Gpu,
+    b: &Built,
+    plan: &AttentionPlan,
+    dq: &CudaSlice<f32>,
+    out: &mut CudaSlice<f32>,
+) -> Vec<f32> {
+    paged_attention_planned(
+        gpu,
+        &b.gpu,
+        plan,
+        1,
+        &dq.as_view(),
+        0.125,
+        &mut out.as_view_mut(),
+    )
+    .unwrap();
+    gpu.stream().clone_dtoh(out).unwrap()
+}
+
 /// Split rows leave partials that a second launch merges: runs of one plan, with the output
 /// cleared between them, must each write every head (a merge that skipped a head would leave
 /// zeros) and agree bit for bit (no order in the merge depends on scheduling), dense, per-head and
@@ -620,10 +656,8 @@ fn split_merge_repeats_bit_for_bit_under_one_plan() {
     };
     let (ps, n_kv, n_heads, d) = (16, 2, 8, 128);
     let b = build(&gpu, KvDtype::Int4, ps, n_kv, d, &[3001], Seal::Engine, 35);
-    let q = Rng::new(36).vec(n_heads * d);
+    let (dq, mut out) = device_query(&gpu, n_heads, d, 36);
     let s = gpu.stream();
-    let dq = s.clone_htod(&q).unwrap();
-    let mut out = s.alloc_zeros::<f32>(n_heads * d).unwrap();
     let queries = [GpuQuery {
         pages: &b.tables[0],
         n_tokens: 3001,
@@ -642,17 +676,7 @@ fn split_merge_repeats_bit_for_bit_under_one_plan() {
         let mut first: Option<Vec<f32>> = None;
         for _ in 0..4 {
             s.memset_zeros(&mut out).unwrap();
-            paged_attention_planned(
-                &gpu,
-                &b.gpu,
-                &plan,
-                1,
-                &dq.as_view(),
-                0.125,
-                &mut out.as_view_mut(),
-            )
-            .unwrap();
-            let got = s.clone_dtoh(&out).unwrap();
+            let got = run_planned(&gpu, &b, &plan, &dq, &mut out);
             assert!(
                 got.chunks(d).all(|h| h.iter().any(|&x| x != 0.0)),
                 "{sparse:?}: a head was not written"
@@ -677,10 +701,8 @@ fn group_shared_lists_hold_exactly_the_budget() {
     };
     let (ps, n_kv, n_heads, d) = (16, 2, 8, 64);
     let b = build(&gpu, KvDtype::Int4, ps, n_kv, d, &[4000], Seal::Engine, 33);
-    let q = Rng::new(34).vec(n_heads * d);
+    let (dq, mut out) = device_query(&gpu, n_heads, d, 34);
     let s = gpu.stream();
-    let dq = s.clone_htod(&q).unwrap();
-    let mut out = s.alloc_zeros::<f32>(n_heads * d).unwrap();
     let queries = [GpuQuery {
         pages: &b.tables[0],
         n_tokens: 4000,
@@ -690,16 +712,7 @@ fn group_shared_lists_hold_exactly_the_budget() {
     let mut counts = Vec::new();
     for cfg in [budget.shared_by_group(), budget] {
         let plan = attention_plan(&gpu, &b.gpu, &queries, n_heads, Some(&cfg)).unwrap();
-        paged_attention_planned(
-            &gpu,
-            &b.gpu,
-            &plan,
-            1,
-            &dq.as_view(),
-            0.125,
-            &mut out.as_view_mut(),
-        )
-        .unwrap();
+        run_planned(&gpu, &b, &plan, &dq, &mut out);
         counts.push(s.clone_dtoh(&plan.counts).unwrap());
     }
     assert_eq!(

@@ -65,7 +65,25 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     fi
     }
     skip attention || { echo "== attention"
-    timeout 150 $B gpu attention $([ "${SWEEP:-0}" = 1 ] && echo --splits 2,4,8,16,32,64,128) 2>&1 | tee "$OUTDIR/attention.log"; }
+    timeout 150 $B gpu attention $([ "${SWEEP:-0}" = 1 ] && echo --splits 2,4,8,16,32,64,128) 2>&1 | tee "$OUTDIR/attention.log"
+    # PROFILE=1: each attention kernel's device time at 32K, in launch order (dense, then the
+    # sparse configurations, four runs each).
+    if [ "${PROFILE:-0}" = 1 ] && [ -x /usr/local/cuda/bin/ncu ]; then
+        echo "== ncu: attention kernels at 32K context"
+        timeout 120 /usr/local/cuda/bin/ncu --metrics gpu__time_duration.sum --cache-control none \
+            --clock-control none -k regex:attn_ --csv $B gpu attention --ctx 32768 --iters 1 \
+            2>/dev/null > "$OUTDIR/ncu-attention.csv"
+        python3 - "$OUTDIR/ncu-attention.csv" <<'PY'
+import csv, sys
+rows = list(csv.reader(open(sys.argv[1])))
+hdr = next((r for r in rows if r and r[0] == "ID"), None)
+for r in rows:
+    if hdr and len(r) == len(hdr) and r[0] != "ID":
+        d = dict(zip(hdr, r))
+        us = float(d["Metric Value"].replace(",", "")) / 1e3
+        print(f'{d["Kernel Name"].split("(")[0]:22s} grid {d.get("Grid Size", ""):14s} {us:8.2f} us')
+PY
+    fi; }
     for shape in smollm2 llama-1b llama-8b; do
         echo "== decode $shape, int8 activations (the default) $(date +%T)"
         timeout 150 $B gpu decode --synth $shape --kv int4 --batch 1,16,64 --adapters 16 --rank 16 2>&1 | tee "$OUTDIR/decode-$shape.log"

@@ -131,7 +131,7 @@ pub(crate) fn time_events(
     let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
     let (a, b) = (ctx.new_event(flags)?, ctx.new_event(flags)?);
     let hold_s = (1.5 * host_per_call * iters as f64).clamp(5e-3, 1.0);
-    edgelora_kernels::cuda::smoke::hold(gpu, (hold_s * 1e9) as u64)?;
+    edgelora_kernels::cuda::timing::hold(gpu, (hold_s * 1e9) as u64)?;
     a.record(gpu.stream())?;
     for _ in 0..iters {
         f()?;

@@ -18,6 +18,7 @@ pub mod qact;
 pub mod sample;
 pub mod smoke;
 pub mod testing;
+pub mod timing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ pub const MODULES: &[KernelModule] = &[
     qact::MODULE,
     lora::MODULE,
     sample::MODULE,
+    timing::MODULE,
 ];
 
 /// Architectures the appliance ships PTX for: Jetson Orin, A100, H100.

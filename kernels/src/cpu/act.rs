@@ -33,7 +33,26 @@ pub struct BlockQ8A {
     pub d: f32,
     /// `d * sum(qs)`.
     pub s: f32,
+    /// `-U8_BIAS * sum(qs)`: where the VNNI kernels start a block's integer sum. `vpdpbusd`
+    /// multiplies unsigned by signed bytes, so they take each weight as an unsigned byte biased
+    /// by [`U8_BIAS`] (`w + 128` for Q8_0, `c - z + 128` for zero-point INT4) and this takes the
+    /// bias off again, with no float work.
+    pub bias_sum: i32,
     pub qs: [i8; QK],
+}
+
+/// What the VNNI kernels add to a signed weight to make it an unsigned byte; see
+/// [`BlockQ8A::bias_sum`].
+pub const U8_BIAS: i32 = 128;
+
+impl BlockQ8A {
+    /// Sets the scale and the sums kept beside the codes, `sum` being the sum of `qs`.
+    #[inline(always)]
+    pub fn set_scale(&mut self, d: f32, sum: i32) {
+        self.d = d;
+        self.s = d * sum as f32;
+        self.bias_sum = -U8_BIAS * sum;
+    }
 }
 
 /// A value is an outlier beyond this many times its row's mean magnitude (about 8 standard
@@ -411,8 +430,7 @@ fn quantize_block32(x: &[f32; QK], blk: &mut BlockQ8A) {
         *q = qi as i8;
         sum += qi;
     }
-    blk.d = d;
-    blk.s = d * sum as f32;
+    blk.set_scale(d, sum);
 }
 
 #[cfg(test)]
@@ -429,6 +447,7 @@ mod tests {
         for (b, blk) in a.row(0).iter().enumerate() {
             let sum: i32 = blk.qs.iter().map(|&q| q as i32).sum();
             assert_eq!(blk.s, blk.d * sum as f32);
+            assert_eq!(blk.bias_sum, -U8_BIAS * sum);
             for j in 0..32 {
                 let k = b * 32 + j;
                 let want = x.get(k).copied().unwrap_or(0.0);

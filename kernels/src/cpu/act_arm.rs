@@ -195,6 +195,5 @@ fn quantize_block(x: &[f32; QK], blk: &mut BlockQ8A) {
         vst1q_s8(blk.qs.as_mut_ptr(), lo);
         vst1q_s8(blk.qs.as_mut_ptr().add(16), hi);
     }
-    blk.d = d;
-    blk.s = d * sum as f32;
+    blk.set_scale(d, sum);
 }

@@ -233,6 +233,5 @@ fn quantize_block(x: &[f32; QK], zero: u32, blk: &mut BlockQ8A) {
     let packed = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     // SAFETY: `qs` is 32 bytes; unaligned store.
     unsafe { _mm256_storeu_si256(blk.qs.as_mut_ptr() as *mut __m256i, packed) };
-    blk.d = d;
-    blk.s = d * sum as f32;
+    blk.set_scale(d, sum);
 }

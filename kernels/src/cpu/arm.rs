@@ -8,7 +8,7 @@ use std::arch::aarch64::*;
 use crate::cpu::act::BlockQ8A;
 use crate::cpu::q4::{Q4Kind, TILE_ROWS, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::{Side, TileOut, f16_to_f32};
+use crate::cpu::qdot::{Side, f16_to_f32};
 
 #[inline]
 #[target_feature(enable = "neon")]
@@ -59,7 +59,13 @@ fn scales(d: &[u16; TILE_ROWS], xd: f32) -> (float32x4_t, float32x4_t) {
 macro_rules! arm_impl {
     ($q4:ident, $q8:ident, $feat:literal, $dot:ident) => {
         #[target_feature(enable = $feat)]
-        fn $q4(kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], out: &mut TileOut, side: Side) {
+        fn $q4(
+            kind: Q4Kind,
+            tiles: &[TileQ4],
+            xs: &[&[BlockQ8A]],
+            out: &mut [[f32; TILE_ROWS]],
+            side: Side,
+        ) {
             let m4 = vdupq_n_u8(0x0F);
             for (r, x) in xs.iter().enumerate() {
                 let (mut acc_lo, mut acc_hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
@@ -109,7 +115,7 @@ macro_rules! arm_impl {
         }
 
         #[target_feature(enable = $feat)]
-        fn $q8(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut, side: Side) {
+        fn $q8(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut [[f32; TILE_ROWS]], side: Side) {
             for (r, x) in xs.iter().enumerate() {
                 let (mut acc_lo, mut acc_hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
                 for (b, (t, xb)) in tiles.iter().zip(x.iter()).enumerate() {
@@ -153,7 +159,7 @@ pub unsafe fn q4q8_tiles(
     kind: Q4Kind,
     tiles: &[TileQ4],
     xs: &[&[BlockQ8A]],
-    out: &mut TileOut,
+    out: &mut [[f32; TILE_ROWS]],
     side: Side,
 ) {
     // SAFETY: the caller guarantees the features.
@@ -172,7 +178,7 @@ pub unsafe fn q8q8_tiles(
     dotprod: bool,
     tiles: &[TileQ8],
     xs: &[&[BlockQ8A]],
-    out: &mut TileOut,
+    out: &mut [[f32; TILE_ROWS]],
     side: Side,
 ) {
     // SAFETY: the caller guarantees the features.

@@ -14,7 +14,7 @@ use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
 use crate::cpu::mem::{Packable, Store};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
-use crate::cpu::qdot::{Isa, TileOut, q8q8_tiles};
+use crate::cpu::qdot::{Isa, TILE_XROWS, TileOut, q8q8_tiles};
 use crate::cpu::threads::SharedOut;
 use crate::{KernelError, Q8Matrix};
 
@@ -212,7 +212,7 @@ pub(crate) fn shrink_rows(
     for (i, r) in rows.clone().enumerate() {
         xs[i] = x.row(r);
     }
-    let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
+    let mut tmp: TileOut = [[0f32; TILE_ROWS]; TILE_XROWS];
     // t of row i, row group g at [(i * groups + g) * 8 ..].
     let mut t = vec![0f32; n * groups * TILE_ROWS];
     let mut cols = Vec::new();

@@ -12,7 +12,10 @@ use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::lora::{LoraSegmentQ8, ROWS_PER_TASK, expand_groups, shrink_rows};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
-use crate::cpu::qdot::{Isa, LINE, Side, TileOut, best_isa, q4q8_tiles_side, q8q8_tiles_side};
+use crate::cpu::qdot::{
+    Isa, LINE, Side, TILE_XROWS, TileOut, best_isa, q4q8_tiles_side, q4q8_tiles2_side,
+    q8q8_tiles_side, q8q8_tiles2_side,
+};
 use crate::cpu::threads::{SharedOut, parallel_ranges};
 use crate::{Q4Matrix, Q8Matrix, Weight};
 use std::ops::Range;
@@ -101,49 +104,65 @@ impl Weight {
         project_q8(&mut projs, x, isa);
     }
 
-    /// Row group `g` of `x W^T` into `op` (`[m, rows]`). `cols` holds this group's weight
+    /// Row groups `gs` (one, or two consecutive ones, which a 512-bit kernel computes together)
+    /// of `x W^T` into `op` (`[m, rows]`). `cols[k]` receives group `gs.start + k`'s weight
     /// columns at `plan`'s outlier columns.
     #[allow(clippy::too_many_arguments)]
-    fn q8_group(
+    fn q8_groups(
         &self,
-        g: usize,
+        gs: Range<usize>,
         plan: &OutlierPlan,
         xrows: &[&[BlockQ8A]],
         isa: Isa,
         op: SharedOut,
-        cols: &mut Vec<[f32; TILE_ROWS]>,
+        cols: &mut [Vec<[f32; TILE_ROWS]>; 2],
         ahead: &mut Prefetch<'_, '_>,
         per: usize,
     ) {
+        debug_assert!(matches!(gs.len(), 1 | 2));
         let (rows, m) = (self.rows(), xrows.len());
-        cols.clear();
-        match self {
-            Weight::Q4(w) => q4_group_columns(isa, w, g, &plan.cols, cols),
-            Weight::Q8(w) => q8_group_columns(isa, w, g, &plan.cols, cols),
-            Weight::F32(_) => unreachable!("dense weights take the exact path"),
-        }
-        let n0 = g * TILE_ROWS;
-        let n1 = (n0 + TILE_ROWS).min(rows);
-        let mut tmp: TileOut = [[0f32; TILE_ROWS]; 4];
-        for r0 in (0..m).step_by(4) {
-            let xs = &xrows[r0..(r0 + 4).min(m)];
-            let side = ahead.chunk(per);
+        for (g, cols) in gs.clone().zip(cols.iter_mut()) {
+            cols.clear();
             match self {
-                Weight::Q4(w) => {
-                    q4q8_tiles_side(isa, w.kind(), w.group_tiles(g), xs, &mut tmp, side)
-                }
-                Weight::Q8(w) => q8q8_tiles_side(isa, w.group_tiles(g), xs, &mut tmp, side),
+                Weight::Q4(w) => q4_group_columns(isa, w, g, &plan.cols, cols),
+                Weight::Q8(w) => q8_group_columns(isa, w, g, &plan.cols, cols),
                 Weight::F32(_) => unreachable!("dense weights take the exact path"),
+            }
+        }
+        let mut tmp: [TileOut; 2] = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+        let g = gs.start;
+        for r0 in (0..m).step_by(TILE_XROWS) {
+            let xs = &xrows[r0..(r0 + TILE_XROWS).min(m)];
+            let side = ahead.chunk(per);
+            match (self, gs.len()) {
+                (Weight::Q4(w), 1) => {
+                    q4q8_tiles_side(isa, w.kind(), w.group_tiles(g), xs, &mut tmp[0], side)
+                }
+                (Weight::Q4(w), _) => {
+                    let tiles = [w.group_tiles(g), w.group_tiles(g + 1)];
+                    q4q8_tiles2_side(isa, w.kind(), tiles, xs, &mut tmp, side)
+                }
+                (Weight::Q8(w), 1) => q8q8_tiles_side(isa, w.group_tiles(g), xs, &mut tmp[0], side),
+                (Weight::Q8(w), _) => {
+                    let tiles = [w.group_tiles(g), w.group_tiles(g + 1)];
+                    q8q8_tiles2_side(isa, tiles, xs, &mut tmp, side)
+                }
+                (Weight::F32(_), _) => unreachable!("dense weights take the exact path"),
             }
             // A chunk ends with its run: the rest of this call's lines from the next runs.
             ahead.issue(per - side.lines());
-            for (i, vals) in tmp[..xs.len()].iter().enumerate() {
-                // Summed in a local (registers): scalar stores into `tmp` followed by a vector
-                // load of it would stall on store forwarding.
-                let acc = add_outliers(*vals, plan.row(r0 + i), cols);
-                // SAFETY: in bounds (checked by `slice_mut`); row group g belongs to this task.
-                let dst = unsafe { op.slice_mut((r0 + i) * rows + n0, n1 - n0) };
-                store_group(dst, &acc);
+            for (k, g) in gs.clone().enumerate() {
+                let n0 = g * TILE_ROWS;
+                let n1 = (n0 + TILE_ROWS).min(rows);
+                for (i, vals) in tmp[k][..xs.len()].iter().enumerate() {
+                    // Summed in a local (registers): scalar stores into `tmp` followed by a
+                    // vector load of it would stall on store forwarding.
+                    let acc = add_outliers(*vals, plan.row(r0 + i), &cols[k]);
+                    // SAFETY: in bounds (checked by `slice_mut`); row group g belongs to this
+                    // task.
+                    let dst = unsafe { op.slice_mut((r0 + i) * rows + n0, n1 - n0) };
+                    store_group(dst, &acc);
+                }
             }
         }
     }
@@ -530,19 +549,21 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
             let calls: usize = task_runs(t, per, total, &starts)
                 .map(|(j, gs)| {
                     if outs[j].0.is_some() {
-                        gs.len() * m.div_ceil(4)
+                        gs.len().div_ceil(2) * m.div_ceil(TILE_XROWS)
                     } else {
                         0
                     }
                 })
                 .sum();
             let per_call = mine.div_ceil(calls.max(1));
-            let mut cols = Vec::new();
+            let mut cols = [Vec::new(), Vec::new()];
             for (j, gs) in task_runs(t, per, total, &starts) {
                 if let Some(w) = outs[j].0 {
-                    for g in gs {
-                        w.q8_group(
-                            g, &plan, &xrows, isa, outs[j].1, &mut cols, &mut ahead, per_call,
+                    // Two groups at a time (the last alone when their number is odd).
+                    for g in gs.clone().step_by(2) {
+                        let pair = g..(g + 2).min(gs.end);
+                        w.q8_groups(
+                            pair, &plan, &xrows, isa, outs[j].1, &mut cols, &mut ahead, per_call,
                         );
                     }
                 }
@@ -661,6 +682,30 @@ mod tests {
         Q4Matrix::from_blocks(rows, cols, Q4Kind::Affine, blocks).unwrap()
     }
 
+    /// A zero-point matrix with random codes, scales and zero points in `0..=16` (16: GPTQ's v1
+    /// format stores 15 + 1), so that the folded `c - z + 128` spans its whole range.
+    fn zero_point(rows: usize, cols: usize, g: &mut Lcg) -> Q4Matrix {
+        let bpr = cols.div_ceil(32);
+        let blocks = (0..rows * bpr)
+            .map(|i| {
+                let mut b = crate::BlockQ4 {
+                    d: f16::from_f32(g.next().abs() * 0.1 + 0.01).to_bits(),
+                    m: if i % 5 == 0 {
+                        16
+                    } else {
+                        ((g.next() + 1.0) * 8.49) as u16
+                    },
+                    qs: [0; 16],
+                };
+                for j in 0..32 {
+                    b.set_code(j, ((g.next() + 1.0) * 7.99) as u8);
+                }
+                b
+            })
+            .collect();
+        Q4Matrix::from_blocks(rows, cols, Q4Kind::ZeroPoint, blocks).unwrap()
+    }
+
     fn q8(rows: usize, cols: usize, g: &mut Lcg) -> Q8Matrix {
         let blocks = (0..rows * cols.div_ceil(32))
             .map(|_| {
@@ -704,8 +749,9 @@ mod tests {
             let xq = ActQ8::quantize(&x, m, cols);
             let wq = Weight::Q4(Q4Matrix::quantize(&g.vec(rows * cols), rows, cols, 32).unwrap());
             let wa = Weight::Q4(affine(rows, cols, &mut g));
+            let wz = Weight::Q4(zero_point(rows, cols, &mut g));
             let w8 = Weight::Q8(q8(rows, cols, &mut g));
-            for w in [&wq, &wa, &w8] {
+            for w in [&wq, &wa, &wz, &w8] {
                 let mut want = vec![0f32; m * rows];
                 w.matmul_q8(&xq, Isa::Scalar, &mut want);
                 for isa in available_isas() {
@@ -959,7 +1005,7 @@ mod tests {
         for isa in available_isas() {
             for lines in [0, 3, 7, 50] {
                 let side = Side::of(&junk, lines);
-                let (mut a, mut b) = ([[0f32; 8]; 4], [[0f32; 8]; 4]);
+                let (mut a, mut b) = ([[0f32; 8]; TILE_XROWS], [[0f32; 8]; TILE_XROWS]);
                 crate::cpu::qdot::q4q8_tiles(isa, w4.kind(), w4.group_tiles(1), &xs, &mut a);
                 q4q8_tiles_side(isa, w4.kind(), w4.group_tiles(1), &xs, &mut b, side);
                 assert_eq!(a, b, "{} q4, {lines} side lines", isa.name());
@@ -968,6 +1014,60 @@ mod tests {
                 assert_eq!(a, b, "{} q8, {lines} side lines", isa.name());
             }
         }
+    }
+
+    #[test]
+    fn pair_kernels_give_the_bits_of_one_group_after_the_other() {
+        let mut g = Lcg(9);
+        let (rows, cols) = (16, 200);
+        let w4s = [
+            Q4Matrix::quantize(&g.vec(rows * cols), rows, cols, 32).unwrap(),
+            zero_point(rows, cols, &mut g),
+            affine(rows, cols, &mut g),
+        ];
+        let w8 = q8(rows, cols, &mut g);
+        let junk = vec![1u8; 64 * 50];
+        for m in 1..=TILE_XROWS {
+            let x = ActQ8::quantize(&g.vec(m * cols), m, cols);
+            let xs: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
+            for isa in available_isas() {
+                let side = Side::of(&junk, 7);
+                for w4 in &w4s {
+                    let mut pair = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+                    let tiles = [w4.group_tiles(0), w4.group_tiles(1)];
+                    q4q8_tiles2_side(isa, w4.kind(), tiles, &xs, &mut pair, side);
+                    let mut one = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+                    for (k, o) in one.iter_mut().enumerate() {
+                        crate::cpu::qdot::q4q8_tiles(isa, w4.kind(), w4.group_tiles(k), &xs, o);
+                    }
+                    assert_eq!(pair, one, "{} {:?} m={m}", isa.name(), w4.kind());
+                    assert!(pair[1][m - 1].iter().any(|&v| v != 0.0));
+                }
+                let mut pair = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+                q8q8_tiles2_side(
+                    isa,
+                    [w8.group_tiles(0), w8.group_tiles(1)],
+                    &xs,
+                    &mut pair,
+                    side,
+                );
+                let mut one = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+                for (k, o) in one.iter_mut().enumerate() {
+                    crate::cpu::qdot::q8q8_tiles(isa, w8.group_tiles(k), &xs, o);
+                }
+                assert_eq!(pair, one, "{} q8 m={m}", isa.name());
+            }
+        }
+    }
+
+    #[test]
+    fn zero_points_above_sixteen_are_refused() {
+        let mut blocks = vec![crate::BlockQ4::default(); 2];
+        blocks[1].m = 17;
+        let err = Q4Matrix::from_blocks(2, 32, Q4Kind::ZeroPoint, blocks.clone()).unwrap_err();
+        assert!(err.to_string().contains("zero point 17"), "{err}");
+        blocks[1].m = 16;
+        Q4Matrix::from_blocks(2, 32, Q4Kind::ZeroPoint, blocks).unwrap();
     }
 
     #[test]

@@ -17,3 +17,5 @@ pub mod threads;
 pub mod weight;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+#[cfg(target_arch = "x86_64")]
+pub mod x86_512;

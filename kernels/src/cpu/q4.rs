@@ -67,7 +67,7 @@ impl BlockQ4 {
 /// How a block's `m` field is read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Q4Kind {
-    /// `w = (q - m) * d`, `m` an integer zero point.
+    /// `w = (q - m) * d`, `m` an integer zero point, at most [`MAX_ZERO_POINT`].
     ZeroPoint,
     /// `w = d * q + m`, `m` an f16 offset (unfused multiply-add, as gguf-py computes it).
     Affine,
@@ -75,6 +75,10 @@ pub enum Q4Kind {
 
 /// Rows interleaved per tile: the SIMD kernels produce eight outputs per pass.
 pub const TILE_ROWS: usize = 8;
+/// The largest zero point a [`Q4Kind::ZeroPoint`] block may carry: 16, which GPTQ's v1 format
+/// stores as 15 + 1. The VNNI kernels take `code - m + 128` as an unsigned byte, so the bound
+/// keeps that in range with room to spare; no 4-bit format goes beyond it.
+pub const MAX_ZERO_POINT: u16 = 16;
 
 /// One block column of eight consecutive rows: the eight scales and the eight offsets (one vector
 /// load each), then the 256 codes interleaved four columns at a time, so that a 32-bit lane holds
@@ -162,6 +166,15 @@ impl Q4Matrix {
             return Err(KernelError::Shape(format!(
                 "INT4 matrix [{rows}, {cols}] needs {want} blocks, got {}",
                 blocks.len()
+            )));
+        }
+        if kind == Q4Kind::ZeroPoint
+            && let Some(i) = blocks.iter().position(|b| b.m > MAX_ZERO_POINT)
+        {
+            return Err(KernelError::Shape(format!(
+                "INT4 matrix [{rows}, {cols}]: block {i} (row {}) has zero point {}, above {MAX_ZERO_POINT}",
+                i / bpr,
+                blocks[i].m
             )));
         }
         let groups = rows.div_ceil(TILE_ROWS);

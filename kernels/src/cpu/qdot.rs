@@ -52,7 +52,11 @@ pub fn available_isas() -> Vec<Isa> {
             && is_x86_feature_detected!("f16c")
         {
             v.push(Isa::Avx2);
-            if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+            if is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+            {
                 v.push(Isa::Avx512Vnni);
             }
         }
@@ -122,8 +126,24 @@ pub fn q8q8_dot_reference(w: &[BlockQ8], x: &[BlockQ8A]) -> f32 {
     acc
 }
 
-/// Eight outputs (one row group) for each of up to four activation rows.
-pub type TileOut = [[f32; TILE_ROWS]; 4];
+/// Activation rows that one call of the tile kernels takes at most.
+pub const TILE_XROWS: usize = 8;
+
+/// Eight outputs (one row group) for each of up to [`TILE_XROWS`] activation rows.
+pub type TileOut = [[f32; TILE_ROWS]; TILE_XROWS];
+
+/// `f` over `xs` four rows at a time, with the matching rows of `out`; `side` goes with the
+/// first call (the kernels other than x86's INT4 one keep four rows' sums in registers).
+fn by_fours(
+    xs: &[&[BlockQ8A]],
+    out: &mut TileOut,
+    side: Side,
+    mut f: impl FnMut(&[&[BlockQ8A]], &mut [[f32; TILE_ROWS]], Side),
+) {
+    for (i, (x, o)) in xs.chunks(4).zip(out.chunks_mut(4)).enumerate() {
+        f(x, o, if i == 0 { side } else { Side::NONE });
+    }
+}
 
 /// Cache lines that a tile kernel prefetches on the side, one per tile it reads, so that bytes
 /// needed later (a LoRA adapter's) stream in while it computes: `lines` lines from `at`.
@@ -197,8 +217,8 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
-/// One row group of an INT4 matrix (its tiles, one per block column) against up to four
-/// activation rows: `out[r][i] = dot(row i of the group, xs[r])`. The weight bytes are unpacked
+/// One row group of an INT4 matrix (its tiles, one per block column) against up to
+/// [`TILE_XROWS`] activation rows: `out[r][i] = dot(row i of the group, xs[r])`. The weight bytes are unpacked
 /// once per tile and reused for every activation row (the prefill GEMM's micro-kernel; decode
 /// passes one row).
 pub fn q4q8_tiles(isa: Isa, kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], out: &mut TileOut) {
@@ -215,7 +235,7 @@ pub fn q4q8_tiles_side(
     out: &mut TileOut,
     side: Side,
 ) {
-    debug_assert!(!xs.is_empty() && xs.len() <= 4);
+    debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS);
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512Vnni => {
@@ -225,10 +245,10 @@ pub fn q4q8_tiles_side(
             }
         }
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::NeonDot => {
+        Isa::Neon | Isa::NeonDot => by_fours(xs, out, side, |xs, out, side| {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
             unsafe { crate::cpu::arm::q4q8_tiles(isa == Isa::NeonDot, kind, tiles, xs, out, side) }
-        }
+        }),
         Isa::Scalar => {
             side.all();
             for (r, x) in xs.iter().enumerate() {
@@ -239,6 +259,61 @@ pub fn q4q8_tiles_side(
             }
         }
     }
+}
+
+/// Two consecutive row groups of an INT4 matrix (`tiles[0]`, `tiles[1]`, the same length)
+/// against up to [`TILE_XROWS`] activation rows, into `out[0]` and `out[1]`: on AVX-512 VNNI one
+/// 512-bit kernel computes both (the same bits as [`q4q8_tiles`] on each); elsewhere one group
+/// after the other.
+pub fn q4q8_tiles2_side(
+    isa: Isa,
+    kind: Q4Kind,
+    tiles: [&[TileQ4]; 2],
+    xs: &[&[BlockQ8A]],
+    out: &mut [TileOut; 2],
+    side: Side,
+) {
+    debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS && tiles[0].len() == tiles[1].len());
+    let [oa, ob] = out;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        // SAFETY: `Avx512Vnni` is only available with AVX-512 F, BW, VL and VNNI besides AVX2,
+        // FMA and F16C.
+        unsafe {
+            crate::cpu::x86_512::q4q8_pair(
+                kind == Q4Kind::ZeroPoint,
+                tiles[0],
+                tiles[1],
+                xs,
+                oa,
+                ob,
+                side,
+            )
+        };
+        return;
+    }
+    q4q8_tiles_side(isa, kind, tiles[0], xs, oa, side);
+    q4q8_tiles_side(isa, kind, tiles[1], xs, ob, Side::NONE);
+}
+
+/// As [`q4q8_tiles2_side`] for a Q8_0 matrix.
+pub fn q8q8_tiles2_side(
+    isa: Isa,
+    tiles: [&[TileQ8]; 2],
+    xs: &[&[BlockQ8A]],
+    out: &mut [TileOut; 2],
+    side: Side,
+) {
+    debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS && tiles[0].len() == tiles[1].len());
+    let [oa, ob] = out;
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512Vnni {
+        // SAFETY: as in `q4q8_tiles2_side`.
+        unsafe { crate::cpu::x86_512::q8q8_pair(tiles[0], tiles[1], xs, oa, ob, side) };
+        return;
+    }
+    q8q8_tiles_side(isa, tiles[0], xs, oa, side);
+    q8q8_tiles_side(isa, tiles[1], xs, ob, Side::NONE);
 }
 
 /// As [`q4q8_tiles`] for a Q8_0 matrix.
@@ -254,18 +329,18 @@ pub fn q8q8_tiles_side(
     out: &mut TileOut,
     side: Side,
 ) {
-    debug_assert!(!xs.is_empty() && xs.len() <= 4);
+    debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => {
+        Isa::Avx2 | Isa::Avx512Vnni => by_fours(xs, out, side, |xs, out, side| {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
             unsafe { crate::cpu::x86::q8q8_tiles(isa == Isa::Avx512Vnni, tiles, xs, out, side) }
-        }
+        }),
         #[cfg(target_arch = "aarch64")]
-        Isa::Neon | Isa::NeonDot => {
+        Isa::Neon | Isa::NeonDot => by_fours(xs, out, side, |xs, out, side| {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
             unsafe { crate::cpu::arm::q8q8_tiles(isa == Isa::NeonDot, tiles, xs, out, side) }
-        }
+        }),
         Isa::Scalar => {
             side.all();
             for (r, x) in xs.iter().enumerate() {

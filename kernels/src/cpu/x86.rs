@@ -10,10 +10,10 @@
 
 use std::arch::x86_64::*;
 
-use crate::cpu::act::BlockQ8A;
-use crate::cpu::q4::{Q4Kind, TileQ4};
+use crate::cpu::act::{BlockQ8A, U8_BIAS};
+use crate::cpu::q4::{Q4Kind, TILE_ROWS, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::{Side, TileOut};
+use crate::cpu::qdot::Side;
 
 /// `acc + ` the sum of each lane's four unsigned-by-signed byte products.
 #[inline]
@@ -42,15 +42,21 @@ fn xbcast(xb: &BlockQ8A, j: usize) -> __m256i {
 }
 
 macro_rules! q4_tiles_impl {
-    ($name:ident, $feat:literal, $dp:ident) => {
+    ($name:ident, $feat:literal, $dp:ident, $fold:literal) => {
+        /// `ZP`: zero-point tiles. With `$fold` (VNNI, whose `vpdpbusd` does not saturate) the
+        /// zero point goes into the integer sums: each code goes in as the unsigned byte
+        /// `c - z + 128` (shared by the rows) and each block's sum starts at the activation's
+        /// `bias_sum = -128 * sum(q)`, so the sum is `Σ (c - z) q` and there is no float offset
+        /// term (one FMA fewer per row and tile, on the pipes `vpdpbusd` uses).
         #[target_feature(enable = $feat)]
-        fn $name<const R: usize>(
-            kind: Q4Kind,
+        fn $name<const R: usize, const ZP: bool>(
             tiles: &[TileQ4],
             xs: &[&[BlockQ8A]],
-            out: &mut TileOut,
+            out: &mut [[f32; TILE_ROWS]],
             side: Side,
         ) {
+            let fold = ZP && $fold;
+            let xs: [&[BlockQ8A]; R] = std::array::from_fn(|r| &xs[r][..tiles.len()]);
             let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); R];
             let mut offs = [_mm256_setzero_ps(); R];
@@ -64,12 +70,19 @@ macro_rules! q4_tiles_impl {
                     )
                 };
                 let dvec = _mm256_cvtph_ps(draw);
-                let ovec = match kind {
-                    Q4Kind::Affine => _mm256_cvtph_ps(mraw),
-                    Q4Kind::ZeroPoint => _mm256_mul_ps(
-                        _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(mraw)),
-                        _mm256_sub_ps(_mm256_setzero_ps(), dvec),
-                    ),
+                let (ovec, zb) = if fold {
+                    (
+                        _mm256_setzero_ps(),
+                        zero_bias(_mm256_broadcastsi128_si256(mraw)),
+                    )
+                } else if ZP {
+                    let z = _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(mraw));
+                    (
+                        _mm256_mul_ps(z, _mm256_sub_ps(_mm256_setzero_ps(), dvec)),
+                        _mm256_setzero_si256(),
+                    )
+                } else {
+                    (_mm256_cvtph_ps(mraw), _mm256_setzero_si256())
                 };
                 // w[j]: columns 4j..4j+4 of the eight rows, one row per 32-bit lane.
                 let mut w = [_mm256_setzero_si256(); 8];
@@ -79,26 +92,72 @@ macro_rules! q4_tiles_impl {
                         unsafe { _mm256_loadu_si256(t.qs.as_ptr().add(32 * g) as *const __m256i) };
                     w[g] = _mm256_and_si256(v, m4);
                     w[g + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
-                }
-                for r in 0..R {
-                    let xb = &xs[r][b];
-                    let mut s0 = _mm256_setzero_si256();
-                    let mut s1 = _mm256_setzero_si256();
-                    for j in (0..8).step_by(2) {
-                        s0 = $dp(s0, w[j], xbcast(xb, j));
-                        s1 = $dp(s1, w[j + 1], xbcast(xb, j + 1));
+                    if fold {
+                        w[g] = _mm256_add_epi8(w[g], zb);
+                        w[g + 4] = _mm256_add_epi8(w[g + 4], zb);
                     }
-                    let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
-                    acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(dvec, _mm256_set1_ps(xb.d)), acc[r]);
-                    offs[r] = _mm256_fmadd_ps(ovec, _mm256_set1_ps(xb.s), offs[r]);
                 }
+                // One row's sums; unrolled by hand over constant indices so that the sums of
+                // eight rows stay in registers (LLVM keeps a longer loop rolled, in memory).
+                macro_rules! row {
+                    ($r:literal) => {
+                        if $r < R {
+                            let xb = &xs[$r][b];
+                            let mut s0 = if fold {
+                                _mm256_set1_epi32(xb.bias_sum)
+                            } else {
+                                _mm256_setzero_si256()
+                            };
+                            let mut s1 = _mm256_setzero_si256();
+                            for j in (0..8).step_by(2) {
+                                s0 = $dp(s0, w[j], xbcast(xb, j));
+                                s1 = $dp(s1, w[j + 1], xbcast(xb, j + 1));
+                            }
+                            let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
+                            let dx = _mm256_set1_ps(xb.d);
+                            acc[$r] = _mm256_fmadd_ps(s, _mm256_mul_ps(dvec, dx), acc[$r]);
+                            if !fold {
+                                offs[$r] = _mm256_fmadd_ps(ovec, _mm256_set1_ps(xb.s), offs[$r]);
+                            }
+                        }
+                    };
+                }
+                row!(0);
+                row!(1);
+                row!(2);
+                row!(3);
+                row!(4);
+                row!(5);
+                row!(6);
+                row!(7);
             }
             for r in 0..R {
+                let v = if fold {
+                    acc[r]
+                } else {
+                    _mm256_add_ps(acc[r], offs[r])
+                };
                 // SAFETY: `out[r]` is 8 f32; unaligned store.
-                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), _mm256_add_ps(acc[r], offs[r])) };
+                unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), v) };
             }
         }
     };
+}
+
+/// `128 - z` in every byte of 32-bit lane `i`, from the eight u16 zero points `z` of a tile in
+/// both 128-bit halves of `m` (each at most [`crate::cpu::q4::MAX_ZERO_POINT`]).
+#[inline]
+#[target_feature(enable = "avx2")]
+fn zero_bias(m: __m256i) -> __m256i {
+    // Byte 2i of the zero points (their low bytes) into the four bytes of lane i.
+    let spread = _mm256_setr_epi8(
+        0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6, 8, 8, 8, 8, 10, 10, 10, 10, 12, 12, 12, 12,
+        14, 14, 14, 14,
+    );
+    _mm256_sub_epi8(
+        _mm256_set1_epi8(U8_BIAS as u8 as i8),
+        _mm256_shuffle_epi8(m, spread),
+    )
 }
 
 macro_rules! q8_tiles_impl {
@@ -107,7 +166,7 @@ macro_rules! q8_tiles_impl {
         fn $name<const R: usize>(
             tiles: &[TileQ8],
             xs: &[&[BlockQ8A]],
-            out: &mut TileOut,
+            out: &mut [[f32; TILE_ROWS]],
             side: Side,
         ) {
             let mut acc = [_mm256_setzero_ps(); R];
@@ -147,15 +206,18 @@ macro_rules! q8_tiles_impl {
 
 /// [`q8_avx2`] on AVX-512 VNNI, without the sign trick: `vpdpbusd` sums four products into 32
 /// bits without saturating, so the weights go in as unsigned bytes `u = w + 128` (one XOR per
-/// weight vector, shared by the rows) and the bias comes off per block through the activation
-/// block's stored `s = dx * sum(q)`: `dw * dx * sum(w q) = dw * dx * sum(u q) - 128 * dw * s`.
-/// That drops the two sign operations per weight vector and row that AVX2's saturating
-/// `maddubs` needs.
+/// weight vector, shared by the rows) and each block's sum starts at the activation's
+/// `bias_sum = -128 * sum(q)`: `sum(w q) = bias_sum + sum(u q)`. That drops the two sign
+/// operations per weight vector and row that AVX2's saturating `maddubs` needs.
 #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-fn q8_vnni<const R: usize>(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileOut, side: Side) {
+fn q8_vnni<const R: usize>(
+    tiles: &[TileQ8],
+    xs: &[&[BlockQ8A]],
+    out: &mut [[f32; TILE_ROWS]],
+    side: Side,
+) {
     let bias = _mm256_set1_epi8(-128);
     let mut acc = [_mm256_setzero_ps(); R];
-    let mut offs = [_mm256_setzero_ps(); R];
     for (b, t) in tiles.iter().enumerate() {
         side.line(b, tiles.len());
         // SAFETY: `d` is 16 bytes; unaligned load.
@@ -168,7 +230,7 @@ fn q8_vnni<const R: usize>(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileO
         }
         for r in 0..R {
             let xb = &xs[r][b];
-            let mut s0 = _mm256_setzero_si256();
+            let mut s0 = _mm256_set1_epi32(xb.bias_sum);
             let mut s1 = _mm256_setzero_si256();
             for j in (0..8).step_by(2) {
                 s0 = _mm256_dpbusd_epi32(s0, u[j], xbcast(xb, j));
@@ -176,13 +238,11 @@ fn q8_vnni<const R: usize>(tiles: &[TileQ8], xs: &[&[BlockQ8A]], out: &mut TileO
             }
             let s = _mm256_cvtepi32_ps(_mm256_add_epi32(s0, s1));
             acc[r] = _mm256_fmadd_ps(s, _mm256_mul_ps(dvec, _mm256_set1_ps(xb.d)), acc[r]);
-            offs[r] = _mm256_fmadd_ps(dvec, _mm256_set1_ps(xb.s), offs[r]);
         }
     }
     for r in 0..R {
-        let v = _mm256_fnmadd_ps(offs[r], _mm256_set1_ps(128.0), acc[r]);
         // SAFETY: `out[r]` is 8 f32; unaligned store.
-        unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), v) };
+        unsafe { _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]) };
     }
 }
 
@@ -329,8 +389,13 @@ pub fn q8_columns(tiles: &[TileQ8], ks: &[u32], out: &mut Vec<[f32; 8]>) {
     }
 }
 
-q4_tiles_impl!(q4_avx2, "avx2,fma,f16c", dpbusd_avx2);
-q4_tiles_impl!(q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dpbusd_vnni);
+q4_tiles_impl!(q4_avx2, "avx2,fma,f16c", dpbusd_avx2, false);
+q4_tiles_impl!(
+    q4_vnni,
+    "avx2,fma,f16c,avx512vnni,avx512vl",
+    dpbusd_vnni,
+    true
+);
 q8_tiles_impl!(q8_avx2, "avx2,fma,f16c", dpbusd_avx2);
 
 /// # Safety
@@ -340,21 +405,41 @@ pub unsafe fn q4q8_tiles(
     kind: Q4Kind,
     tiles: &[TileQ4],
     xs: &[&[BlockQ8A]],
-    out: &mut TileOut,
+    out: &mut [[f32; TILE_ROWS]],
     side: Side,
 ) {
     debug_assert!(xs.iter().all(|x| x.len() >= tiles.len()));
+    let zp = kind == Q4Kind::ZeroPoint;
+    macro_rules! go {
+        ($f:ident, $r:literal) => {
+            if zp {
+                $f::<$r, true>(tiles, xs, out, side)
+            } else {
+                $f::<$r, false>(tiles, xs, out, side)
+            }
+        };
+    }
     // SAFETY: the caller guarantees the features.
     unsafe {
         match (vnni, xs.len()) {
-            (false, 1) => q4_avx2::<1>(kind, tiles, xs, out, side),
-            (false, 2) => q4_avx2::<2>(kind, tiles, xs, out, side),
-            (false, 3) => q4_avx2::<3>(kind, tiles, xs, out, side),
-            (false, _) => q4_avx2::<4>(kind, tiles, xs, out, side),
-            (true, 1) => q4_vnni::<1>(kind, tiles, xs, out, side),
-            (true, 2) => q4_vnni::<2>(kind, tiles, xs, out, side),
-            (true, 3) => q4_vnni::<3>(kind, tiles, xs, out, side),
-            (true, _) => q4_vnni::<4>(kind, tiles, xs, out, side),
+            (false, 1) => go!(q4_avx2, 1),
+            (false, 2) => go!(q4_avx2, 2),
+            (false, 3) => go!(q4_avx2, 3),
+            (false, 4) => go!(q4_avx2, 4),
+            (false, _) => {
+                // Sixteen vector registers hold four rows' sums at most: two passes.
+                let (o1, o2) = out.split_at_mut(4);
+                q4q8_tiles(false, kind, tiles, &xs[..4], o1, side);
+                q4q8_tiles(false, kind, tiles, &xs[4..], o2, Side::NONE);
+            }
+            (true, 1) => go!(q4_vnni, 1),
+            (true, 2) => go!(q4_vnni, 2),
+            (true, 3) => go!(q4_vnni, 3),
+            (true, 4) => go!(q4_vnni, 4),
+            (true, 5) => go!(q4_vnni, 5),
+            (true, 6) => go!(q4_vnni, 6),
+            (true, 7) => go!(q4_vnni, 7),
+            (true, _) => go!(q4_vnni, 8),
         }
     }
 }
@@ -365,7 +450,7 @@ pub unsafe fn q8q8_tiles(
     vnni: bool,
     tiles: &[TileQ8],
     xs: &[&[BlockQ8A]],
-    out: &mut TileOut,
+    out: &mut [[f32; TILE_ROWS]],
     side: Side,
 ) {
     debug_assert!(xs.iter().all(|x| x.len() >= tiles.len()));

@@ -14,7 +14,7 @@ use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
 use crate::cpu::mem::{Packable, Store};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
-use crate::cpu::qdot::{Isa, TILE_XROWS, TileOut, q8q8_tiles};
+use crate::cpu::qdot::{Isa, Side, TILE_XROWS, TileOut, q8q8_tiles, q8q8_tiles2_side};
 use crate::cpu::threads::SharedOut;
 use crate::{KernelError, Q8Matrix};
 
@@ -212,16 +212,32 @@ pub(crate) fn shrink_rows(
     for (i, r) in rows.clone().enumerate() {
         xs[i] = x.row(r);
     }
-    let mut tmp: TileOut = [[0f32; TILE_ROWS]; TILE_XROWS];
-    // t of row i, row group g at [(i * groups + g) * 8 ..].
-    let mut t = vec![0f32; n * groups * TILE_ROWS];
+    let mut tmp: [TileOut; 2] = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+    // t of row i, row group g at [(i * groups + g) * 8 ..]; on the stack up to rank 64 (this
+    // runs once per row and adapted projection: thousands of times per step).
+    let (mut stack, mut heap) = ([0f32; 4 * 64], Vec::new());
+    let t: &mut [f32] = if n * groups * TILE_ROWS <= stack.len() {
+        &mut stack[..n * groups * TILE_ROWS]
+    } else {
+        heap.resize(n * groups * TILE_ROWS, 0f32);
+        &mut heap
+    };
     let mut cols = Vec::new();
-    for g in 0..groups {
-        q8q8_tiles(isa, a.group_tiles(g), &xs[..n], &mut tmp);
-        q8_group_columns(isa, a, g, &plan.cols, &mut cols);
-        for (i, vals) in tmp[..n].iter().enumerate() {
-            let acc = add_outliers(*vals, plan.row(rows.start + i), &cols);
-            t[(i * groups + g) * TILE_ROWS..][..TILE_ROWS].copy_from_slice(&acc);
+    // Two row groups per kernel call where there are two (a rank of 16 is exactly two).
+    for g0 in (0..groups).step_by(2) {
+        let gs = g0..(g0 + 2).min(groups);
+        if gs.len() == 2 {
+            let tiles = [a.group_tiles(g0), a.group_tiles(g0 + 1)];
+            q8q8_tiles2_side(isa, tiles, &xs[..n], &mut tmp, Side::NONE);
+        } else {
+            q8q8_tiles(isa, a.group_tiles(g0), &xs[..n], &mut tmp[0]);
+        }
+        for (k, g) in gs.enumerate() {
+            q8_group_columns(isa, a, g, &plan.cols, &mut cols);
+            for (i, vals) in tmp[k][..n].iter().enumerate() {
+                let acc = add_outliers(*vals, plan.row(rows.start + i), &cols);
+                t[(i * groups + g) * TILE_ROWS..][..TILE_ROWS].copy_from_slice(&acc);
+            }
         }
     }
     for i in 0..n {

@@ -246,57 +246,99 @@ fn q8_vnni<const R: usize>(
     }
 }
 
-macro_rules! lora_axpy_impl {
-    ($name:ident, $feat:literal, $dp:ident) => {
-        #[target_feature(enable = $feat)]
-        fn $name(data: &[u8], stride: usize, chunks: usize, t: &[i8], scale: f32, out: &mut [f32]) {
-            let groups = out.len() / 8;
-            assert!(
-                data.len() >= groups * stride
-                    && stride >= 16 + 32 * chunks
-                    && t.len() >= 4 * chunks,
-                "LoRA B layout"
-            );
-            let s = _mm256_set1_ps(scale);
-            for gi in 0..groups {
-                // SAFETY: group gi's bytes are in `data` (asserted above).
-                let base = unsafe { data.as_ptr().add(gi * stride) };
-                // SAFETY: the group starts with eight f16 scales (16 bytes); unaligned load.
-                let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base as *const __m128i) });
-                let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-                let mut j = 0;
-                while j < chunks {
-                    // SAFETY: chunk j is 32 bytes at 16 + 32j < stride; t has 4 * chunks codes.
-                    let (w, x) = unsafe {
-                        (
-                            _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i),
-                            _mm256_set1_epi32(
-                                (t.as_ptr().add(4 * j) as *const i32).read_unaligned(),
-                            ),
-                        )
-                    };
-                    a0 = $dp(a0, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-                    std::mem::swap(&mut a0, &mut a1);
-                    j += 1;
-                }
-                let acc = _mm256_add_epi32(a0, a1);
-                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dvec, s));
-                // SAFETY: 8gi + 8 <= out.len(); unaligned load and store.
-                unsafe {
-                    let o = out.as_mut_ptr().add(8 * gi);
-                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
-                }
-            }
+/// The LoRA expand's micro-kernel on AVX2 (see [`lora_axpy`]): `maddubs` saturates, so the
+/// signed codes go in through the sign trick.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lora_axpy_avx2(
+    data: &[u8],
+    stride: usize,
+    chunks: usize,
+    t: &[i8],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let groups = out.len() / 8;
+    assert!(
+        data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * chunks,
+        "LoRA B layout"
+    );
+    let s = _mm256_set1_ps(scale);
+    for gi in 0..groups {
+        // SAFETY: group gi's bytes are in `data` (asserted above).
+        let base = unsafe { data.as_ptr().add(gi * stride) };
+        // SAFETY: the group starts with eight f16 scales (16 bytes); unaligned load.
+        let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base as *const __m128i) });
+        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        let mut j = 0;
+        while j < chunks {
+            // SAFETY: chunk j is 32 bytes at 16 + 32j < stride; t has 4 * chunks codes.
+            let (w, x) = unsafe {
+                (
+                    _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i),
+                    _mm256_set1_epi32((t.as_ptr().add(4 * j) as *const i32).read_unaligned()),
+                )
+            };
+            a0 = dpbusd_avx2(a0, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+            std::mem::swap(&mut a0, &mut a1);
+            j += 1;
         }
-    };
+        let acc = _mm256_add_epi32(a0, a1);
+        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dvec, s));
+        // SAFETY: 8gi + 8 <= out.len(); unaligned load and store.
+        unsafe {
+            let o = out.as_mut_ptr().add(8 * gi);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
+        }
+    }
 }
 
-lora_axpy_impl!(lora_axpy_avx2, "avx2,fma,f16c", dpbusd_avx2);
-lora_axpy_impl!(
-    lora_axpy_vnni,
-    "avx2,fma,f16c,avx512vnni,avx512vl",
-    dpbusd_vnni
-);
+/// [`lora_axpy_avx2`] on AVX-512 VNNI without the sign trick, as `q8_vnni`: the codes go in as
+/// unsigned bytes `w + 128` and each group's sum starts at `-128 * sum(t)`, so a chunk costs
+/// one XOR instead of two sign operations; the integer sums, and so the results, are the same.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn lora_axpy_vnni(
+    data: &[u8],
+    stride: usize,
+    chunks: usize,
+    t: &[i8],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let groups = out.len() / 8;
+    assert!(
+        data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * chunks,
+        "LoRA B layout"
+    );
+    let s = _mm256_set1_ps(scale);
+    let bias = _mm256_set1_epi8(-128);
+    let tsum: i32 = t[..4 * chunks].iter().map(|&v| v as i32).sum();
+    let start = _mm256_set1_epi32(-U8_BIAS * tsum);
+    for gi in 0..groups {
+        // SAFETY: group gi's bytes are in `data` (asserted above).
+        let base = unsafe { data.as_ptr().add(gi * stride) };
+        // SAFETY: the group starts with eight f16 scales (16 bytes); unaligned load.
+        let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base as *const __m128i) });
+        let (mut a0, mut a1) = (start, _mm256_setzero_si256());
+        for j in 0..chunks {
+            // SAFETY: chunk j is 32 bytes at 16 + 32j < stride; t has 4 * chunks codes.
+            let (w, x) = unsafe {
+                (
+                    _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i),
+                    _mm256_set1_epi32((t.as_ptr().add(4 * j) as *const i32).read_unaligned()),
+                )
+            };
+            a0 = _mm256_dpbusd_epi32(a0, _mm256_xor_si256(w, bias), x);
+            std::mem::swap(&mut a0, &mut a1);
+        }
+        let acc = _mm256_add_epi32(a0, a1);
+        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dvec, s));
+        // SAFETY: 8gi + 8 <= out.len(); unaligned load and store.
+        unsafe {
+            let o = out.as_mut_ptr().add(8 * gi);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
+        }
+    }
+}
 
 /// The LoRA expand over consecutive groups of a `LoraB` (`data`, `stride` bytes per group):
 /// `out[8g + i] += scale * d[i] * dot(codes of row i, t)`.

@@ -261,10 +261,17 @@ pub fn q4q8_tiles_side(
     }
 }
 
+/// Activation rows from which two row groups go through one 512-bit kernel. With fewer the
+/// product is bound by memory, and there the 512-bit kernel's two streams (one per group) came
+/// in slower than one group after the other (`gemm-peak --m M --rows 65536`, a weight of 2.5x
+/// the L3): a third to a half fewer GOP/s at one and two rows, about even at four, 30% more at
+/// eight.
+pub const PAIR_MIN_ROWS: usize = 4;
+
 /// Two consecutive row groups of an INT4 matrix (`tiles[0]`, `tiles[1]`, the same length)
-/// against up to [`TILE_XROWS`] activation rows, into `out[0]` and `out[1]`: on AVX-512 VNNI one
-/// 512-bit kernel computes both (the same bits as [`q4q8_tiles`] on each); elsewhere one group
-/// after the other.
+/// against up to [`TILE_XROWS`] activation rows, into `out[0]` and `out[1]`: on AVX-512 VNNI,
+/// from [`PAIR_MIN_ROWS`] rows, one 512-bit kernel computes both (the same bits as
+/// [`q4q8_tiles`] on each); otherwise one group after the other.
 pub fn q4q8_tiles2_side(
     isa: Isa,
     kind: Q4Kind,
@@ -276,7 +283,7 @@ pub fn q4q8_tiles2_side(
     debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS && tiles[0].len() == tiles[1].len());
     let [oa, ob] = out;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
+    if isa == Isa::Avx512Vnni && xs.len() >= PAIR_MIN_ROWS {
         // SAFETY: `Avx512Vnni` is only available with AVX-512 F, BW, VL and VNNI besides AVX2,
         // FMA and F16C.
         unsafe {
@@ -307,7 +314,7 @@ pub fn q8q8_tiles2_side(
     debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS && tiles[0].len() == tiles[1].len());
     let [oa, ob] = out;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni {
+    if isa == Isa::Avx512Vnni && xs.len() >= PAIR_MIN_ROWS {
         // SAFETY: as in `q4q8_tiles2_side`.
         unsafe { crate::cpu::x86_512::q8q8_pair(tiles[0], tiles[1], xs, oa, ob, side) };
         return;

@@ -55,7 +55,7 @@ macro_rules! q4_tiles_impl {
             out: &mut [[f32; TILE_ROWS]],
             side: Side,
         ) {
-            let fold = ZP && $fold;
+            let fold = ZP && $fold && R >= FOLD_MIN_ROWS;
             let xs: [&[BlockQ8A]; R] = std::array::from_fn(|r| &xs[r][..tiles.len()]);
             let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = [_mm256_setzero_ps(); R];
@@ -143,6 +143,11 @@ macro_rules! q4_tiles_impl {
         }
     };
 }
+
+/// Activation rows from which the VNNI kernels fold zero points into the integer sums: the fold
+/// adds eight byte additions per tile to save one FMA per row and tile, a loss for one or two
+/// rows (batch-1 decode, where it cost about a tenth of the step).
+pub(crate) const FOLD_MIN_ROWS: usize = 3;
 
 /// `128 - z` in every byte of 32-bit lane `i`, from the eight u16 zero points `z` of a tile in
 /// both 128-bit halves of `m` (each at most [`crate::cpu::q4::MAX_ZERO_POINT`]).

@@ -15,7 +15,8 @@ use std::arch::x86_64::*;
 use crate::cpu::act::{BlockQ8A, U8_BIAS};
 use crate::cpu::q4::{TILE_ROWS, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::Side;
+use crate::cpu::qdot::{LINE, Side, prefetch};
+use crate::cpu::x86::FOLD_MIN_ROWS;
 
 /// Activation bytes `4j .. 4j + 4` of a block, broadcast to every 32-bit lane.
 #[inline]
@@ -66,6 +67,27 @@ fn store_halves(v: __m512, lo: &mut [f32; TILE_ROWS], hi: &mut [f32; TILE_ROWS])
     }
 }
 
+/// Tiles ahead of the one being read that the pair kernels prefetch, in both groups.
+const AHEAD_TILES: usize = 8;
+
+/// Prefetches the lines of tile `b + AHEAD_TILES` of both groups (two streams at once, which the
+/// hardware prefetcher alone followed at about half the bandwidth of one).
+#[inline(always)]
+fn ahead<T>(ta: &[T], tb: &[T], b: usize) {
+    let i = b + AHEAD_TILES;
+    if i < ta.len() {
+        let size = std::mem::size_of::<T>();
+        for t in [&ta[i], &tb[i]] {
+            let p = t as *const T as *const u8;
+            let mut o = 0;
+            while o < size {
+                prefetch(p.wrapping_add(o));
+                o += LINE;
+            }
+        }
+    }
+}
+
 /// Unrolls `$body` over the constant row indices `0..8`, each under `if $r < R`, so that the
 /// per-row sums stay in registers (LLVM keeps a loop this long rolled, its arrays in memory).
 macro_rules! rows8 {
@@ -94,6 +116,7 @@ fn q4_pair<const R: usize, const ZP: bool>(
 ) {
     let n = ta.len();
     assert!(tb.len() == n && xs.len() >= R && oa.len() >= R && ob.len() >= R);
+    let fold = ZP && R >= FOLD_MIN_ROWS;
     let xs: [&[BlockQ8A]; R] = std::array::from_fn(|r| &xs[r][..n]);
     let m4 = _mm512_set1_epi8(0x0F);
     // Byte 0 of each 32-bit lane (the zero point) into all four of its bytes: shuffle
@@ -104,6 +127,7 @@ fn q4_pair<const R: usize, const ZP: bool>(
     let mut offs = [_mm512_setzero_ps(); R];
     for b in 0..n {
         side.line(b, n);
+        ahead(ta, tb, b);
         let (a, t) = (&ta[b], &tb[b]);
         // SAFETY: `d` and `m` are 8 × u16 = 16 bytes each.
         let (draw, mraw) = unsafe {
@@ -113,9 +137,13 @@ fn q4_pair<const R: usize, const ZP: bool>(
             )
         };
         let dvec = _mm512_cvtph_ps(draw);
-        let (ovec, zb) = if ZP {
+        let (ovec, zb) = if fold {
             let z = _mm512_shuffle_epi8(_mm512_cvtepu16_epi32(mraw), spread);
             (_mm512_setzero_ps(), _mm512_sub_epi8(bias, z))
+        } else if ZP {
+            let z = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(mraw));
+            let o = _mm512_mul_ps(z, _mm512_sub_ps(_mm512_setzero_ps(), dvec));
+            (o, _mm512_setzero_si512())
         } else {
             (_mm512_cvtph_ps(mraw), _mm512_setzero_si512())
         };
@@ -126,14 +154,14 @@ fn q4_pair<const R: usize, const ZP: bool>(
             let v = unsafe { pair256(a.qs.as_ptr().add(32 * g), t.qs.as_ptr().add(32 * g)) };
             w[g] = _mm512_and_si512(v, m4);
             w[g + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), m4);
-            if ZP {
+            if fold {
                 w[g] = _mm512_add_epi8(w[g], zb);
                 w[g + 4] = _mm512_add_epi8(w[g + 4], zb);
             }
         }
         rows8!(r, {
             let xb = &xs[r][b];
-            let mut s0 = if ZP {
+            let mut s0 = if fold {
                 _mm512_set1_epi32(xb.bias_sum)
             } else {
                 _mm512_setzero_si512()
@@ -146,13 +174,13 @@ fn q4_pair<const R: usize, const ZP: bool>(
             let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
             let dx = _mm512_set1_ps(xb.d);
             acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(dvec, dx), acc[r]);
-            if !ZP {
+            if !fold {
                 offs[r] = _mm512_fmadd_ps(ovec, _mm512_set1_ps(xb.s), offs[r]);
             }
         });
     }
     for r in 0..R {
-        let v = if ZP {
+        let v = if fold {
             acc[r]
         } else {
             _mm512_add_ps(acc[r], offs[r])
@@ -179,6 +207,7 @@ fn q8_pair<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..n {
         side.line(b, n);
+        ahead(ta, tb, b);
         let (a, t) = (&ta[b], &tb[b]);
         // SAFETY: `d` is 8 × u16 = 16 bytes.
         let dvec = _mm512_cvtph_ps(unsafe { pair128(a.d.as_ptr(), t.d.as_ptr()) });

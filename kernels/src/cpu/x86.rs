@@ -251,8 +251,52 @@ fn q8_vnni<const R: usize>(
     }
 }
 
-/// The LoRA expand's micro-kernel on AVX2 (see [`lora_axpy`]): `maddubs` saturates, so the
-/// signed codes go in through the sign trick.
+/// The LoRA expand over the groups of `data` (see [`lora_axpy`]), each group's integer sum
+/// starting at `start` and taking chunk `j` (32 code bytes `w`, four `t` codes `x` in every lane)
+/// as `dot(acc, w, x)`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn lora_axpy_with(
+    data: &[u8],
+    stride: usize,
+    chunks: usize,
+    t: &[i8],
+    scale: f32,
+    out: &mut [f32],
+    start: __m256i,
+    dot: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+) {
+    let groups = out.len() / 8;
+    assert!(
+        data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * chunks,
+        "LoRA B layout"
+    );
+    // SAFETY (all intrinsics below): the callers are compiled for AVX2, FMA and F16C.
+    unsafe {
+        let s = _mm256_set1_ps(scale);
+        for gi in 0..groups {
+            // Group gi's bytes are in `data` (asserted above); it starts with eight f16 scales
+            // (16 bytes), then chunk j's 32 bytes at 16 + 32j < stride; t has 4 * chunks codes.
+            let base = data.as_ptr().add(gi * stride);
+            let dvec = _mm256_cvtph_ps(_mm_loadu_si128(base as *const __m128i));
+            let (mut a0, mut a1) = (start, _mm256_setzero_si256());
+            for j in 0..chunks {
+                let w = _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i);
+                let x = _mm256_set1_epi32((t.as_ptr().add(4 * j) as *const i32).read_unaligned());
+                a0 = dot(a0, w, x);
+                std::mem::swap(&mut a0, &mut a1);
+            }
+            let acc = _mm256_add_epi32(a0, a1);
+            let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dvec, s));
+            // 8gi + 8 <= out.len(); unaligned load and store.
+            let o = out.as_mut_ptr().add(8 * gi);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
+        }
+    }
+}
+
+/// The LoRA expand's micro-kernel on AVX2: `maddubs` saturates, so the signed codes go in
+/// through the sign trick.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn lora_axpy_avx2(
     data: &[u8],
@@ -262,39 +306,17 @@ fn lora_axpy_avx2(
     scale: f32,
     out: &mut [f32],
 ) {
-    let groups = out.len() / 8;
-    assert!(
-        data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * chunks,
-        "LoRA B layout"
-    );
-    let s = _mm256_set1_ps(scale);
-    for gi in 0..groups {
-        // SAFETY: group gi's bytes are in `data` (asserted above).
-        let base = unsafe { data.as_ptr().add(gi * stride) };
-        // SAFETY: the group starts with eight f16 scales (16 bytes); unaligned load.
-        let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base as *const __m128i) });
-        let (mut a0, mut a1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        let mut j = 0;
-        while j < chunks {
-            // SAFETY: chunk j is 32 bytes at 16 + 32j < stride; t has 4 * chunks codes.
-            let (w, x) = unsafe {
-                (
-                    _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i),
-                    _mm256_set1_epi32((t.as_ptr().add(4 * j) as *const i32).read_unaligned()),
-                )
-            };
-            a0 = dpbusd_avx2(a0, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-            std::mem::swap(&mut a0, &mut a1);
-            j += 1;
-        }
-        let acc = _mm256_add_epi32(a0, a1);
-        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dvec, s));
-        // SAFETY: 8gi + 8 <= out.len(); unaligned load and store.
-        unsafe {
-            let o = out.as_mut_ptr().add(8 * gi);
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
-        }
-    }
+    let dot = |a, w, x| dpbusd_avx2(a, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    lora_axpy_with(
+        data,
+        stride,
+        chunks,
+        t,
+        scale,
+        out,
+        _mm256_setzero_si256(),
+        dot,
+    )
 }
 
 /// [`lora_axpy_avx2`] on AVX-512 VNNI without the sign trick, as `q8_vnni`: the codes go in as
@@ -309,40 +331,11 @@ fn lora_axpy_vnni(
     scale: f32,
     out: &mut [f32],
 ) {
-    let groups = out.len() / 8;
-    assert!(
-        data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * chunks,
-        "LoRA B layout"
-    );
-    let s = _mm256_set1_ps(scale);
     let bias = _mm256_set1_epi8(-128);
     let tsum: i32 = t[..4 * chunks].iter().map(|&v| v as i32).sum();
     let start = _mm256_set1_epi32(-U8_BIAS * tsum);
-    for gi in 0..groups {
-        // SAFETY: group gi's bytes are in `data` (asserted above).
-        let base = unsafe { data.as_ptr().add(gi * stride) };
-        // SAFETY: the group starts with eight f16 scales (16 bytes); unaligned load.
-        let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(base as *const __m128i) });
-        let (mut a0, mut a1) = (start, _mm256_setzero_si256());
-        for j in 0..chunks {
-            // SAFETY: chunk j is 32 bytes at 16 + 32j < stride; t has 4 * chunks codes.
-            let (w, x) = unsafe {
-                (
-                    _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i),
-                    _mm256_set1_epi32((t.as_ptr().add(4 * j) as *const i32).read_unaligned()),
-                )
-            };
-            a0 = _mm256_dpbusd_epi32(a0, _mm256_xor_si256(w, bias), x);
-            std::mem::swap(&mut a0, &mut a1);
-        }
-        let acc = _mm256_add_epi32(a0, a1);
-        let v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_mul_ps(dvec, s));
-        // SAFETY: 8gi + 8 <= out.len(); unaligned load and store.
-        unsafe {
-            let o = out.as_mut_ptr().add(8 * gi);
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), v));
-        }
-    }
+    let dot = |a, w, x| _mm256_dpbusd_epi32(a, _mm256_xor_si256(w, bias), x);
+    lora_axpy_with(data, stride, chunks, t, scale, out, start, dot)
 }
 
 /// The LoRA expand over consecutive groups of a `LoraB` (`data`, `stride` bytes per group):

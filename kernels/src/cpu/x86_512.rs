@@ -28,6 +28,20 @@ fn xbcast(xb: &BlockQ8A, j: usize) -> __m512i {
     ]))
 }
 
+/// One activation block against a tile pair's weight vectors (`w[j]`: columns `4j .. 4j + 4`
+/// of the sixteen rows as unsigned bytes), from `start`, as floats: the same two chains and
+/// order as the 256-bit kernels, so the same sums.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+fn block_sums(w: &[__m512i; 8], xb: &BlockQ8A, start: __m512i) -> __m512 {
+    let (mut s0, mut s1) = (start, _mm512_setzero_si512());
+    for j in (0..8).step_by(2) {
+        s0 = _mm512_dpbusd_epi32(s0, w[j], xbcast(xb, j));
+        s1 = _mm512_dpbusd_epi32(s1, w[j + 1], xbcast(xb, j + 1));
+    }
+    _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1))
+}
+
 /// Sixteen bytes at `a` in the low half, sixteen at `b` in the high half.
 ///
 /// # Safety
@@ -161,17 +175,12 @@ fn q4_pair<const R: usize, const ZP: bool>(
         }
         rows8!(r, {
             let xb = &xs[r][b];
-            let mut s0 = if fold {
+            let start = if fold {
                 _mm512_set1_epi32(xb.bias_sum)
             } else {
                 _mm512_setzero_si512()
             };
-            let mut s1 = _mm512_setzero_si512();
-            for j in (0..8).step_by(2) {
-                s0 = _mm512_dpbusd_epi32(s0, w[j], xbcast(xb, j));
-                s1 = _mm512_dpbusd_epi32(s1, w[j + 1], xbcast(xb, j + 1));
-            }
-            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            let s = block_sums(&w, xb, start);
             let dx = _mm512_set1_ps(xb.d);
             acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(dvec, dx), acc[r]);
             if !fold {
@@ -219,13 +228,7 @@ fn q8_pair<const R: usize>(
         }
         rows8!(r, {
             let xb = &xs[r][b];
-            let mut s0 = _mm512_set1_epi32(xb.bias_sum);
-            let mut s1 = _mm512_setzero_si512();
-            for j in (0..8).step_by(2) {
-                s0 = _mm512_dpbusd_epi32(s0, u[j], xbcast(xb, j));
-                s1 = _mm512_dpbusd_epi32(s1, u[j + 1], xbcast(xb, j + 1));
-            }
-            let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+            let s = block_sums(&u, xb, _mm512_set1_epi32(xb.bias_sum));
             let dx = _mm512_set1_ps(xb.d);
             acc[r] = _mm512_fmadd_ps(s, _mm512_mul_ps(dvec, dx), acc[r]);
         });

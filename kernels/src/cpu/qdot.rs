@@ -218,9 +218,9 @@ pub fn prefetch(p: *const u8) {
 }
 
 /// One row group of an INT4 matrix (its tiles, one per block column) against up to
-/// [`TILE_XROWS`] activation rows: `out[r][i] = dot(row i of the group, xs[r])`. The weight bytes are unpacked
-/// once per tile and reused for every activation row (the prefill GEMM's micro-kernel; decode
-/// passes one row).
+/// [`TILE_XROWS`] activation rows: `out[r][i] = dot(row i of the group, xs[r])`. The weight
+/// bytes are unpacked once per tile and reused for every activation row (the prefill GEMM's
+/// micro-kernel; decode passes one row).
 pub fn q4q8_tiles(isa: Isa, kind: Q4Kind, tiles: &[TileQ4], xs: &[&[BlockQ8A]], out: &mut TileOut) {
     q4q8_tiles_side(isa, kind, tiles, xs, out, Side::NONE)
 }

@@ -9,6 +9,10 @@
 //! what two 256-bit ones do, but its broadcast serves sixteen rows, so the loads per product
 //! halve and the kernel reaches the pipes' bound (measured in a standalone loop: 5.0 cycles per
 //! row and tile at eight activation rows, against 7.0 for the 256-bit form).
+//!
+//! They run from `qdot::PAIR_MIN_ROWS` activation rows: with fewer the product is bound by
+//! memory, where reading two groups' tiles side by side (two streams) was slower than one group
+//! after the other; they also prefetch both groups' tiles a few ahead.
 
 use std::arch::x86_64::*;
 
@@ -117,8 +121,9 @@ macro_rules! rows8 {
     };
 }
 
-/// INT4 tiles of two row groups against `R` activation rows; `ZP`: zero-point tiles, their zero
-/// point folded into the integer sums as in `x86.rs` (`c - z + 128` against `bias_sum`).
+/// INT4 tiles of two row groups against `R` activation rows; `ZP`: zero-point tiles, from
+/// `FOLD_MIN_ROWS` rows with their zero point folded into the integer sums as in `x86.rs`
+/// (`c - z + 128` against `bias_sum`), below that as a float offset, as there.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
 fn q4_pair<const R: usize, const ZP: bool>(
     ta: &[TileQ4],

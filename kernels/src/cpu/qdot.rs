@@ -133,7 +133,7 @@ pub const TILE_XROWS: usize = 8;
 pub type TileOut = [[f32; TILE_ROWS]; TILE_XROWS];
 
 /// `f` over `xs` four rows at a time, with the matching rows of `out`; `side` goes with the
-/// first call (the kernels other than x86's INT4 one keep four rows' sums in registers).
+/// first call (only the AVX-512 INT4 kernels keep eight rows' sums in registers).
 fn by_fours(
     xs: &[&[BlockQ8A]],
     out: &mut TileOut,
@@ -238,12 +238,16 @@ pub fn q4q8_tiles_side(
     debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => {
+        Isa::Avx512Vnni => {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.
-            unsafe {
-                crate::cpu::x86::q4q8_tiles(isa == Isa::Avx512Vnni, kind, tiles, xs, out, side)
-            }
+            unsafe { crate::cpu::x86::q4q8_tiles(true, kind, tiles, xs, out, side) }
         }
+        // Sixteen vector registers hold four rows' sums at most.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => by_fours(xs, out, side, |xs, out, side| {
+            // SAFETY: as above.
+            unsafe { crate::cpu::x86::q4q8_tiles(false, kind, tiles, xs, out, side) }
+        }),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => by_fours(xs, out, side, |xs, out, side| {
             // SAFETY: `isa` came from `available_isas`, so the CPU has these features.

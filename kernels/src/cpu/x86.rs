@@ -439,7 +439,8 @@ q4_tiles_impl!(
 q8_tiles_impl!(q8_avx2, "avx2,fma,f16c", dpbusd_avx2);
 
 /// # Safety
-/// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI + VL when `vnni`.
+/// The CPU must support AVX2, FMA and F16C, and AVX-512 VNNI + VL when `vnni`. Up to eight
+/// activation rows with `vnni`, up to four without.
 pub unsafe fn q4q8_tiles(
     vnni: bool,
     kind: Q4Kind,
@@ -465,13 +466,7 @@ pub unsafe fn q4q8_tiles(
             (false, 1) => go!(q4_avx2, 1),
             (false, 2) => go!(q4_avx2, 2),
             (false, 3) => go!(q4_avx2, 3),
-            (false, 4) => go!(q4_avx2, 4),
-            (false, _) => {
-                // Sixteen vector registers hold four rows' sums at most: two passes.
-                let (o1, o2) = out.split_at_mut(4);
-                q4q8_tiles(false, kind, tiles, &xs[..4], o1, side);
-                q4q8_tiles(false, kind, tiles, &xs[4..], o2, Side::NONE);
-            }
+            (false, _) => go!(q4_avx2, 4),
             (true, 1) => go!(q4_vnni, 1),
             (true, 2) => go!(q4_vnni, 2),
             (true, 3) => go!(q4_vnni, 3),

@@ -12,6 +12,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::attention::{SparseConfig, paged_attention};
 use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool, PageId};
+use edgelora_kernels::cpu::lora::{LoraB, LoraSegmentQ8, lora_axpy, sgmv_q8};
 use edgelora_kernels::cpu::qdot::available_isas;
 use edgelora_kernels::{BlockQ8, Q4Matrix, Q8Matrix, Weight};
 use half::f16;
@@ -171,6 +172,54 @@ fn attention(c: &mut Criterion) {
     group.finish();
 }
 
+/// The LoRA kernels at SmolLM2's width, rank 16: the expand's micro-kernel (one row, 576
+/// outputs) on each ISA, and a batch of 16 rows with 16 distinct adapters (one-row segments: the
+/// mixed-adapter case) through the threaded shrink and expand. Throughput in multiply-adds.
+fn lora(c: &mut Criterion) {
+    let (dim, rank, rows) = (576, 16, 16);
+    let mut g = Lcg(7);
+    let mut group = c.benchmark_group("lora-expand");
+    let b = LoraB::quantize(&g.vec(dim * rank), dim, rank).unwrap();
+    let t: Vec<i8> = (0..rank).map(|i| (i as i8 - 8) * 13).collect();
+    let mut out = vec![0f32; dim];
+    group.throughput(Throughput::Elements((dim * rank) as u64));
+    for isa in available_isas() {
+        group.bench_function(format!("{}x{rank}/{}", dim, isa.name()), |bch| {
+            bch.iter(|| lora_axpy(isa, &b, 0..dim / 8, black_box(&t), 0.5, &mut out))
+        });
+    }
+    group.finish();
+    let mut group = c.benchmark_group("lora-sgmv");
+    let adapters: Vec<(Q8Matrix, LoraB)> = (0..rows)
+        .map(|_| {
+            (
+                Q8Matrix::quantize(&g.vec(rank * dim), rank, dim).unwrap(),
+                LoraB::quantize(&g.vec(dim * rank), dim, rank).unwrap(),
+            )
+        })
+        .collect();
+    let segs: Vec<LoraSegmentQ8<'_>> = adapters
+        .iter()
+        .enumerate()
+        .map(|(r, (a, b))| LoraSegmentQ8 {
+            rows: r..r + 1,
+            a,
+            b,
+            scaling: 2.0,
+        })
+        .collect();
+    let x = ActQ8::quantize(&g.vec(rows * dim), rows, dim);
+    let mut out = vec![0f32; rows * dim];
+    group.throughput(Throughput::Elements((rows * 2 * dim * rank) as u64));
+    for isa in available_isas() {
+        group.bench_function(
+            format!("{rows}-distinct-{dim}x{rank}/{}", isa.name()),
+            |bch| bch.iter(|| sgmv_q8(black_box(&x), &mut out, dim, &segs, isa)),
+        );
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .warm_up_time(Duration::from_millis(500))
@@ -181,6 +230,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = kernels;
     config = config();
-    targets = gemv, act_quant, attention
+    targets = gemv, act_quant, attention, lora
 }
 criterion_main!(kernels);

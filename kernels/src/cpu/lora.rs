@@ -14,7 +14,7 @@ use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
 use crate::cpu::mem::{Packable, Store};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
-use crate::cpu::qdot::{Isa, Side, TILE_XROWS, TileOut, q8q8_tiles, q8q8_tiles2_side};
+use crate::cpu::qdot::{Isa, TILE_XROWS, TileOut, q8q8_tiles, q8q8_tiles2_cached};
 use crate::cpu::threads::SharedOut;
 use crate::{KernelError, Q8Matrix};
 
@@ -213,9 +213,10 @@ pub(crate) fn shrink_rows(
         xs[i] = x.row(r);
     }
     let mut tmp: [TileOut; 2] = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
-    // t of row i, row group g at [(i * groups + g) * 8 ..]; on the stack up to rank 64 (this
-    // runs once per row and adapted projection: thousands of times per step).
-    let (mut stack, mut heap) = ([0f32; 4 * 64], Vec::new());
+    // t of row i, row group g at [(i * groups + g) * 8 ..]; on the stack up to 64 values, one
+    // row of rank 64 or four of rank 16 (this runs once per row and adapted projection:
+    // thousands of times per step, and zeroing a larger array was 8% of a one-row shrink).
+    let (mut stack, mut heap) = ([0f32; 64], Vec::new());
     let t: &mut [f32] = if n * groups * TILE_ROWS <= stack.len() {
         &mut stack[..n * groups * TILE_ROWS]
     } else {
@@ -228,7 +229,7 @@ pub(crate) fn shrink_rows(
         let gs = g0..(g0 + 2).min(groups);
         if gs.len() == 2 {
             let tiles = [a.group_tiles(g0), a.group_tiles(g0 + 1)];
-            q8q8_tiles2_side(isa, tiles, &xs[..n], &mut tmp, Side::NONE);
+            q8q8_tiles2_cached(isa, tiles, &xs[..n], &mut tmp);
         } else {
             q8q8_tiles(isa, a.group_tiles(g0), &xs[..n], &mut tmp[0]);
         }

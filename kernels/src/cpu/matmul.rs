@@ -585,16 +585,29 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         for (_, _, _, lora) in &outs {
             runs.extend(lora.iter().map(|s| s.b.all_data()));
         }
-        // A segment per row of the same adapter shares its bytes: fetched once.
-        let mut seen = std::collections::HashSet::new();
-        runs.retain(|r| seen.insert(r.as_ptr()));
+        // A segment per row of the same adapter shares its bytes: fetched once. (A sorted
+        // vector, not a hash set: this runs per projection, and hashing was 8% of a one-row
+        // mixed-adapter region.)
+        let mut seen: Vec<*const u8> = Vec::with_capacity(runs.len());
+        runs.retain(|r| match seen.binary_search(&r.as_ptr()) {
+            Ok(_) => false,
+            Err(i) => {
+                seen.insert(i, r.as_ptr());
+                true
+            }
+        });
     }
     // What was fetched must still be in cache when the shrink and expand read it: at most
     // PREFETCH_BYTES, fetched by the last group tasks only, over about PREFETCH_BYTES of base
     // weights streamed through the same caches (all the tasks on a small model; the last one on
     // a large projection).
-    let run_lines = Prefetch::new(&runs).lines().min(PREFETCH_BYTES / LINE);
     let base_bytes: usize = outs.iter().filter_map(|o| o.0).map(Weight::nbytes).sum();
+    // With no base product there is nothing to hide the fetch behind: none.
+    let run_lines = if base_bytes == 0 {
+        0
+    } else {
+        Prefetch::new(&runs).lines().min(PREFETCH_BYTES / LINE)
+    };
     let fetchers = (group_tasks * PREFETCH_BYTES)
         .div_ceil(base_bytes.max(1))
         .clamp(1, group_tasks);

@@ -315,14 +315,40 @@ pub fn q8q8_tiles2_side(
     out: &mut [TileOut; 2],
     side: Side,
 ) {
+    q8q8_pair_from(isa, tiles, xs, out, side, false)
+}
+
+/// [`q8q8_tiles2_side`] for tiles that are in cache already (a LoRA A, which the base product
+/// prefetched): the pair kernel from one row, as there is no memory stream to split, and no
+/// prefetch of tiles ahead (a one-row shrink of rank 16 took 262 ns before, 193 after).
+pub fn q8q8_tiles2_cached(
+    isa: Isa,
+    tiles: [&[TileQ8]; 2],
+    xs: &[&[BlockQ8A]],
+    out: &mut [TileOut; 2],
+) {
+    q8q8_pair_from(isa, tiles, xs, out, Side::NONE, true)
+}
+
+/// Both groups through the 512-bit pair kernel where it applies: from [`PAIR_MIN_ROWS`] rows,
+/// or from one row for tiles in `cached`.
+fn q8q8_pair_from(
+    isa: Isa,
+    tiles: [&[TileQ8]; 2],
+    xs: &[&[BlockQ8A]],
+    out: &mut [TileOut; 2],
+    side: Side,
+    cached: bool,
+) {
     debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS && tiles[0].len() == tiles[1].len());
     let [oa, ob] = out;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && xs.len() >= PAIR_MIN_ROWS {
+    if isa == Isa::Avx512Vnni && (cached || xs.len() >= PAIR_MIN_ROWS) {
         // SAFETY: as in `q4q8_tiles2_side`.
-        unsafe { crate::cpu::x86_512::q8q8_pair(tiles[0], tiles[1], xs, oa, ob, side) };
+        unsafe { crate::cpu::x86_512::q8q8_pair(tiles[0], tiles[1], xs, oa, ob, side, !cached) };
         return;
     }
+    let _ = cached;
     q8q8_tiles_side(isa, tiles[0], xs, oa, side);
     q8q8_tiles_side(isa, tiles[1], xs, ob, Side::NONE);
 }

@@ -204,9 +204,9 @@ fn q4_pair<const R: usize, const ZP: bool>(
 }
 
 /// Q8_0 tiles of two row groups against `R` activation rows: `u = w + 128` against `bias_sum`,
-/// as `q8_vnni` in `x86.rs`.
+/// as `q8_vnni` in `x86.rs`; with `AHEAD`, prefetching the tiles ahead (not for tiles in cache).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-fn q8_pair<const R: usize>(
+fn q8_pair<const R: usize, const AHEAD: bool>(
     ta: &[TileQ8],
     tb: &[TileQ8],
     xs: &[&[BlockQ8A]],
@@ -221,7 +221,9 @@ fn q8_pair<const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..n {
         side.line(b, n);
-        ahead(ta, tb, b);
+        if AHEAD {
+            ahead(ta, tb, b);
+        }
         let (a, t) = (&ta[b], &tb[b]);
         // SAFETY: `d` is 8 × u16 = 16 bytes.
         let dvec = _mm512_cvtph_ps(unsafe { pair128(a.d.as_ptr(), t.d.as_ptr()) });
@@ -284,10 +286,12 @@ pub unsafe fn q4q8_pair(
     }
 }
 
-/// As [`q4q8_pair`] for Q8_0 row groups.
+/// As [`q4q8_pair`] for Q8_0 row groups; `ahead`: prefetch the tiles ahead of the one being
+/// read (the tiles are streamed from memory, not already in cache).
 ///
 /// # Safety
 /// As [`q4q8_pair`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn q8q8_pair(
     ta: &[TileQ8],
     tb: &[TileQ8],
@@ -295,7 +299,14 @@ pub unsafe fn q8q8_pair(
     oa: &mut [[f32; TILE_ROWS]],
     ob: &mut [[f32; TILE_ROWS]],
     side: Side,
+    ahead: bool,
 ) {
     // SAFETY: the caller guarantees the features.
-    unsafe { by_rows!(xs.len(), q8_pair, ta, tb, xs, oa, ob, side) }
+    unsafe {
+        if ahead {
+            by_rows!(xs.len(), q8_pair::<true>, ta, tb, xs, oa, ob, side)
+        } else {
+            by_rows!(xs.len(), q8_pair::<false>, ta, tb, xs, oa, ob, side)
+        }
+    }
 }

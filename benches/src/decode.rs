@@ -311,15 +311,22 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         let shared: Vec<Option<&LoraAdapter>> = vec![Some(&adapters[0]); a.batch];
         let none: Vec<Option<&LoraAdapter>> = vec![None; a.batch];
         let (mut t_none, mut t_shared, mut t_k) = (0f64, 0f64, 0f64);
+        // Each round's K-adapter figure over its own no-adapter figure, measured back to back:
+        // their median is the ratio least moved by a neighbour's burst in one measurement.
+        let mut paired = Vec::new();
         for _ in 0..a.rounds.max(1) {
-            t_none = t_none.max(measure(&mut pool, &none, "no adapter")?);
+            let none_now = measure(&mut pool, &none, "no adapter")?;
+            t_none = t_none.max(none_now);
             t_shared = t_shared.max(measure(&mut pool, &shared, "one shared adapter")?);
-            t_k = t_k.max(measure(
+            let k_now = measure(
                 &mut pool,
                 &distinct,
                 &format!("{n_distinct} distinct adapters"),
-            )?);
+            )?;
+            t_k = t_k.max(k_now);
+            paired.push(k_now / none_now);
         }
+        paired.sort_by(f64::total_cmp);
         let (bw, peak) = yardsticks(&mut report);
         let bound = |bytes: usize| a.batch as f64 * bw.all_gbs * 1e9 / bytes as f64;
         let compute_bound = |macs: usize| peak * 1e9 / (2.0 * macs as f64);
@@ -373,6 +380,24 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 .vs("no adapter", t_none),
         );
         report.push(Row::new("decode", k_label.clone(), t_k, "tok/s").vs("no adapter", t_none));
+        let median = paired[paired.len() / 2];
+        report.push(
+            Row::new(
+                "decode",
+                format!("{n_distinct} adapters / no adapter, paired"),
+                median,
+                "ratio",
+            )
+            .note(format!(
+                "median of {} rounds' ratios, each measured back to back: {}",
+                paired.len(),
+                paired
+                    .iter()
+                    .map(|r| format!("{r:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        );
         report.push(Row::new("decode", k_label, t_k, "tok/s").vs("1 shared adapter", t_shared));
     }
     report.print();

@@ -286,14 +286,8 @@ fn lora_axpy_with(
         2 => lora_groups(data, stride, scale, out, unrolled::<2>(start, tv, w, &dot)),
         4 => lora_groups(data, stride, scale, out, unrolled::<4>(start, tv, w, &dot)),
         8 => lora_groups(data, stride, scale, out, unrolled::<8>(start, tv, w, &dot)),
-        // SAFETY: as above.
-        _ => lora_groups(data, stride, scale, out, |base| unsafe {
-            let (mut a0, mut a1) = (start, _mm256_setzero_si256());
-            for j in 0..chunks {
-                a0 = dot(a0, w(base, j), tv(j));
-                std::mem::swap(&mut a0, &mut a1);
-            }
-            _mm256_add_epi32(a0, a1)
+        _ => lora_groups(data, stride, scale, out, |base| {
+            two_chains(start, chunks, &dot, |j| (w(base, j), tv(j)))
         }),
     }
 }
@@ -307,12 +301,25 @@ fn unrolled<const C: usize>(
     dot: &impl Fn(__m256i, __m256i, __m256i) -> __m256i,
 ) -> impl Fn(*const u8) -> __m256i {
     let tv: [__m256i; C] = std::array::from_fn(tv);
+    move |base| two_chains(start, C, dot, |j| (w(base, j), tv[j]))
+}
+
+/// `dot` over chunks `0..n` (`wx(j)`: chunk j's codes and `t` broadcast) in two alternating
+/// chains, the first from `start`, then their sum.
+#[inline(always)]
+fn two_chains(
+    start: __m256i,
+    n: usize,
+    dot: &impl Fn(__m256i, __m256i, __m256i) -> __m256i,
+    wx: impl Fn(usize) -> (__m256i, __m256i),
+) -> __m256i {
     // SAFETY: the callers are compiled for AVX2 (`lora_axpy_with`).
-    move |base| unsafe {
+    unsafe {
         let (mut a0, mut a1) = (start, _mm256_setzero_si256());
-        for j in (0..C).step_by(2) {
-            a0 = dot(a0, w(base, j), tv[j]);
-            a1 = dot(a1, w(base, j + 1), tv[j + 1]);
+        for j in 0..n {
+            let (w, x) = wx(j);
+            a0 = dot(a0, w, x);
+            std::mem::swap(&mut a0, &mut a1);
         }
         _mm256_add_epi32(a0, a1)
     }

@@ -356,7 +356,7 @@ fn attend_group(
         unsafe { attend_group_avx2(pool, layer, query, q, n_heads, scale, sparse, h0, out_group) };
         return;
     }
-    attend_group_body(pool, layer, query, q, n_heads, scale, sparse, h0, out_group)
+    attend_group_body::<false>(pool, layer, query, q, n_heads, scale, sparse, h0, out_group)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -373,12 +373,14 @@ fn attend_group_avx2(
     h0: usize,
     out_group: &mut [f32],
 ) {
-    attend_group_body(pool, layer, query, q, n_heads, scale, sparse, h0, out_group)
+    attend_group_body::<true>(pool, layer, query, q, n_heads, scale, sparse, h0, out_group)
 }
 
+/// `WIDE`: built with AVX2 (see [`attend_group_avx2`]), the page's scores and weighted values go
+/// through [`page_scores_avx2`] and [`accumulate_avx2`] where the head size is a multiple of 8.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_group_body(
+fn attend_group_body<const WIDE: bool>(
     pool: &KvPool,
     layer: usize,
     query: Query<'_>,
@@ -460,7 +462,7 @@ fn attend_group_body(
             .zip(run_max.iter_mut().zip(run_sum.iter_mut()));
         for (gi, (qh, (a, (m, l)))) in q_group.chunks_exact(d).zip(states).enumerate() {
             if keep[gi * npages + p] {
-                online_update(qh, kt, vt, d, scale, &mut scores[..n], m, l, a);
+                online_update::<WIDE>(qh, kt, vt, d, scale, &mut scores[..n], m, l, a);
             }
         }
     }
@@ -480,7 +482,7 @@ fn attend_group_body(
 /// max `m`, running sum of `exp(s - m)` `l`, and the unnormalized output `acc`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn online_update(
+fn online_update<const WIDE: bool>(
     q: &[f32],
     k: &[f32],
     v: &[f32],
@@ -491,10 +493,23 @@ fn online_update(
     l: &mut f32,
     acc: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    let wide = WIDE && d.is_multiple_of(8);
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
     let mut page_max = f32::NEG_INFINITY;
-    for (s, kr) in scores.iter_mut().zip(k.chunks_exact(d)) {
-        *s = dot(q, kr) * scale;
-        page_max = page_max.max(*s);
+    if wide {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: WIDE is only set inside `attend_group_avx2`, called when the CPU has AVX2;
+        // `k` holds `scores.len()` rows of `d`.
+        {
+            page_max = unsafe { page_scores_avx2(q, k, d, scale, scores) };
+        }
+    } else {
+        for (s, kr) in scores.iter_mut().zip(k.chunks_exact(d)) {
+            *s = dot(q, kr) * scale;
+            page_max = page_max.max(*s);
+        }
     }
     let m_new = m.max(page_max);
     if m_new == f32::NEG_INFINITY {
@@ -511,11 +526,99 @@ fn online_update(
         acc.iter_mut().for_each(|a| *a *= corr);
         *m = m_new;
     }
+    if wide {
+        // The weights first (the same sum in the same order), then the values.
+        for s in scores.iter_mut() {
+            *s = (*s - m_new).exp();
+            *l += *s;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above; `v` holds `scores.len()` rows of `d`.
+        unsafe {
+            accumulate_avx2(scores, v, d, acc)
+        };
+        return;
+    }
     for (&s, vr) in scores.iter().zip(v.chunks_exact(d)) {
         let p = (s - m_new).exp();
         *l += p;
         for (a, &x) in acc.iter_mut().zip(vr) {
             *a += p * x;
+        }
+    }
+}
+
+/// `scores[t] = dot(q, k_t) * scale` for the rows `k_t` of `k` (`d` a multiple of 8); returns
+/// the largest. Four rows at a time, each in one 8-lane register: the operations of [`dot`] in
+/// its order (lane `i` sums `q[8c + i] * k[8c + i]` over `c`, a multiply then an add, then
+/// [`reduce8`]), so the same bits as the scalar build. The scalar build's sums come out of the
+/// compiler's 128-bit shuffles one row at a time; these keep four rows in flight.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn page_scores_avx2(q: &[f32], k: &[f32], d: usize, scale: f32, scores: &mut [f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = scores.len();
+    assert!(d.is_multiple_of(8) && q.len() == d && k.len() >= n * d);
+    // What `dot` adds for the channels past the last eight (none here), as it adds it.
+    let tail: f32 = std::iter::empty::<f32>().sum();
+    // ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)), as `reduce8`.
+    let reduce = |acc: __m256| -> f32 {
+        let a = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+        let b = _mm_hadd_ps(a, a);
+        _mm_cvtss_f32(_mm_hadd_ps(b, b))
+    };
+    let (qp, kp) = (q.as_ptr(), k.as_ptr());
+    let mut page_max = f32::NEG_INFINITY;
+    let mut t = 0;
+    while t < n {
+        let rows = (n - t).min(4);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..d).step_by(8) {
+            // SAFETY: c + 8 <= d = q.len(), and row t + j < n has d values in k (asserted).
+            let qv = unsafe { _mm256_loadu_ps(qp.add(c)) };
+            for (j, a) in acc.iter_mut().enumerate().take(rows) {
+                let kv = unsafe { _mm256_loadu_ps(kp.add((t + j) * d + c)) };
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
+            }
+        }
+        for (j, a) in acc.iter().enumerate().take(rows) {
+            let s = (reduce(*a) + tail) * scale;
+            scores[t + j] = s;
+            page_max = page_max.max(s);
+        }
+        t += rows;
+    }
+    page_max
+}
+
+/// `acc[j] += p[t] * v_t[j]` for the rows `v_t` of `v` in order (`d` a multiple of 8), a multiply
+/// then an add as the scalar loop does, so the same bits; 64 channels at a time stay in eight
+/// registers over all rows, where the scalar build loads and stores `acc` for every row.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn accumulate_avx2(p: &[f32], v: &[f32], d: usize, acc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n = p.len();
+    assert!(d.is_multiple_of(8) && acc.len() == d && v.len() >= n * d);
+    let (vp, ap) = (v.as_ptr(), acc.as_mut_ptr());
+    for c0 in (0..d).step_by(64) {
+        let regs = (d - c0).min(64) / 8;
+        let mut r = [_mm256_setzero_ps(); 8];
+        for (i, ri) in r.iter_mut().enumerate().take(regs) {
+            // SAFETY: c0 + 8 i + 8 <= d = acc.len().
+            *ri = unsafe { _mm256_loadu_ps(ap.add(c0 + 8 * i)) };
+        }
+        for (t, &pt) in p.iter().enumerate() {
+            let pv = _mm256_set1_ps(pt);
+            for (i, ri) in r.iter_mut().enumerate().take(regs) {
+                // SAFETY: row t < n has d values in v (asserted).
+                let x = unsafe { _mm256_loadu_ps(vp.add(t * d + c0 + 8 * i)) };
+                *ri = _mm256_add_ps(*ri, _mm256_mul_ps(pv, x));
+            }
+        }
+        for (i, ri) in r.iter().enumerate().take(regs) {
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(ap.add(c0 + 8 * i), *ri) };
         }
     }
 }

@@ -437,23 +437,29 @@ fn the_avx2_build_of_a_group_gives_the_same_bits_as_the_baseline_build() {
         eprintln!("no AVX2 here: nothing to compare");
         return;
     }
-    for (dtype, n_tokens, sparse) in [
-        (KvDtype::F32, 45, None),
-        (KvDtype::F16, 70, None),
-        (KvDtype::Int4, 150, None),
-        (KvDtype::F32, 150, Some(SparseConfig::new(64))),
+    // Head sizes: 40 (five 8-lane chunks, one partial register block), 128 (two full blocks of
+    // 64 channels) and 36 (not a multiple of 8: the scalar loops in both builds); page tails of
+    // 13, 6, 6 and 1 rows (four-row blocks and their remainders).
+    for (dtype, n_tokens, sparse, d) in [
+        (KvDtype::F32, 45, None, 40),
+        (KvDtype::F16, 70, None, 40),
+        (KvDtype::Int4, 150, None, 40),
+        (KvDtype::F32, 150, Some(SparseConfig::new(64)), 40),
+        (KvDtype::F32, 129, None, 128),
+        (KvDtype::F16, 70, None, 128),
+        (KvDtype::F32, 45, None, 36),
     ] {
-        let c = case(dtype, 16, 2, 6, 40, n_tokens, 9);
-        let q = Rng::new(4).vec(6 * 40);
+        let c = case(dtype, 16, 2, 6, d, n_tokens, 9);
+        let q = Rng::new(4).vec(6 * d);
         let query = Query {
             pages: &c.pages,
             n_tokens,
         };
         for h0 in [0, 3] {
-            let mut base = vec![f32::NAN; 3 * 40];
-            let mut wide = vec![f32::NAN; 3 * 40];
+            let mut base = vec![f32::NAN; 3 * d];
+            let mut wide = vec![f32::NAN; 3 * d];
             let scale = 0.3;
-            attend_group_body(
+            attend_group_body::<false>(
                 &c.pool,
                 c.layer,
                 query,
@@ -485,7 +491,7 @@ fn the_avx2_build_of_a_group_gives_the_same_bits_as_the_baseline_build() {
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(
                 same,
-                "{dtype:?} {n_tokens} sparse {} h0 {h0}",
+                "{dtype:?} {n_tokens} sparse {} h0 {h0} d {d}",
                 sparse.is_some()
             );
         }

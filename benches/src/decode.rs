@@ -52,6 +52,10 @@ pub struct DecodeArgs {
     /// Measurements of each configuration (best kept); alternated with llama.cpp's.
     #[arg(long, default_value_t = 2)]
     pub rounds: usize,
+    /// With --adapters: decode the configurations side by side, one step of each in turn, and
+    /// report each one's median step (ratios per step pair), in place of whole rounds.
+    #[arg(long)]
+    pub interleave: bool,
     /// Also measure llama.cpp (llama-cpp-python) on the same GGUF with the same threads.
     #[arg(long)]
     pub vs_llamacpp: bool,
@@ -103,34 +107,69 @@ pub fn run_once(
     steps: usize,
     opts: &ForwardOptions,
 ) -> Result<f64> {
-    let b = adapters.len();
+    let secs = run_interleaved(model, pool, &[adapters], prompt_len, warmup, steps, opts)?;
+    Ok((adapters.len() * steps) as f64 / secs[0].iter().sum::<f64>())
+}
+
+/// Prefills one prompt per sequence of each configuration (batches of the same size), then
+/// decodes them side by side, a step of each in turn, and returns every timed step's seconds per
+/// configuration: on a machine whose speed drifts within seconds, each configuration's step is
+/// measured next to the others' (`--interleave`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_interleaved(
+    model: &Model,
+    pool: &mut KvPool,
+    configs: &[&[Option<&LoraAdapter>]],
+    prompt_len: usize,
+    warmup: usize,
+    steps: usize,
+    opts: &ForwardOptions,
+) -> Result<Vec<Vec<f64>>> {
+    let b = configs.first().map_or(0, |c| c.len());
     let base = text_tokens(model, prompt_len.max(1) + b)?;
     // Each sequence starts at a different offset of the text, so they do not decode in lockstep.
     let prompts: Vec<Vec<u32>> = (0..b)
         .map(|i| base[i..i + prompt_len.max(1)].to_vec())
         .collect();
-    let mut kvs: Vec<SeqKv> = (0..b).map(|_| SeqKv::new()).collect();
+    let mut kvs: Vec<Vec<SeqKv>> = configs
+        .iter()
+        .map(|c| (0..c.len()).map(|_| SeqKv::new()).collect())
+        .collect();
     let result = (|| {
-        let mut next = step(model, pool, &mut kvs, adapters, &prompts, opts)?;
         let one = |next: &[u32]| next.iter().map(|&t| vec![t]).collect::<Vec<_>>();
-        for _ in 0..warmup {
-            next = step(model, pool, &mut kvs, adapters, &one(&next), opts)?;
+        let mut next = Vec::with_capacity(configs.len());
+        for (ci, c) in configs.iter().enumerate() {
+            next.push(step(model, pool, &mut kvs[ci], c, &prompts, opts)?);
         }
-        let t0 = Instant::now();
-        for _ in 0..steps {
-            next = step(model, pool, &mut kvs, adapters, &one(&next), opts)?;
+        let mut secs = vec![Vec::with_capacity(steps); configs.len()];
+        for s in 0..warmup + steps {
+            for (ci, c) in configs.iter().enumerate() {
+                let t0 = Instant::now();
+                next[ci] = step(model, pool, &mut kvs[ci], c, &one(&next[ci]), opts)?;
+                if s >= warmup {
+                    secs[ci].push(t0.elapsed().as_secs_f64());
+                }
+            }
         }
-        Ok((b * steps) as f64 / t0.elapsed().as_secs_f64())
+        Ok(secs)
     })();
-    for kv in &mut kvs {
+    for kv in kvs.iter_mut().flatten() {
         kv.release(pool);
     }
     result
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 pub fn run(a: DecodeArgs) -> Result<()> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
+    }
+    if a.interleave && a.adapters == 0 {
+        bail!("--interleave compares adapter configurations: give --adapters K too");
     }
     let threads = resolve_threads(a.threads);
     init_threads(threads);
@@ -159,7 +198,13 @@ pub fn run(a: DecodeArgs) -> Result<()> {
     let c = &model.config;
     let base_macs = projection_macs(c) + c.vocab_size * c.hidden_size;
     let total = a.prompt.max(1) + a.warmup + a.steps + 1;
-    let mut pool = a.m.pool(model, a.batch, total)?;
+    // Interleaved, each of the three configurations keeps its batch in the pool.
+    let seqs = if a.interleave { 3 * a.batch } else { a.batch };
+    let mut pool = a.m.pool(
+        model,
+        seqs,
+        total * if a.interleave { a.rounds.max(1) } else { 1 },
+    )?;
     // The yardsticks are measured again after the decode runs and the best kept, so that a
     // neighbour's burst during one measurement does not flatter the ratios.
     let yardsticks = |report: &mut Report| {
@@ -314,7 +359,27 @@ pub fn run(a: DecodeArgs) -> Result<()> {
         // Each round's K-adapter figure over its own no-adapter figure, measured back to back:
         // their median is the ratio least moved by a neighbour's burst in one measurement.
         let mut paired = Vec::new();
-        for _ in 0..a.rounds.max(1) {
+        if a.interleave {
+            let configs: [&[Option<&LoraAdapter>]; 3] = [&none, &shared, &distinct];
+            eprintln!(
+                "decoding: no adapter, one shared adapter and {n_distinct} distinct adapters, \
+                 a step of each in turn, batch {} ...",
+                a.batch
+            );
+            let secs = run_interleaved(
+                model,
+                &mut pool,
+                &configs,
+                a.prompt,
+                a.warmup,
+                a.steps * a.rounds.max(1),
+                &l.opts,
+            )?;
+            let tps = |ci: usize| a.batch as f64 / median(secs[ci].clone());
+            (t_none, t_shared, t_k) = (tps(0), tps(1), tps(2));
+            paired = secs[0].iter().zip(&secs[2]).map(|(n, k)| n / k).collect();
+        }
+        for _ in 0..if a.interleave { 0 } else { a.rounds.max(1) } {
             let none_now = measure(&mut pool, &none, "no adapter")?;
             t_none = t_none.max(none_now);
             t_shared = t_shared.max(measure(&mut pool, &shared, "one shared adapter")?);
@@ -380,23 +445,33 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 .vs("no adapter", t_none),
         );
         report.push(Row::new("decode", k_label.clone(), t_k, "tok/s").vs("no adapter", t_none));
-        let median = paired[paired.len() / 2];
-        report.push(
-            Row::new(
-                "decode",
-                format!("{n_distinct} adapters / no adapter, paired"),
-                median,
-                "ratio",
+        let n = paired.len();
+        let note = if a.interleave {
+            format!(
+                "median of {n} interleaved step pairs (the no-adapter step's time over the \
+                 {n_distinct}-adapter step's); quartiles {:.3}-{:.3}; tokens/s above are median \
+                 steps",
+                paired[n / 4],
+                paired[3 * n / 4]
             )
-            .note(format!(
-                "median of {} rounds' ratios, each measured back to back: {}",
-                paired.len(),
+        } else {
+            format!(
+                "median of {n} rounds' ratios, each measured back to back: {}",
                 paired
                     .iter()
                     .map(|r| format!("{r:.3}"))
                     .collect::<Vec<_>>()
                     .join(", ")
-            )),
+            )
+        };
+        report.push(
+            Row::new(
+                "decode",
+                format!("{n_distinct} adapters / no adapter, paired"),
+                paired[n / 2],
+                "ratio",
+            )
+            .note(note),
         );
         report.push(Row::new("decode", k_label, t_k, "tok/s").vs("1 shared adapter", t_shared));
     }

@@ -20,6 +20,9 @@
 //! computation is the same code in the same order as dense, so the result is bit-identical.
 
 use crate::cpu::kv::{KvDtype, KvPool, PageId};
+use crate::cpu::ops::exp_softmax;
+#[cfg(target_arch = "x86_64")]
+use crate::cpu::ops::exp8_avx2;
 use crate::cpu::threads::SharedOut;
 
 /// Query-aware page sparsity settings.
@@ -553,78 +556,19 @@ fn online_update<const WIDE: bool>(
     }
 }
 
-// Cephes' single-precision exp: ln 2 in two parts, and the polynomial's coefficients.
-const LOG2E: f32 = std::f32::consts::LOG2_E;
-const LN2_HI: f32 = 0.693_359_4;
-const LN2_LO: f32 = -2.121_944_4e-4;
-const EXP_POLY: [f32; 6] = [
-    1.987_569_1e-4,
-    1.398_199_9e-3,
-    8.333_452e-3,
-    4.166_579_6e-2,
-    0.166_666_65,
-    0.5,
-];
-/// Below this, `exp_softmax` returns `exp(EXP_MIN)` (about 1.6e-38) rather than a subnormal or 0.
-const EXP_MIN: f32 = -87.0;
-
-/// `exp(x)` for the softmax weights (`x <= 0` here; clamped to `[EXP_MIN, 88]`): Cephes' range
-/// reduction `x = n ln 2 + r` and degree-7 polynomial in `r`, from basic operations only (no
-/// fused multiply-add, rounding to nearest even), so that the eight lanes of
-/// [`softmax_weights_avx2`] give the same bits; within a few ulp of `f32::exp` (tested). libm's
-/// `expf`, one call per score, was a third of a page's work once the products were vectorized.
-#[inline(always)]
-fn exp_softmax(x: f32) -> f32 {
-    let x = x.clamp(EXP_MIN, 88.0);
-    let n = (x * LOG2E).round_ties_even();
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let mut p = EXP_POLY[0];
-    for c in &EXP_POLY[1..] {
-        p = p * r + c;
-    }
-    let y = (p * (r * r) + r) + 1.0;
-    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
-
-/// `w[t] = exp_softmax(w[t] - m)` in place, eight at a time (the rest one by one): the same
-/// operations as [`exp_softmax`] lane by lane, so the same bits.
+/// `w[t] = exp_softmax(w[t] - m)` in place, eight at a time (the rest one by one), the same
+/// bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn softmax_weights_avx2(w: &mut [f32], m: f32) {
     use std::arch::x86_64::*;
     let mv = _mm256_set1_ps(m);
-    let lanes = |v: __m256| -> __m256 {
-        let x = _mm256_min_ps(
-            _mm256_max_ps(v, _mm256_set1_ps(EXP_MIN)),
-            _mm256_set1_ps(88.0),
-        );
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(LOG2E)),
-        );
-        let r = _mm256_sub_ps(
-            _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(LN2_HI))),
-            _mm256_mul_ps(n, _mm256_set1_ps(LN2_LO)),
-        );
-        let mut p = _mm256_set1_ps(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(*c));
-        }
-        let y = _mm256_add_ps(
-            _mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
-            _mm256_set1_ps(1.0),
-        );
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_mul_ps(y, _mm256_castsi256_ps(e))
-    };
     let mut chunks = w.chunks_exact_mut(8);
     for c in &mut chunks {
         // SAFETY: `c` holds eight values.
         unsafe {
             let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv);
-            _mm256_storeu_ps(c.as_mut_ptr(), lanes(v));
+            _mm256_storeu_ps(c.as_mut_ptr(), exp8_avx2(v));
         }
     }
     for x in chunks.into_remainder() {

@@ -378,18 +378,19 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             let tps = |ci: usize| a.batch as f64 / median(secs[ci].clone());
             (t_none, t_shared, t_k) = (tps(0), tps(1), tps(2));
             paired = secs[0].iter().zip(&secs[2]).map(|(n, k)| n / k).collect();
-        }
-        for _ in 0..if a.interleave { 0 } else { a.rounds.max(1) } {
-            let none_now = measure(&mut pool, &none, "no adapter")?;
-            t_none = t_none.max(none_now);
-            t_shared = t_shared.max(measure(&mut pool, &shared, "one shared adapter")?);
-            let k_now = measure(
-                &mut pool,
-                &distinct,
-                &format!("{n_distinct} distinct adapters"),
-            )?;
-            t_k = t_k.max(k_now);
-            paired.push(k_now / none_now);
+        } else {
+            for _ in 0..a.rounds.max(1) {
+                let none_now = measure(&mut pool, &none, "no adapter")?;
+                t_none = t_none.max(none_now);
+                t_shared = t_shared.max(measure(&mut pool, &shared, "one shared adapter")?);
+                let k_now = measure(
+                    &mut pool,
+                    &distinct,
+                    &format!("{n_distinct} distinct adapters"),
+                )?;
+                t_k = t_k.max(k_now);
+                paired.push(k_now / none_now);
+            }
         }
         paired.sort_by(f64::total_cmp);
         let (bw, peak) = yardsticks(&mut report);

@@ -20,9 +20,9 @@
 //! computation is the same code in the same order as dense, so the result is bit-identical.
 
 use crate::cpu::kv::{KvDtype, KvPool, PageId};
-use crate::cpu::ops::exp_softmax;
+use crate::cpu::ops::exp_cephes;
 #[cfg(target_arch = "x86_64")]
-use crate::cpu::ops::exp8_avx2;
+use crate::cpu::ops::exp_cephes8_avx2;
 use crate::cpu::threads::SharedOut;
 
 /// Query-aware page sparsity settings.
@@ -340,7 +340,8 @@ pub fn paged_attention_rows(
 
 /// Query heads `h0 .. h0 + out_group.len() / head_dim`, all of one KV head's group, attend to
 /// their pages. On x86-64 with AVX2 the same code is compiled 8 lanes wide (the crate's baseline
-/// is SSE2); no FMA contraction happens either way, so both give the same bits.
+/// is SSE2), with a page's scores and weighted values in explicit 8-lane kernels; every lane does
+/// the scalar code's operations in its order and nothing is fused, so both give the same bits.
 #[allow(clippy::too_many_arguments)]
 fn attend_group(
     pool: &KvPool,
@@ -523,7 +524,7 @@ fn online_update<const WIDE: bool>(
         let corr = if *m == f32::NEG_INFINITY {
             0.0
         } else {
-            exp_softmax(*m - m_new)
+            exp_cephes(*m - m_new)
         };
         *l *= corr;
         acc.iter_mut().for_each(|a| *a *= corr);
@@ -548,7 +549,7 @@ fn online_update<const WIDE: bool>(
         return;
     }
     for (&s, vr) in scores.iter().zip(v.chunks_exact(d)) {
-        let p = exp_softmax(s - m_new);
+        let p = exp_cephes(s - m_new);
         *l += p;
         for (a, &x) in acc.iter_mut().zip(vr) {
             *a += p * x;
@@ -556,7 +557,7 @@ fn online_update<const WIDE: bool>(
     }
 }
 
-/// `w[t] = exp_softmax(w[t] - m)` in place, eight at a time (the rest one by one), the same
+/// `w[t] = exp_cephes(w[t] - m)` in place, eight at a time (the rest one by one), the same
 /// bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
@@ -568,11 +569,11 @@ fn softmax_weights_avx2(w: &mut [f32], m: f32) {
         // SAFETY: `c` holds eight values.
         unsafe {
             let v = _mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv);
-            _mm256_storeu_ps(c.as_mut_ptr(), exp8_avx2(v));
+            _mm256_storeu_ps(c.as_mut_ptr(), exp_cephes8_avx2(v));
         }
     }
     for x in chunks.into_remainder() {
-        *x = exp_softmax(*x - m);
+        *x = exp_cephes(*x - m);
     }
 }
 

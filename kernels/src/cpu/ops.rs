@@ -47,18 +47,18 @@ const EXP_POLY: [f32; 6] = [
     0.166_666_65,
     0.5,
 ];
-/// The clamp of [`exp_softmax`]'s argument: `exp(EXP_MIN)` is about 1.6e-38 (no subnormals),
+/// The clamp of [`exp_cephes`]'s argument: `exp(EXP_MIN)` is about 1.6e-38 (no subnormals),
 /// `exp(EXP_MAX)` about 1.65e38 (no infinity).
 const EXP_MIN: f32 = -87.0;
 const EXP_MAX: f32 = 88.0;
 
-/// `exp(x)` for softmax weights and SiLU, `x` clamped to `[EXP_MIN, EXP_MAX]`: Cephes' range
-/// reduction `x = n ln 2 + r` and degree-7 polynomial in `r`, from basic operations only (no
-/// fused multiply-add, rounding to nearest even), so that the eight lanes of [`exp8_avx2`] give
-/// the same bits; within a few ulp of `exp` (tested). libm's `expf`, one call per value, was a
-/// third of an attention page's work and most of SwiGLU's.
+/// `exp(x)` for attention's softmax weights and for SiLU, `x` clamped to `[EXP_MIN, EXP_MAX]`:
+/// Cephes' range reduction `x = n ln 2 + r` and degree-7 polynomial in `r`, from basic
+/// operations only (no fused multiply-add, rounding to nearest even), so that the eight lanes of
+/// [`exp_cephes8_avx2`] give the same bits; within a few ulp of `exp` (tested). libm's `expf`,
+/// one call per value, was a third of an attention page's work and most of SwiGLU's.
 #[inline(always)]
-pub(crate) fn exp_softmax(x: f32) -> f32 {
+pub(crate) fn exp_cephes(x: f32) -> f32 {
     let x = x.clamp(EXP_MIN, EXP_MAX);
     let n = (x * LOG2E).round_ties_even();
     let r = (x - n * LN2_HI) - n * LN2_LO;
@@ -70,13 +70,13 @@ pub(crate) fn exp_softmax(x: f32) -> f32 {
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
-/// [`exp_softmax`] of eight lanes: the same operations lane by lane, so the same bits.
+/// [`exp_cephes`] of eight lanes: the same operations lane by lane, so the same bits.
 ///
 /// # Safety
 /// The CPU must have AVX2 (the caller's own `target_feature` or a run-time check).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub(crate) fn exp8_avx2(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
+pub(crate) fn exp_cephes8_avx2(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
     let x = _mm256_min_ps(
         _mm256_max_ps(v, _mm256_set1_ps(EXP_MIN)),
@@ -107,7 +107,7 @@ pub(crate) fn exp8_avx2(v: std::arch::x86_64::__m256) -> std::arch::x86_64::__m2
 
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + exp_softmax(-x))
+    x / (1.0 + exp_cephes(-x))
 }
 
 /// `gate[i] = silu(gate[i]) * up[i]`; eight at a time with AVX2, the same bits.
@@ -138,7 +138,7 @@ fn swiglu_avx2(gate: &mut [f32], up: &[f32]) {
         // SAFETY: both chunks hold eight values.
         unsafe {
             let x = _mm256_loadu_ps(g.as_ptr());
-            let e = exp8_avx2(_mm256_xor_ps(x, _mm256_set1_ps(-0.0))); // -x, as `silu`
+            let e = exp_cephes8_avx2(_mm256_xor_ps(x, _mm256_set1_ps(-0.0))); // -x, as `silu`
             let s = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e));
             _mm256_storeu_ps(
                 g.as_mut_ptr(),

@@ -23,6 +23,7 @@ use crate::llamacpp::{self, LlamaCpp};
 use crate::membw;
 use crate::prefill;
 use crate::report::{Context, Report, Row};
+use crate::swap::median;
 
 #[derive(Args, Debug)]
 pub struct DecodeArgs {
@@ -157,11 +158,6 @@ pub fn run_interleaved(
         kv.release(pool);
     }
     result
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 pub fn run(a: DecodeArgs) -> Result<()> {
@@ -375,7 +371,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 a.steps * a.rounds.max(1),
                 &l.opts,
             )?;
-            let tps = |ci: usize| a.batch as f64 / median(secs[ci].clone());
+            let tps = |ci: usize| a.batch as f64 / median(&secs[ci]);
             (t_none, t_shared, t_k) = (tps(0), tps(1), tps(2));
             paired = secs[0].iter().zip(&secs[2]).map(|(n, k)| n / k).collect();
         } else {
@@ -469,7 +465,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             Row::new(
                 "decode",
                 format!("{n_distinct} adapters / no adapter, paired"),
-                paired[n / 2],
+                median(&paired),
                 "ratio",
             )
             .note(note),

@@ -24,6 +24,9 @@ use std::ops::Range;
 const ROW_ALIGN: usize = 16;
 /// Row groups (of eight rows) per task are a multiple of this.
 const GROUP_ALIGN: usize = 2;
+/// Up to this many rows a product gives each thread one share of the row groups (it streams
+/// weights from memory); from more, smaller tasks (it is bound by compute).
+const SHARE_ROWS: usize = 4;
 /// The most adapter bytes one projection region prefetches (about one core's L2).
 const PREFETCH_BYTES: usize = 1 << 20;
 
@@ -570,16 +573,18 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         .collect();
     let xrows: Vec<&[BlockQ8A]> = (0..m).map(|r| x.row(r)).collect();
     let pool = crate::cpu::threads::global();
-    // Up to four rows the product streams weights from memory at the threads' pace: one even
-    // share per thread, not four tasks each (with those, decode at batch 1, 2 and 4 ran 4-7%,
-    // 3.5% and 2.5% slower, alternated step by step in one process; at batch 8 and 16 the two
-    // splits measured the same).
-    let per = if m <= 4 {
+    // Up to SHARE_ROWS rows the product streams weights from memory at the threads' pace: one
+    // even share per thread, not four tasks each (with those, decode at batch 1, 2 and 4 ran
+    // 4-7%, 3.5% and 2.5% slower, alternated step by step in one process; at batch 8 and 16 the
+    // two splits measured the same).
+    let shares = m <= SHARE_ROWS;
+    let per = if shares {
         total.div_ceil(pool.threads()).next_multiple_of(GROUP_ALIGN)
     } else {
         pool.chunk(total, GROUP_ALIGN)
     };
     let group_tasks = total.div_ceil(per);
+    let task_groups = |t: usize| t * per..((t + 1) * per).min(total);
     let n_pieces = pieces.len();
     // The adapters' bytes (every segment's A, then its B), prefetched by the group tasks, each
     // its share spread over the tiles it computes, so that the shrink and expand after them find
@@ -634,13 +639,12 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
     // Row groups done (by their task or a thief).
     let based = AtomicUsize::new(0);
     // Each group task's groups, claimed a pair at a time: by its owner from the front (one
-    // stream), and, up to four rows, where each thread has one share, from the back by a thread
-    // that finished its own. At batch 1 one thread's share took 24 us where the other's took 17
-    // (every region; this VM). Stealing gained nothing there (both streams share the memory
-    // bandwidth) but 6-8% at batch 2, 2% at 3 and 3% at 4 (alternated step by step).
-    let steal = m <= 4;
+    // stream), and, where each thread has one share, from the back by a thread that finished
+    // its own. At batch 1 one thread's share took 24 us where the other's took 17 (every region;
+    // this VM). Stealing gained nothing there (both streams share the memory bandwidth) but 6-8%
+    // at batch 2, 2% at 3 and 3% at 4 (alternated step by step).
     let claims: Vec<Claims> = (0..group_tasks)
-        .map(|t| Claims::new(t * per, ((t + 1) * per).min(total)))
+        .map(|t| Claims::new(task_groups(t)))
         .collect();
     let run_pair = |g: usize,
                     ahead: &mut Prefetch<'_, '_>,
@@ -663,7 +667,7 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
                 (Prefetch::new(&[]), 0)
             };
             // Lines per tile kernel call: the task's share over its calls.
-            let calls: usize = task_runs(t * per..((t + 1) * per).min(total), &starts)
+            let calls: usize = task_runs(task_groups(t), &starts)
                 .map(|(j, gs)| {
                     if outs[j].0.is_some() {
                         gs.len().div_ceil(2) * m.div_ceil(TILE_XROWS)
@@ -678,7 +682,7 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
                 run_pair(g, &mut ahead, per_call, &mut cols);
             }
             ahead.issue(usize::MAX);
-            if steal {
+            if shares {
                 let mut none = Prefetch::new(&[]);
                 for other in (1..group_tasks).map(|k| (t + k) % group_tasks) {
                     while let Some(g) = claims[other].back() {
@@ -741,10 +745,10 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
 struct Claims(std::sync::atomic::AtomicU64);
 
 impl Claims {
-    fn new(first: usize, end: usize) -> Self {
-        // In pairs: [first / 2, end.div_ceil(2)); `first` is even (tasks are GROUP_ALIGN groups).
+    fn new(groups: Range<usize>) -> Self {
+        // In pairs: [start / 2, end.div_ceil(2)); `start` is even (tasks are GROUP_ALIGN groups).
         Self(std::sync::atomic::AtomicU64::new(
-            ((first / 2) as u64) << 32 | end.div_ceil(2) as u64,
+            ((groups.start / 2) as u64) << 32 | groups.end.div_ceil(2) as u64,
         ))
     }
 
@@ -1128,7 +1132,7 @@ mod tests {
         // Odd ends (a last pair of one group), and two threads racing from the two ends.
         for (first, end) in [(0usize, 1usize), (0, 2), (4, 9), (0, 1000), (6, 7)] {
             for _ in 0..50 {
-                let claims = Claims::new(first, end);
+                let claims = Claims::new(first..end);
                 let hits: Vec<AtomicUsize> = (0..end).map(|_| AtomicUsize::new(0)).collect();
                 let order = std::sync::Mutex::new(Vec::new());
                 std::thread::scope(|sc| {

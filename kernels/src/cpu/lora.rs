@@ -10,7 +10,7 @@ use std::ops::Range;
 use half::f16;
 
 use crate::cpu::act::{ActQ8, BlockQ8A};
-use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
+use crate::cpu::matmul::{OutlierPlan, q8_group_columns};
 use crate::cpu::mem::{Packable, Store};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
@@ -156,7 +156,8 @@ impl LoraB {
 
 /// A segment for the int8 path: A `[rank, in]` as Q8_0 in the base weights' tiled layout (the
 /// shrink runs on their micro-kernels) and B as [`LoraB`]. Shrink and expand run in the base
-/// projection's parallel region, after its products, see [`crate::cpu::matmul::project_q8`].
+/// projection's parallel region, the expand after its products, see
+/// [`crate::cpu::matmul::project_q8`].
 #[derive(Clone, Debug)]
 pub struct LoraSegmentQ8<'a> {
     pub rows: Range<usize>,
@@ -186,12 +187,25 @@ pub fn sgmv_q8(
     );
 }
 
-/// Rows per shrink task: each A tile is reused for up to four rows.
+/// Rows per piece (a shrink and its expand): each A tile is reused for up to four rows.
 pub(crate) const ROWS_PER_TASK: usize = 4;
+
+/// What [`shrink_rows`] reuses from one call to the next (it runs thousands of times per step, and
+/// growing fresh vectors was most of the allocator's time in a mixed-adapter decode step).
+#[derive(Default)]
+pub(crate) struct ShrinkScratch {
+    /// The piece's outlier columns (indices into the plan's union), sorted.
+    us: Vec<u32>,
+    /// The same as activation columns.
+    ks: Vec<u32>,
+    /// A's row group at those columns.
+    cols: Vec<[f32; TILE_ROWS]>,
+}
 
 /// The shrink of up to four rows `rows` of `x` that share `a`: `t = A x` with `x`'s outliers
 /// applied exactly, then quantized to int8 with one scale per row into `codes` (`stride` per row,
-/// zero past the rank) and `scales`, for the expand's integer product.
+/// zero past the rank) and `scales`, for the expand's integer product. Only the outlier columns
+/// of these rows are dequantized (the plan's union covers the whole batch).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn shrink_rows(
     isa: Isa,
@@ -202,6 +216,7 @@ pub(crate) fn shrink_rows(
     codes: &mut [i8],
     stride: usize,
     scales: &mut [f32],
+    scratch: &mut ShrinkScratch,
 ) {
     let n = rows.len();
     debug_assert!(n <= ROWS_PER_TASK && codes.len() == n * stride && scales.len() == n);
@@ -212,6 +227,15 @@ pub(crate) fn shrink_rows(
     for (i, r) in rows.clone().enumerate() {
         xs[i] = x.row(r);
     }
+    let ShrinkScratch { us, ks, cols } = scratch;
+    us.clear();
+    for r in rows.clone() {
+        us.extend(plan.row(r).iter().map(|&(u, _)| u));
+    }
+    us.sort_unstable();
+    us.dedup();
+    ks.clear();
+    ks.extend(us.iter().map(|&u| plan.cols[u as usize]));
     let mut tmp: [TileOut; 2] = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
     // t of row i, row group g at [(i * groups + g) * 8 ..]; on the stack up to 64 values, one
     // row of rank 64 or four of rank 16 (this runs once per row and adapted projection:
@@ -223,7 +247,6 @@ pub(crate) fn shrink_rows(
         heap.resize(n * groups * TILE_ROWS, 0f32);
         &mut heap
     };
-    let mut cols = Vec::new();
     // Two row groups per kernel call where there are two (a rank of 16 is exactly two).
     for g0 in (0..groups).step_by(2) {
         let gs = g0..(g0 + 2).min(groups);
@@ -234,9 +257,18 @@ pub(crate) fn shrink_rows(
             q8q8_tiles(isa, a.group_tiles(g0), &xs[..n], &mut tmp[0]);
         }
         for (k, g) in gs.enumerate() {
-            q8_group_columns(isa, a, g, &plan.cols, &mut cols);
+            q8_group_columns(isa, a, g, ks, cols);
             for (i, vals) in tmp[k][..n].iter().enumerate() {
-                let acc = add_outliers(*vals, plan.row(rows.start + i), &cols);
+                let mut acc = *vals;
+                // As `add_outliers`, with the column of each outlier found among this piece's.
+                for &(u, v) in plan.row(rows.start + i) {
+                    let c = &cols[us
+                        .binary_search(&u)
+                        .expect("a row's outlier is in its piece's")];
+                    for l in 0..TILE_ROWS {
+                        acc[l] += v * c[l];
+                    }
+                }
                 t[(i * groups + g) * TILE_ROWS..][..TILE_ROWS].copy_from_slice(&acc);
             }
         }

@@ -10,7 +10,7 @@ use std::ops::Range;
 use half::f16;
 
 use crate::cpu::act::{ActQ8, BlockQ8A};
-use crate::cpu::matmul::{OutlierPlan, q8_group_columns};
+use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
 use crate::cpu::mem::{Packable, Store};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
@@ -259,16 +259,12 @@ pub(crate) fn shrink_rows(
         for (k, g) in gs.enumerate() {
             q8_group_columns(isa, a, g, ks, cols);
             for (i, vals) in tmp[k][..n].iter().enumerate() {
-                let mut acc = *vals;
-                // As `add_outliers`, with the column of each outlier found among this piece's.
-                for &(u, v) in plan.row(rows.start + i) {
-                    let c = &cols[us
+                // Each outlier's column found among this piece's.
+                let acc = add_outliers(*vals, plan.row(rows.start + i), |u| {
+                    &cols[us
                         .binary_search(&u)
-                        .expect("a row's outlier is in its piece's")];
-                    for l in 0..TILE_ROWS {
-                        acc[l] += v * c[l];
-                    }
-                }
+                        .expect("a row's outlier is in its piece's")]
+                });
                 t[(i * groups + g) * TILE_ROWS..][..TILE_ROWS].copy_from_slice(&acc);
             }
         }

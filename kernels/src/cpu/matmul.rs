@@ -204,7 +204,9 @@ impl Finish<'_> {
         for (i, vals) in self.vals.iter().enumerate() {
             // Summed in a local (registers): scalar stores into `tmp` followed by a vector load
             // of it would stall on store forwarding.
-            let acc = add_outliers(*vals, self.plan.row(self.r0 + i), self.cols);
+            let acc = add_outliers(*vals, self.plan.row(self.r0 + i), |u| {
+                &self.cols[u as usize]
+            });
             // SAFETY: in bounds (checked by `slice_mut`); this row group belongs to the calling
             // task.
             let dst = unsafe {
@@ -270,15 +272,16 @@ fn store_group(dst: &mut [f32], vals: &[f32; TILE_ROWS]) {
     }
 }
 
-/// `vals + Σ v · cols[u]` over a row's outliers `(u, v)`.
+/// `vals + Σ v · col(u)` over a row's outliers `(u, v)` (`col(u)`: the weight column of union
+/// entry `u`).
 #[inline]
-pub(crate) fn add_outliers(
+pub(crate) fn add_outliers<'c>(
     mut acc: [f32; TILE_ROWS],
     outliers: &[(u32, f32)],
-    cols: &[[f32; TILE_ROWS]],
+    col: impl Fn(u32) -> &'c [f32; TILE_ROWS],
 ) -> [f32; TILE_ROWS] {
     for &(u, v) in outliers {
-        let c = &cols[u as usize];
+        let c = col(u);
         for l in 0..TILE_ROWS {
             acc[l] += v * c[l];
         }
@@ -649,13 +652,15 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         }
         based.fetch_add((g + 2).min(total) - g, Ordering::Release);
     };
-    // A piece's shrink, into `codes` (a row after another, `4 * chunks` each) and `scales`.
-    let shrink = |&(ji, si, ref rows): &(usize, usize, Range<usize>),
+    // A piece's shrink result per row: its codes (the rank rounded up to a multiple of four).
+    let stride = |&(ji, si, _): &(usize, usize, Range<usize>)| 4 * outs[ji].3[si].b.chunks();
+    // A piece's shrink, into `codes` (a row after another, `stride` each) and `scales`.
+    let shrink = |pc: &(usize, usize, Range<usize>),
                   scratch: &mut ShrinkScratch,
                   codes: &mut Vec<i8>,
                   scales: &mut Vec<f32>| {
-        let s = &outs[ji].3[si];
-        let stride = 4 * s.b.chunks();
+        let (ji, si, rows) = pc;
+        let (s, stride) = (&outs[*ji].3[*si], stride(pc));
         let (c0, s0) = (codes.len(), scales.len());
         codes.resize(c0 + rows.len() * stride, 0);
         scales.resize(s0 + rows.len(), 0.0);
@@ -663,24 +668,23 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         shrink_rows(isa, x, &plan, rows.clone(), s.a, c, stride, d, scratch);
     };
     // A piece's expand into the base product's outputs, from its shrink's `codes` and `scales`.
-    let expand =
-        |&(ji, si, ref rows): &(usize, usize, Range<usize>), codes: &[i8], scales: &[f32]| {
-            let (_, op, out_dim, lora) = outs[ji];
-            let seg = LoraSegmentQ8 {
-                rows: rows.clone(),
-                ..lora[si].clone()
-            };
-            let stride = 4 * seg.b.chunks();
-            let r0 = rows.start;
-            expand_groups(
-                isa,
-                &seg,
-                0..out_dim.div_ceil(TILE_ROWS),
-                |r| (&codes[(r - r0) * stride..][..stride], scales[r - r0]),
-                op,
-                out_dim,
-            );
+    let expand = |pc: &(usize, usize, Range<usize>), codes: &[i8], scales: &[f32]| {
+        let (ji, si, rows) = pc;
+        let (_, op, out_dim, lora) = outs[*ji];
+        let seg = LoraSegmentQ8 {
+            rows: rows.clone(),
+            ..lora[*si].clone()
         };
+        let (stride, r0) = (stride(pc), rows.start);
+        expand_groups(
+            isa,
+            &seg,
+            0..out_dim.div_ceil(TILE_ROWS),
+            |r| (&codes[(r - r0) * stride..][..stride], scales[r - r0]),
+            op,
+            out_dim,
+        );
+    };
     // A unit whole: each piece's shrink, then its expand (the order its bytes lie in).
     let unit =
         |u: usize, scratch: &mut ShrinkScratch, codes: &mut Vec<i8>, scales: &mut Vec<f32>| {
@@ -755,10 +759,10 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         }
         let (mut c, mut d) = (&early_codes[..], &early_scales[..]);
         for pc in early.iter().flat_map(|&u| &pieces[units[u].clone()]) {
-            let (ji, si, rows) = pc;
-            let n = rows.len() * 4 * outs[*ji].3[*si].b.chunks();
-            expand(pc, &c[..n], &d[..rows.len()]);
-            (c, d) = (&c[n..], &d[rows.len()..]);
+            let rows = pc.2.len();
+            let n = rows * stride(pc);
+            expand(pc, &c[..n], &d[..rows]);
+            (c, d) = (&c[n..], &d[rows..]);
         }
         while let Some(u) = unit_claims[p].front() {
             unit(u, &mut scratch, &mut codes, &mut scales);

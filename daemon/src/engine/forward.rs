@@ -209,6 +209,12 @@ pub fn forward(
     } = plan_step(model, pool, seqs)?;
 
     let rope = rope_for(model);
+    // Every row's rotations, once for all the layers.
+    let half = rope.inv_freq.len();
+    let mut angles = Vec::with_capacity(rows * half);
+    for &p in &pos {
+        rope.angles(p, &mut angles);
+    }
     let scale = 1.0 / (hd as f32).sqrt();
     let page_size = pool.geometry().page_size;
 
@@ -334,9 +340,9 @@ pub fn forward(
             &h,
             &mut [(Proj::Q, &mut q), (Proj::K, &mut k), (Proj::V, &mut v)],
         );
-        for rr in 0..rows {
-            rope.apply(&mut q[rr * qd..(rr + 1) * qd], c.n_heads, pos[rr]);
-            rope.apply(&mut k[rr * kvd..(rr + 1) * kvd], c.n_kv_heads, pos[rr]);
+        for (rr, cs) in angles.chunks_exact(half).enumerate() {
+            rope.apply_at(&mut q[rr * qd..(rr + 1) * qd], c.n_heads, cs);
+            rope.apply_at(&mut k[rr * kvd..(rr + 1) * kvd], c.n_kv_heads, cs);
         }
         // Write this step's keys and values.
         for rr in 0..rows {
@@ -418,12 +424,18 @@ pub fn forward(
         &mut logits,
     );
     let mut out = Vec::with_capacity(seqs.len());
-    let mut at = 0;
-    for s in seqs.iter_mut() {
-        let n = if s.all_logits { s.tokens.len() } else { 1 };
-        out.push(logits[at * vocab..(at + n) * vocab].to_vec());
-        at += n;
+    if let [s] = seqs {
+        // One sequence: its rows are all of them, handed over without a copy.
         s.kv.len += s.tokens.len();
+        out.push(logits);
+    } else {
+        let mut at = 0;
+        for s in seqs.iter_mut() {
+            let n = if s.all_logits { s.tokens.len() } else { 1 };
+            out.push(logits[at * vocab..(at + n) * vocab].to_vec());
+            at += n;
+            s.kv.len += s.tokens.len();
+        }
     }
     Ok(out)
 }

@@ -325,9 +325,35 @@ fn argmax_pairs(cands: &[(u32, f32)]) -> u32 {
 
 /// Index of the largest logit; ties go to the lowest id (what HF's `torch.argmax` and the
 /// golden fixtures use). NaN never wins; a row with nothing above `-inf` (or an empty row)
-/// returns 0. Called once per greedy token over the whole vocabulary, so it is a single
-/// branch-light pass without allocation.
+/// returns 0. Called once per greedy token over the whole vocabulary: the largest value first,
+/// sixteen lanes at a time (a compare and a select per lane, which the compiler turns into
+/// vector maxima), then the first index holding it. The one-pass scan ([`argmax_reference`])
+/// carries a compare and a branch through every logit: 42 us per SmolLM2 row (49152 logits)
+/// here, against 3 us, which was 3% of a batch-16 decode step and 1% of a batch-1 one.
 pub fn argmax(logits: &[f32]) -> u32 {
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let mut chunks = logits.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let mut best = f32::NEG_INFINITY;
+    for &v in lanes.iter().chain(chunks.remainder()) {
+        if v > best {
+            best = v;
+        }
+    }
+    if best == f32::NEG_INFINITY {
+        return 0;
+    }
+    // `==` also matches the other zero: -0.0 and 0.0 tie, as they do for `>`.
+    logits.iter().position(|&v| v == best).unwrap_or(0) as u32
+}
+
+/// [`argmax`] as one scan: the definition it is tested against.
+pub fn argmax_reference(logits: &[f32]) -> u32 {
     let mut best_idx = 0usize;
     let mut best = f32::NEG_INFINITY;
     for (i, &v) in logits.iter().enumerate() {
@@ -452,6 +478,52 @@ mod tests {
             counts[s.sample(logits, &[]) as usize] += 1;
         }
         counts.iter().map(|&c| c as f64 / draws as f64).collect()
+    }
+
+    #[test]
+    fn argmax_equals_its_one_scan_reference_with_ties_nans_infinities_and_zeros() {
+        let mut seed = 11u64;
+        let mut next = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) as u32
+        };
+        // Few distinct values, so that maxima repeat across lanes and chunks; lengths around
+        // the sixteen lanes and a vocabulary's.
+        let palette = [
+            -1.5,
+            0.25,
+            2.0,
+            -0.0,
+            0.0,
+            f32::NAN,
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+        ];
+        for len in [0usize, 1, 5, 15, 16, 17, 31, 33, 64, 100, 1000, 49152] {
+            for trial in 0..20 {
+                // Some rows without infinities or NaN, some of -inf and NaN only.
+                let pick = match trial % 4 {
+                    0 => 5,
+                    1 => 8,
+                    2 => 3,
+                    _ => 2,
+                };
+                let row: Vec<f32> = (0..len)
+                    .map(|_| match trial % 4 {
+                        3 => [f32::NEG_INFINITY, f32::NAN][(next() % 2) as usize],
+                        _ => palette[(next() % pick) as usize],
+                    })
+                    .collect();
+                assert_eq!(
+                    argmax(&row),
+                    argmax_reference(&row),
+                    "len {len} trial {trial}: {:?}",
+                    &row[..len.min(40)]
+                );
+            }
+        }
     }
 
     #[test]

@@ -400,6 +400,39 @@ impl KvPool {
         self.rows_f32(layer, page, kv_head, 0..n_tokens, scratch)
     }
 
+    /// Brings the memory that [`Self::tile_f32`] reads for the first `n_tokens` slots of (layer,
+    /// page, kv_head) towards the cache, without reading it: attention calls this a page or two
+    /// ahead. A page's keys and values lie apart from the next page's, so the hardware prefetcher
+    /// does not run ahead across them, and between two layers megabytes of weights have gone
+    /// through the caches: decode attention at short contexts waited on these loads.
+    pub fn prefetch_tile(&self, layer: usize, page: PageId, kv_head: usize, n_tokens: usize) {
+        let (_, h, ps, d) = self.dims();
+        let n = n_tokens.min(ps);
+        let t = self.tile(layer, page, kv_head);
+        let elems = t * ps * d..(t * ps + n) * d;
+        match &self.store {
+            Store::F32 { k, v } => {
+                prefetch_lines(bytemuck::cast_slice(&k[elems.clone()]));
+                prefetch_lines(bytemuck::cast_slice(&v[elems]));
+            }
+            Store::F16 { k, v } => {
+                prefetch_lines(bytemuck::cast_slice(&k[elems.clone()]));
+                prefetch_lines(bytemuck::cast_slice(&v[elems]));
+            }
+            Store::Int4(s) => {
+                if let Some(st) = &s.staging[self.pl(layer, page)] {
+                    let off = kv_head * ps * d;
+                    prefetch_lines(bytemuck::cast_slice(&st[off..off + n * d]));
+                    prefetch_lines(bytemuck::cast_slice(&st[h * ps * d + off..][..n * d]));
+                    return;
+                }
+                let codes = elems.start / 2..elems.end / 2;
+                prefetch_lines(&s.k_codes[codes.clone()]);
+                prefetch_lines(&s.v_codes[codes]);
+            }
+        }
+    }
+
     /// Reads back token `slot` of (layer, page) as f32 (dequantized), all KV heads, into
     /// `k_out` / `v_out` (each `n_kv_heads * head_dim`). Same code path as [`Self::tile_f32`]; meant
     /// for references and tests, not hot loops.
@@ -645,3 +678,10 @@ fn f16_round(x: f32, up: bool) -> f16 {
 #[cfg(test)]
 #[path = "kv_tests.rs"]
 pub(crate) mod tests;
+
+/// A prefetch of every cache line of `bytes`.
+fn prefetch_lines(bytes: &[u8]) {
+    for at in (0..bytes.len()).step_by(crate::cpu::qdot::LINE) {
+        crate::cpu::qdot::prefetch(bytes[at..].as_ptr());
+    }
+}

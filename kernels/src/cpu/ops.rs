@@ -162,12 +162,28 @@ impl Rope {
     /// Applies NeoX-style (`rotate_half`) rotation in place to `n_heads` heads at `pos`:
     /// dim i pairs with dim i + d/2.
     pub fn apply(&self, x: &mut [f32], n_heads: usize, pos: usize) {
+        let mut cs = Vec::with_capacity(self.inv_freq.len());
+        self.angles(pos, &mut cs);
+        self.apply_at(x, n_heads, &cs);
+    }
+
+    /// Appends to `out` the rotations at `pos`, (cos, sin) times `mscale` per dim pair, for
+    /// [`Self::apply_at`]. A decode step rotates every layer's queries and keys at the same
+    /// positions: computed once per row and step, not per layer, head kind and pair (the `sin_cos`
+    /// calls were 2% of a batch-16 step).
+    pub fn angles(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
+        out.extend(self.inv_freq.iter().map(|&f| {
+            let (s, c) = (pos as f32 * f).sin_cos();
+            (c * self.mscale, s * self.mscale)
+        }));
+    }
+
+    /// [`Self::apply`] with the rotations from [`Self::angles`]: the same bits.
+    pub fn apply_at(&self, x: &mut [f32], n_heads: usize, cs: &[(f32, f32)]) {
         let half = self.inv_freq.len();
         let d = self.head_dim;
-        for (i, &f) in self.inv_freq.iter().enumerate() {
-            let angle = pos as f32 * f;
-            let (s, c) = angle.sin_cos();
-            let (c, s) = (c * self.mscale, s * self.mscale);
+        assert_eq!(cs.len(), half, "one rotation per dim pair");
+        for (i, &(c, s)) in cs.iter().enumerate() {
             for h in 0..n_heads {
                 let base = h * d;
                 let a = x[base + i];
@@ -213,7 +229,27 @@ mod tests {
         rope.apply(&mut x, 1, 5);
         let n: f32 = x.iter().map(|v| v * v).sum();
         assert!((n - 30.0).abs() < 1e-4);
-        assert_ne!(x, vec![1.0, 2.0, 3.0, 4.0]);
+        // rotate_half: pair (0, 2) by 5 radians, pair (1, 3) by 0.5.
+        let (s0, c0) = 5f32.sin_cos();
+        let (s1, c1) = 0.5f32.sin_cos();
+        let want = [
+            1.0 * c0 - 3.0 * s0,
+            2.0 * c1 - 4.0 * s1,
+            3.0 * c0 + 1.0 * s0,
+            4.0 * c1 + 2.0 * s1,
+        ];
+        for (g, w) in x.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{x:?} vs {want:?}");
+        }
+        // From precomputed rotations, over two heads: the same bits as `apply` on each.
+        let mut two: Vec<f32> = (0..8).map(|i| i as f32 - 2.5).collect();
+        let mut each = two.clone();
+        let mut cs = Vec::new();
+        rope.angles(7, &mut cs);
+        rope.apply_at(&mut two, 2, &cs);
+        rope.apply(&mut each[..4], 1, 7);
+        rope.apply(&mut each[4..], 1, 7);
+        assert_eq!(two, each);
     }
 
     #[test]

@@ -37,6 +37,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::cpu::mem::HugeVec;
+use crate::cpu::qdot::Side;
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -409,6 +410,7 @@ impl KvPool {
         let (_, h, ps, d) = self.dims();
         let n = n_tokens.min(ps);
         let t = self.tile(layer, page, kv_head);
+        let prefetch_lines = |bytes: &[u8]| Side::of(bytes, usize::MAX).all();
         let elems = t * ps * d..(t * ps + n) * d;
         match &self.store {
             Store::F32 { k, v } => {
@@ -678,10 +680,3 @@ fn f16_round(x: f32, up: bool) -> f16 {
 #[cfg(test)]
 #[path = "kv_tests.rs"]
 pub(crate) mod tests;
-
-/// A prefetch of every cache line of `bytes`.
-fn prefetch_lines(bytes: &[u8]) {
-    for at in (0..bytes.len()).step_by(crate::cpu::qdot::LINE) {
-        crate::cpu::qdot::prefetch(bytes[at..].as_ptr());
-    }
-}

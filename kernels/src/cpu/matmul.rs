@@ -780,10 +780,10 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
 
 /// Prefetches the structs (shapes, and where the bytes are) of the jobs' weights and of every
 /// LoRA segment's A and B. An adapter's are small and lie apart, and they are cold whenever a
-/// region starts: a decode step touches thousands of them once each, with megabytes of adapter bytes
-/// streaming through the caches between two uses. Read in turn by the checks and the set-up, they
-/// were a cache miss after another on the caller's thread, with the other threads waiting; fetched
-/// together, the misses overlap.
+/// region starts: a decode step touches thousands of them once each, with megabytes of adapter
+/// bytes streaming through the caches between two uses. Read in turn by the checks and the
+/// set-up, they were a cache miss after another on the caller's thread, with the other threads
+/// waiting; fetched together, the misses overlap.
 fn fetch_structs(jobs: &[ProjQ8<'_, '_>]) {
     fn both_ends<T>(v: &T) {
         let p = v as *const T as *const u8;

@@ -109,11 +109,19 @@ pub enum Store<T> {
     Heap(Vec<T>),
     Packed {
         region: Arc<Region>,
-        /// Byte offset in the region.
-        at: usize,
+        /// Where the values start in the region (kept so that reading them is one load: through
+        /// the region, each access cost two dependent loads and two checks, and a decode step
+        /// reads thousands of stores once each, their structs cold).
+        ptr: std::ptr::NonNull<T>,
         len: usize,
     },
 }
+
+// SAFETY: a packed store only reads its region, which the `Arc` keeps mapped and nothing writes
+// once it is shared (`pack` fills it before wrapping it); the heap case is a `Vec`.
+unsafe impl<T: Send + Sync> Send for Store<T> {}
+// SAFETY: as above: shared access is read-only.
+unsafe impl<T: Send + Sync> Sync for Store<T> {}
 
 impl<T: Pod> Store<T> {
     pub fn is_packed(&self) -> bool {
@@ -133,12 +141,15 @@ impl<T: Pod> From<Vec<T>> for Store<T> {
 
 impl<T: Pod> std::ops::Deref for Store<T> {
     type Target = [T];
+    #[inline]
     fn deref(&self) -> &[T] {
         match self {
             Store::Heap(v) => v,
-            Store::Packed { region, at, len } => {
-                bytemuck::cast_slice(&region.bytes()[*at..*at + len * std::mem::size_of::<T>()])
-            }
+            // SAFETY: `repoint` checked that the `len` values at `ptr` lie inside the region
+            // (aligned for `T`), which the `Arc` keeps mapped and unwritten.
+            Store::Packed { ptr, len, .. } => unsafe {
+                std::slice::from_raw_parts(ptr.as_ptr(), *len)
+            },
         }
     }
 }
@@ -148,9 +159,9 @@ impl<T: Pod> Clone for Store<T> {
     fn clone(&self) -> Self {
         match self {
             Store::Heap(v) => Store::Heap(v.clone()),
-            Store::Packed { region, at, len } => Store::Packed {
+            Store::Packed { region, ptr, len } => Store::Packed {
                 region: region.clone(),
-                at: *at,
+                ptr: *ptr,
                 len: *len,
             },
         }
@@ -249,9 +260,12 @@ impl<T: Pod> Packable for Store<T> {
     fn repoint(&mut self, region: &Arc<Region>, at: usize) {
         if let Store::Heap(v) = self {
             let len = v.len();
+            // Checked once here (bounds and alignment), so that `deref` need not.
+            let values: &[T] =
+                bytemuck::cast_slice(&region.bytes()[at..at + len * std::mem::size_of::<T>()]);
             *self = Store::Packed {
                 region: region.clone(),
-                at,
+                ptr: std::ptr::NonNull::from(values).cast(),
                 len,
             };
         }
@@ -367,6 +381,10 @@ mod tests {
             panic!("2 MiB packs in one region, got {}", regions.len())
         };
         assert!(a.is_packed() && b.is_packed());
+        // Read in place, from the region itself.
+        let inside = region.bytes().as_ptr_range();
+        assert!(inside.contains(&(a.as_ptr() as *const u8)));
+        assert!(inside.contains(&(b.as_ptr() as *const u8)));
         assert_eq!(&a[..], &wa[..]);
         assert_eq!(&b[..], &wb[..]);
         assert_eq!(region.len(), HUGE_PAGE);

@@ -195,6 +195,24 @@ impl Side {
 /// A cache line's size in bytes.
 pub const LINE: usize = 64;
 
+/// Prefetches every cache line that `v` itself spans (not what it points to): for structs that
+/// are read once per layer, far apart, such as a layer's weights' or an adapter's shapes and
+/// pointers, so that their misses overlap one another, or come before they are needed.
+#[inline]
+pub fn prefetch_value<T: ?Sized>(v: &T) {
+    let (at, n) = (
+        v as *const T as *const u8 as usize,
+        std::mem::size_of_val(v),
+    );
+    if n == 0 {
+        return;
+    }
+    // From the line that holds the first byte to the one that holds the last.
+    for line in (at & !(LINE - 1)..at + n).step_by(LINE) {
+        prefetch(std::ptr::without_provenance(line));
+    }
+}
+
 /// A hint to bring the line at `p` into the cache (L2 and up); no effect on results.
 #[inline(always)]
 pub fn prefetch(p: *const u8) {

@@ -81,16 +81,6 @@ impl LoraAdapter {
         });
     }
 
-    /// Prefetches the structs of `layer`'s pairs (their shapes and where their bytes are, not the
-    /// bytes): a decode step reads them once per layer, and megabytes pass through the caches
-    /// between two reads, so that each was a miss on the thread that sets up the projections,
-    /// while the others waited. Asked for a layer ahead, they are in cache when it comes.
-    pub fn prefetch_layer(&self, layer: usize) {
-        if let Some(l) = self.layers.get(layer) {
-            edgelora_kernels::cpu::qdot::prefetch_value(l);
-        }
-    }
-
     pub fn get(&self, layer: usize, p: Proj) -> Option<&LoraPair> {
         self.layers.get(layer).and_then(|l| l[p.index()].as_ref())
     }

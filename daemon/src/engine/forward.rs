@@ -331,20 +331,7 @@ pub fn forward(
         }
     };
 
-    // The structs of a layer's weights and adapters (shapes, and where their bytes are) are cold
-    // at every layer, and the projections' set-up reads them one after another: asked for one
-    // layer ahead, they arrive while the layer before computes.
-    let prefetch_layer = |li: usize| {
-        if let Some(lw) = w.layers.get(li) {
-            edgelora_kernels::cpu::qdot::prefetch_value(lw);
-            for (_, a) in &segments {
-                a.prefetch_layer(li);
-            }
-        }
-    };
-    prefetch_layer(0);
     for (li, lw) in w.layers.iter().enumerate() {
-        prefetch_layer(li + 1);
         rms_norm_rows(&x, &lw.attn_norm, c.rms_norm_eps, &mut h);
         quantize(&mut xq, &h, hidden);
         project(

@@ -543,6 +543,31 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
     if total == 0 {
         return;
     }
+    // The pieces (job, segment, up to four rows), grouped into units: the pieces of the same rows
+    // across the jobs, job after job.
+    let mut pieces = Vec::with_capacity(
+        jobs.iter()
+            .flat_map(|j| j.lora)
+            .map(|s| s.rows.len().div_ceil(ROWS_PER_TASK))
+            .sum(),
+    );
+    for (ji, j) in jobs.iter().enumerate() {
+        for (si, s) in j.lora.iter().enumerate() {
+            for r in s.rows.clone().step_by(ROWS_PER_TASK) {
+                pieces.push((ji, si, r..(r + ROWS_PER_TASK).min(s.rows.end)));
+            }
+        }
+    }
+    // (Keys are unique, segments of a job being apart: the unstable sort gives the same order,
+    // without the stable sort's buffer.)
+    pieces.sort_unstable_by_key(|(ji, _, rows)| (rows.start, *ji));
+    let mut units: Vec<Range<usize>> = Vec::new();
+    for (i, pc) in pieces.iter().enumerate() {
+        match units.last_mut() {
+            Some(u) if pieces[u.start].2 == pc.2 => u.end = i + 1,
+            _ => units.push(i..i + 1),
+        }
+    }
     let plan = OutlierPlan::new(x);
     let outs: Vec<(Option<&Weight>, SharedOut, usize, &[LoraSegmentQ8<'_>])> = jobs
         .iter_mut()
@@ -566,14 +591,54 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
             Claims::new(g0 / 2..g1.div_ceil(2))
         })
         .collect();
-    let loras: Vec<&[LoraSegmentQ8<'_>]> = outs.iter().map(|o| o.3).collect();
-    let has_units = loras.iter().any(|l| !l.is_empty());
-    // The units' plan is built by whichever thread runs program 0, as its first work, while the
-    // others start on their base shares (they prefetch their adapter bytes only over their last
-    // pairs, by when it is there): on the caller's thread before the region, it was 0.2 ms of a
-    // batch-16 decode step with 16 distinct adapters, the other core idle.
-    let unit_plan = std::sync::OnceLock::new();
-    let get_plan = || unit_plan.get_or_init(|| UnitPlan::new(&loras, programs));
+    // The units: a contiguous run per program, about even in bytes; and each program's adapter
+    // bytes, in the order its units read them. (Nothing to allocate without adapters.)
+    let (unit_claims, runs): (Vec<Claims>, Vec<Vec<&[u8]>>) = if units.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        let unit_bytes: Vec<usize> = units
+            .iter()
+            .map(|u| {
+                pieces[u.clone()]
+                    .iter()
+                    .map(|&(ji, si, _)| outs[ji].3[si].a.nbytes() + outs[ji].3[si].b.nbytes())
+                    .sum()
+            })
+            .collect();
+        let all_bytes: usize = unit_bytes.iter().sum();
+        let mut bounds = vec![0; programs + 1];
+        let mut acc = 0;
+        for (i, &b) in unit_bytes.iter().enumerate() {
+            acc += b;
+            // Unit i goes to the program whose share of the bytes holds its middle.
+            let p = ((acc - b / 2) * programs / all_bytes.max(1)).min(programs - 1);
+            bounds[p + 1] = i + 1;
+        }
+        for p in 1..=programs {
+            bounds[p] = bounds[p].max(bounds[p - 1]);
+        }
+        let unit_claims: Vec<Claims> = (0..programs)
+            .map(|p| Claims::new(bounds[p]..bounds[p + 1]))
+            .collect();
+        let runs = (0..programs)
+            .map(|p| {
+                let mine = &units[bounds[p]..bounds[p + 1]];
+                let mut runs = Vec::with_capacity(2 * mine.iter().map(|u| u.len()).sum::<usize>());
+                // The pieces of one segment (rows sharing an adapter) are in consecutive units and
+                // share its bytes: fetched once.
+                let mut last = vec![usize::MAX; outs.len()];
+                for &(ji, si, _) in mine.iter().flat_map(|u| &pieces[u.clone()]) {
+                    if last[ji] != si {
+                        last[ji] = si;
+                        runs.push(outs[ji].3[si].a.as_bytes());
+                        runs.push(outs[ji].3[si].b.all_data());
+                    }
+                }
+                runs
+            })
+            .collect();
+        (unit_claims, runs)
+    };
     let base_bytes: usize = outs.iter().filter_map(|o| o.0).map(Weight::nbytes).sum();
     let pair_bytes = base_bytes.div_ceil(total.div_ceil(2));
     let calls_per_pair = m.div_ceil(TILE_XROWS);
@@ -591,20 +656,22 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         based.fetch_add((g + 2).min(total) - g, Ordering::Release);
     };
     // A piece's shrink result per row: its codes (the rank rounded up to a multiple of four).
-    let stride = |&(ji, si, _): &Piece| 4 * outs[ji].3[si].b.chunks();
+    let stride = |&(ji, si, _): &(usize, usize, Range<usize>)| 4 * outs[ji].3[si].b.chunks();
     // A piece's shrink, into `codes` (a row after another, `stride` each) and `scales`.
-    let shrink =
-        |pc: &Piece, scratch: &mut ShrinkScratch, codes: &mut Vec<i8>, scales: &mut Vec<f32>| {
-            let (ji, si, rows) = pc;
-            let (s, stride) = (&outs[*ji].3[*si], stride(pc));
-            let (c0, s0) = (codes.len(), scales.len());
-            codes.resize(c0 + rows.len() * stride, 0);
-            scales.resize(s0 + rows.len(), 0.0);
-            let (c, d) = (&mut codes[c0..], &mut scales[s0..]);
-            shrink_rows(isa, x, &plan, rows.clone(), s.a, c, stride, d, scratch);
-        };
+    let shrink = |pc: &(usize, usize, Range<usize>),
+                  scratch: &mut ShrinkScratch,
+                  codes: &mut Vec<i8>,
+                  scales: &mut Vec<f32>| {
+        let (ji, si, rows) = pc;
+        let (s, stride) = (&outs[*ji].3[*si], stride(pc));
+        let (c0, s0) = (codes.len(), scales.len());
+        codes.resize(c0 + rows.len() * stride, 0);
+        scales.resize(s0 + rows.len(), 0.0);
+        let (c, d) = (&mut codes[c0..], &mut scales[s0..]);
+        shrink_rows(isa, x, &plan, rows.clone(), s.a, c, stride, d, scratch);
+    };
     // A piece's expand into the base product's outputs, from its shrink's `codes` and `scales`.
-    let expand = |pc: &Piece, codes: &[i8], scales: &[f32]| {
+    let expand = |pc: &(usize, usize, Range<usize>), codes: &[i8], scales: &[f32]| {
         let (ji, si, rows) = pc;
         let (_, op, out_dim, lora) = outs[*ji];
         let seg = LoraSegmentQ8 {
@@ -622,70 +689,52 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         );
     };
     // A unit whole: each piece's shrink, then its expand (the order its bytes lie in).
-    let unit = |up: &UnitPlan<'_>,
-                u: usize,
-                scratch: &mut ShrinkScratch,
-                codes: &mut Vec<i8>,
-                scales: &mut Vec<f32>| {
-        for pc in up.pieces(u) {
-            codes.clear();
-            scales.clear();
-            shrink(pc, scratch, codes, scales);
-            expand(pc, codes, scales);
-        }
-    };
+    let unit =
+        |u: usize, scratch: &mut ShrinkScratch, codes: &mut Vec<i8>, scales: &mut Vec<f32>| {
+            for pc in &pieces[units[u].clone()] {
+                codes.clear();
+                scales.clear();
+                shrink(pc, scratch, codes, scales);
+                expand(pc, codes, scales);
+            }
+        };
     pool.run(programs, &|p| {
-        if p == 0 && has_units {
-            get_plan();
-        }
         let mut cols = [Vec::new(), Vec::new()];
         // Its base share, prefetching its adapter bytes over the last pairs.
         let own = base_claims[p].len();
+        let mine: &[&[u8]] = runs.get(p).map_or(&[], |r| r);
+        let lines = if base_bytes == 0 {
+            0
+        } else {
+            Prefetch::new(mine).lines().min(PREFETCH_BYTES / LINE)
+        };
         let fetching = PREFETCH_WINDOW
             .div_ceil(pair_bytes.max(1))
             .clamp(1, own.max(1));
-        // Its adapter bytes to prefetch, and how many lines per tile kernel call, once the
-        // plan is there.
-        let prefetch = |mine| {
-            let lines = if base_bytes == 0 {
-                0
-            } else {
-                Prefetch::new(mine).lines().min(PREFETCH_BYTES / LINE)
-            };
-            let per_call = lines.div_ceil(fetching * calls_per_pair);
-            (Prefetch::new(mine).window(0, lines), per_call)
-        };
-        let mut ahead = None;
+        let per_call = lines.div_ceil(fetching * calls_per_pair);
+        let mut ahead = Prefetch::new(mine).window(0, lines);
         let mut none = Prefetch::new(&[]);
         let mut done = 0;
         while let Some(pair) = base_claims[p].front() {
-            if done + fetching >= own && ahead.is_none() {
-                ahead = unit_plan.get().map(|up| prefetch(&up.runs[p]));
-            }
-            match ahead.as_mut() {
-                Some((a, per_call)) if done + fetching >= own => {
-                    run_pair(2 * pair, a, *per_call, &mut cols)
-                }
-                _ => run_pair(2 * pair, &mut none, 0, &mut cols),
+            if done + fetching >= own {
+                run_pair(2 * pair, &mut ahead, per_call, &mut cols);
+            } else {
+                run_pair(2 * pair, &mut none, 0, &mut cols);
             }
             done += 1;
         }
-        if done > 0
-            && let Some((a, _)) = ahead.as_mut()
-        {
+        if done > 0 {
             // What thieves left unfetched.
-            a.issue(usize::MAX);
+            ahead.issue(usize::MAX);
         }
         for other in (1..programs).map(|k| (p + k) % programs) {
             while let Some(pair) = base_claims[other].back() {
                 run_pair(2 * pair, &mut none, 0, &mut cols);
             }
         }
-        if !has_units {
+        if units.is_empty() {
             return;
         }
-        let up = get_plan();
-        let unit_claims = &up.claims;
         let (mut scratch, mut codes, mut scales) =
             (ShrinkScratch::default(), Vec::new(), Vec::new());
         // The expands add to the base product's outputs. Until the last pairs are done, the
@@ -695,7 +744,7 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
             let Some(u) = unit_claims[p].front() else {
                 break;
             };
-            for pc in up.pieces(u) {
+            for pc in &pieces[units[u].clone()] {
                 shrink(pc, &mut scratch, &mut early_codes, &mut early_scales);
             }
             early.push(u);
@@ -712,117 +761,21 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
             }
         }
         let (mut c, mut d) = (&early_codes[..], &early_scales[..]);
-        for pc in early.iter().flat_map(|&u| up.pieces(u)) {
+        for pc in early.iter().flat_map(|&u| &pieces[units[u].clone()]) {
             let rows = pc.2.len();
             let n = rows * stride(pc);
             expand(pc, &c[..n], &d[..rows]);
             (c, d) = (&c[n..], &d[rows..]);
         }
         while let Some(u) = unit_claims[p].front() {
-            unit(up, u, &mut scratch, &mut codes, &mut scales);
+            unit(u, &mut scratch, &mut codes, &mut scales);
         }
         for other in (1..programs).map(|k| (p + k) % programs) {
             while let Some(u) = unit_claims[other].back() {
-                unit(up, u, &mut scratch, &mut codes, &mut scales);
+                unit(u, &mut scratch, &mut codes, &mut scales);
             }
         }
     });
-}
-
-/// A LoRA piece: (job, segment, up to [`ROWS_PER_TASK`] of its rows).
-type Piece = (usize, usize, Range<usize>);
-
-/// How a region's LoRA work is split: the pieces, grouped into units (the pieces of the same rows
-/// across the jobs, job after job); a contiguous run of units per program, about even in bytes;
-/// and each program's adapter bytes, in the order its units read them.
-struct UnitPlan<'a> {
-    pieces: Vec<Piece>,
-    units: Vec<Range<usize>>,
-    claims: Vec<Claims>,
-    runs: Vec<Vec<&'a [u8]>>,
-}
-
-impl<'a> UnitPlan<'a> {
-    /// The plan for the segments of each job (`loras`) over `programs` programs.
-    fn new(loras: &[&'a [LoraSegmentQ8<'a>]], programs: usize) -> Self {
-        let mut pieces = Vec::with_capacity(
-            loras
-                .iter()
-                .flat_map(|l| l.iter())
-                .map(|s| s.rows.len().div_ceil(ROWS_PER_TASK))
-                .sum(),
-        );
-        for (ji, l) in loras.iter().enumerate() {
-            for (si, s) in l.iter().enumerate() {
-                for r in s.rows.clone().step_by(ROWS_PER_TASK) {
-                    pieces.push((ji, si, r..(r + ROWS_PER_TASK).min(s.rows.end)));
-                }
-            }
-        }
-        // (Keys are unique, segments of a job being apart: the unstable sort gives the same
-        // order, without the stable sort's buffer.)
-        pieces.sort_unstable_by_key(|(ji, _, rows)| (rows.start, *ji));
-        let mut units: Vec<Range<usize>> = Vec::new();
-        for (i, pc) in pieces.iter().enumerate() {
-            match units.last_mut() {
-                Some(u) if pieces[u.start].2 == pc.2 => u.end = i + 1,
-                _ => units.push(i..i + 1),
-            }
-        }
-        let seg = |&(ji, si, _): &Piece| &loras[ji][si];
-        let unit_bytes: Vec<usize> = units
-            .iter()
-            .map(|u| {
-                pieces[u.clone()]
-                    .iter()
-                    .map(|pc| seg(pc).a.nbytes() + seg(pc).b.nbytes())
-                    .sum()
-            })
-            .collect();
-        let all_bytes: usize = unit_bytes.iter().sum();
-        let mut bounds = vec![0; programs + 1];
-        let mut acc = 0;
-        for (i, &b) in unit_bytes.iter().enumerate() {
-            acc += b;
-            // Unit i goes to the program whose share of the bytes holds its middle.
-            let p = ((acc - b / 2) * programs / all_bytes.max(1)).min(programs - 1);
-            bounds[p + 1] = i + 1;
-        }
-        for p in 1..=programs {
-            bounds[p] = bounds[p].max(bounds[p - 1]);
-        }
-        let claims = (0..programs)
-            .map(|p| Claims::new(bounds[p]..bounds[p + 1]))
-            .collect();
-        let runs = (0..programs)
-            .map(|p| {
-                let mine = &units[bounds[p]..bounds[p + 1]];
-                let mut runs = Vec::with_capacity(2 * mine.iter().map(|u| u.len()).sum::<usize>());
-                // The pieces of one segment (rows sharing an adapter) are in consecutive units
-                // and share its bytes: fetched once.
-                let mut last = vec![usize::MAX; loras.len()];
-                for pc in mine.iter().flat_map(|u| &pieces[u.clone()]) {
-                    if last[pc.0] != pc.1 {
-                        last[pc.0] = pc.1;
-                        runs.push(seg(pc).a.as_bytes());
-                        runs.push(seg(pc).b.all_data());
-                    }
-                }
-                runs
-            })
-            .collect();
-        Self {
-            pieces,
-            units,
-            claims,
-            runs,
-        }
-    }
-
-    /// The pieces of unit `u`.
-    fn pieces(&self, u: usize) -> &[Piece] {
-        &self.pieces[self.units[u].clone()]
-    }
 }
 
 /// Prefetches the structs (shapes, and where the bytes are) of the jobs' weights and of every

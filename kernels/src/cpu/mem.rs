@@ -109,9 +109,9 @@ pub enum Store<T> {
     Heap(Vec<T>),
     Packed {
         region: Arc<Region>,
-        /// Where the values start in the region (kept so that reading them is one load: through
-        /// the region, each access cost two dependent loads and two checks, and a decode step
-        /// reads thousands of stores once each, their structs cold).
+        /// Where the values start in the region, so that a read is this pointer: through the
+        /// region it was two more dependent loads (the `Arc`'s target, then its mapping) and a
+        /// bounds and an alignment check, at every tile kernel call.
         ptr: std::ptr::NonNull<T>,
         len: usize,
     },

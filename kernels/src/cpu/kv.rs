@@ -37,7 +37,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 
 use crate::cpu::mem::HugeVec;
-use crate::cpu::qdot::Side;
+use crate::cpu::qdot::prefetch_value;
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -410,27 +410,26 @@ impl KvPool {
         let (_, h, ps, d) = self.dims();
         let n = n_tokens.min(ps);
         let t = self.tile(layer, page, kv_head);
-        let prefetch_lines = |bytes: &[u8]| Side::of(bytes, usize::MAX).all();
         let elems = t * ps * d..(t * ps + n) * d;
         match &self.store {
             Store::F32 { k, v } => {
-                prefetch_lines(bytemuck::cast_slice(&k[elems.clone()]));
-                prefetch_lines(bytemuck::cast_slice(&v[elems]));
+                prefetch_value(&k[elems.clone()]);
+                prefetch_value(&v[elems]);
             }
             Store::F16 { k, v } => {
-                prefetch_lines(bytemuck::cast_slice(&k[elems.clone()]));
-                prefetch_lines(bytemuck::cast_slice(&v[elems]));
+                prefetch_value(&k[elems.clone()]);
+                prefetch_value(&v[elems]);
             }
             Store::Int4(s) => {
                 if let Some(st) = &s.staging[self.pl(layer, page)] {
                     let off = kv_head * ps * d;
-                    prefetch_lines(bytemuck::cast_slice(&st[off..off + n * d]));
-                    prefetch_lines(bytemuck::cast_slice(&st[h * ps * d + off..][..n * d]));
+                    prefetch_value(&st[off..off + n * d]);
+                    prefetch_value(&st[h * ps * d + off..][..n * d]);
                     return;
                 }
                 let codes = elems.start / 2..elems.end / 2;
-                prefetch_lines(&s.k_codes[codes.clone()]);
-                prefetch_lines(&s.v_codes[codes]);
+                prefetch_value(&s.k_codes[codes.clone()]);
+                prefetch_value(&s.v_codes[codes]);
             }
         }
     }

@@ -195,9 +195,9 @@ impl Side {
 /// A cache line's size in bytes.
 pub const LINE: usize = 64;
 
-/// Prefetches every cache line that `v` itself spans (not what it points to): for structs read
-/// rarely and far apart, such as a weight's or an adapter's shapes and pointers, so that their
-/// misses overlap one another instead of coming one after another.
+/// Prefetches every cache line that `v` itself spans, not what it points to: a slice's values
+/// (a KV page's keys), or a struct read rarely and far apart (a weight's or an adapter's shapes
+/// and pointers), so that the misses overlap one another instead of coming one after another.
 #[inline]
 pub fn prefetch_value<T: ?Sized>(v: &T) {
     let (at, n) = (

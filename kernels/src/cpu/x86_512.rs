@@ -20,7 +20,7 @@ use std::arch::x86_64::*;
 use crate::cpu::act::{BlockQ8A, U8_BIAS};
 use crate::cpu::q4::{TILE_ROWS, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::{LINE, Side, prefetch};
+use crate::cpu::qdot::{AHEAD_TILES, Side, prefetch_lines};
 use crate::cpu::x86::FOLD_MIN_ROWS;
 
 /// Activation bytes `4j .. 4j + 4` of a block, broadcast to every 32-bit lane.
@@ -86,25 +86,25 @@ fn store_halves(v: __m512, lo: &mut [f32; TILE_ROWS], hi: &mut [f32; TILE_ROWS])
     }
 }
 
-/// Tiles ahead of the one being read that the pair kernels prefetch, in both groups.
-const AHEAD_TILES: usize = 8;
-
 /// Prefetches the lines of tile `b + AHEAD_TILES` of both groups (two streams at once, which the
-/// hardware prefetcher alone followed at about half the bandwidth of one).
+/// hardware prefetcher alone followed at about half the bandwidth of one). Past the groups' last
+/// tile it goes on into the two groups that lie after them in memory: in a matrix those are the
+/// next pair, which the same program computes next (its share is a run of pairs), so that a
+/// pair's first tiles are in cache when it starts instead of waiting on memory. Against eight
+/// tiles ahead within the pair only, decode steps of SmolLM2 took 24%, 14% and 9% less time at
+/// batch 4, 8 and 16, alternated step by step in one process.
 #[inline(always)]
 fn ahead<T>(ta: &[T], tb: &[T], b: usize) {
-    let i = b + AHEAD_TILES;
-    if i < ta.len() {
-        let size = std::mem::size_of::<T>();
-        for t in [&ta[i], &tb[i]] {
-            let p = t as *const T as *const u8;
-            let mut o = 0;
-            while o < size {
-                prefetch(p.wrapping_add(o));
-                o += LINE;
-            }
-        }
-    }
+    let (n, i) = (ta.len(), b + AHEAD_TILES);
+    // Tile pointers, not references: past the end they point outside both slices.
+    let (pa, pb) = if i < n {
+        (ta.as_ptr().wrapping_add(i), tb.as_ptr().wrapping_add(i))
+    } else {
+        // Group g + 2 starts where g + 1 (`tb`) ends, and g + 3 one group later.
+        (tb.as_ptr().wrapping_add(i), tb.as_ptr().wrapping_add(n + i))
+    };
+    prefetch_lines(pa);
+    prefetch_lines(pb);
 }
 
 /// Unrolls `$body` over the constant row indices `0..8`, each under `if $r < R`, so that the

@@ -322,8 +322,10 @@ pub fn q4q8_tiles_side(
 /// product is bound by memory, and there the 512-bit kernel's two streams (one per group) came
 /// in slower than one group after the other (`gemm-peak --m M --rows 65536`, a weight of 2.5x
 /// the L3): a third to a half fewer GOP/s at one and two rows, about even at four, 30% more at
-/// eight.
-pub const PAIR_MIN_ROWS: usize = 4;
+/// eight. Since the pair kernels prefetch [`AHEAD_TILES`] ahead and on into the next pair,
+/// SmolLM2's decode steps at batch 1, 2 and 3 took 8.7% and 5.6% longer and 2-3% less time
+/// through them, alternated step by step in one process: they take three rows up.
+pub const PAIR_MIN_ROWS: usize = 3;
 
 /// Two consecutive row groups of an INT4 matrix (`tiles[0]`, `tiles[1]`, the same length)
 /// against up to [`TILE_XROWS`] activation rows, into `out[0]` and `out[1]`: on AVX-512 VNNI,

@@ -12,8 +12,8 @@
 //!
 //! They run from `qdot::PAIR_MIN_ROWS` activation rows: with fewer the product is bound by
 //! memory, where reading two groups' tiles side by side (two streams) was slower than one group
-//! after the other; they also prefetch both groups' tiles a few ahead (but for tiles already in
-//! cache, such as a LoRA A).
+//! after the other. They prefetch both groups' tiles `qdot::AHEAD_TILES` ahead and on into the
+//! next pair (but not tiles already in cache, such as a LoRA A).
 
 use std::arch::x86_64::*;
 

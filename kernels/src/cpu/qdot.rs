@@ -194,9 +194,9 @@ impl Side {
 
 /// Tiles ahead of the one being read that the tile kernels prefetch from
 /// [`AHEAD_MIN_ROWS`] activation rows: 2.5 KB of INT4 and 4.3 KB of Q8_0 tiles per group. A tile
-/// computes in 5-10 cycles per row, so at 4-16 rows eight tiles ahead was less than a memory
-/// latency on this kind of VM and the products waited on their weights; 12 to 32 tiles measured
-/// alike (SmolLM2, batch 4 to 16, step by step in one process).
+/// computes in about 5 cycles per row, so at 4-8 rows per call eight tiles ahead was less than a
+/// memory latency on this kind of VM and the products waited on their weights; 12 to 48 tiles
+/// measured alike (SmolLM2, batch 4 to 16, step by step in one process).
 pub const AHEAD_TILES: usize = 16;
 
 /// Activation rows from which the tile kernels prefetch their tiles ahead. With fewer the

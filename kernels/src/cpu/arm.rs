@@ -8,7 +8,7 @@ use std::arch::aarch64::*;
 use crate::cpu::act::BlockQ8A;
 use crate::cpu::q4::{Q4Kind, TILE_ROWS, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::{AHEAD_MIN_ROWS, Side, ahead_tiles, f16_to_f32};
+use crate::cpu::qdot::{Side, ahead_tiles, f16_to_f32};
 
 #[inline]
 #[target_feature(enable = "neon")]
@@ -72,9 +72,7 @@ macro_rules! arm_impl {
                 for (b, (t, xb)) in tiles.iter().zip(x.iter()).enumerate() {
                     if r == 0 {
                         side.line(b, tiles.len());
-                        if xs.len() >= AHEAD_MIN_ROWS {
-                            ahead_tiles(tiles, b);
-                        }
+                        ahead_tiles(tiles, b, xs.len());
                     }
                     let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
                     for g in 0..4 {
@@ -124,9 +122,7 @@ macro_rules! arm_impl {
                 for (b, (t, xb)) in tiles.iter().zip(x.iter()).enumerate() {
                     if r == 0 {
                         side.line(b, tiles.len());
-                        if xs.len() >= AHEAD_MIN_ROWS {
-                            ahead_tiles(tiles, b);
-                        }
+                        ahead_tiles(tiles, b, xs.len());
                     }
                     let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
                     for j in 0..8 {

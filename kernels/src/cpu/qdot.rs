@@ -192,39 +192,39 @@ impl Side {
     }
 }
 
-/// Tiles ahead of the one being read that the tile kernels prefetch from
-/// [`AHEAD_MIN_ROWS`] activation rows: 2.5 KB of INT4 and 4.3 KB of Q8_0 tiles per group. A tile
-/// computes in about 5 cycles per row, so at 4-8 rows per call eight tiles ahead was less than a
-/// memory latency on this kind of VM and the products waited on their weights; 12 to 48 tiles
-/// measured alike (SmolLM2, batch 4 to 16, step by step in one process).
+/// Tiles ahead of the one being read that the tile kernels prefetch (the pair kernels always,
+/// the one-group kernels from [`AHEAD_MIN_ROWS`] activation rows): 2.5 KB of INT4 and 4.3 KB of
+/// Q8_0 tiles per group. A tile computes in about 5 cycles per row, so at 4-8 rows per call
+/// eight tiles ahead was less than a memory latency on this kind of VM and the products waited
+/// on their weights; 12 to 48 tiles measured alike (SmolLM2, batch 4 to 16, step by step in one
+/// process).
 pub const AHEAD_TILES: usize = 16;
 
-/// Activation rows from which the tile kernels prefetch their tiles ahead. With fewer the
-/// product streams at memory speed and the hardware prefetcher does better alone: prefetching
-/// made decode at batch 1, 2 and 3 slower by 23%, 21% and 13%, alternated step by step.
+/// Activation rows from which the one-group tile kernels prefetch their tiles ahead. With fewer
+/// the product streams at memory speed and the hardware prefetcher does better alone:
+/// prefetching made decode at batch 1, 2 and 3 slower by 23%, 21% and 13%, alternated step by
+/// step.
 pub const AHEAD_MIN_ROWS: usize = 4;
 
-/// Prefetches the lines of tile `b + AHEAD_TILES` of a row group's `tiles`, and past the group's
-/// last tile those that lie after it in memory: in a matrix, the next group's, which the same
-/// program computes next (its share is a run of groups), so that a group's first tiles do not
-/// wait on memory. (Past a matrix's last group that is whatever lies after it, in a packed model
-/// the next projection's weights; a prefetch is only a hint and never faults.)
+/// From [`AHEAD_MIN_ROWS`] activation `rows` (nothing below): prefetches the lines of tile
+/// `b + AHEAD_TILES` of a row group's `tiles`, and past the group's last tile those that lie
+/// after it in memory: in a matrix, the next group's, which the same program computes next (its
+/// share is a run of groups), so that a group's first tiles do not wait on memory. (Past a
+/// matrix's last group that is whatever lies after it, in a packed model the next projection's
+/// weights; a prefetch is only a hint and never faults.)
 #[inline(always)]
-pub fn ahead_tiles<T>(tiles: &[T], b: usize) {
-    // A pointer, not a reference: past the end it points outside the slice.
-    prefetch_lines(tiles.as_ptr().wrapping_add(b + AHEAD_TILES));
+pub fn ahead_tiles<T>(tiles: &[T], b: usize, rows: usize) {
+    if rows >= AHEAD_MIN_ROWS {
+        // A pointer, not a reference: past the end it points outside the slice.
+        prefetch_lines(tiles.as_ptr().wrapping_add(b + AHEAD_TILES));
+    }
 }
 
 /// Prefetches the lines that a `T` at `p` would span from `p` on (with the next `T`'s lines
 /// when `T`s lie back to back, every line of a run of them).
 #[inline(always)]
 pub fn prefetch_lines<T>(p: *const T) {
-    let p = p as *const u8;
-    let mut o = 0;
-    while o < std::mem::size_of::<T>() {
-        prefetch(p.wrapping_add(o));
-        o += LINE;
-    }
+    prefetch_span(p as *const u8, std::mem::size_of::<T>());
 }
 
 /// A cache line's size in bytes.
@@ -235,16 +235,22 @@ pub const LINE: usize = 64;
 /// and pointers), so that the misses overlap one another instead of coming one after another.
 #[inline]
 pub fn prefetch_value<T: ?Sized>(v: &T) {
-    let (at, n) = (
-        v as *const T as *const u8 as usize,
-        std::mem::size_of_val(v),
-    );
+    let (p, n) = (v as *const T as *const u8, std::mem::size_of_val(v));
     if n == 0 {
         return;
     }
     // From the line that holds the first byte to the one that holds the last.
-    for line in (at & !(LINE - 1)..at + n).step_by(LINE) {
-        prefetch(std::ptr::without_provenance(line));
+    let into = p as usize & (LINE - 1);
+    prefetch_span(p.wrapping_sub(into), into + n);
+}
+
+/// Prefetches the lines at `p`, `p + LINE`, ... below `p + n`.
+#[inline(always)]
+fn prefetch_span(p: *const u8, n: usize) {
+    let mut o = 0;
+    while o < n {
+        prefetch(p.wrapping_add(o));
+        o += LINE;
     }
 }
 
@@ -323,8 +329,8 @@ pub fn q4q8_tiles_side(
 /// in slower than one group after the other (`gemm-peak --m M --rows 65536`, a weight of 2.5x
 /// the L3): a third to a half fewer GOP/s at one and two rows, about even at four, 30% more at
 /// eight. Since the pair kernels prefetch [`AHEAD_TILES`] ahead and on into the next pair,
-/// SmolLM2's decode steps at batch 1, 2 and 3 took 8.7% and 5.6% longer and 2-3% less time
-/// through them, alternated step by step in one process: they take three rows up.
+/// SmolLM2's decode steps through them took 8.7% longer at batch 1, 5.6% longer at batch 2 and
+/// 2-3% less time at batch 3, alternated step by step in one process: they take three rows up.
 pub const PAIR_MIN_ROWS: usize = 3;
 
 /// Two consecutive row groups of an INT4 matrix (`tiles[0]`, `tiles[1]`, the same length)

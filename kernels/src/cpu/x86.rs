@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use crate::cpu::act::{BlockQ8A, U8_BIAS};
 use crate::cpu::q4::{Q4Kind, TILE_ROWS, TileQ4};
 use crate::cpu::q8::TileQ8;
-use crate::cpu::qdot::{AHEAD_MIN_ROWS, Side, ahead_tiles};
+use crate::cpu::qdot::{Side, ahead_tiles};
 
 /// `acc + ` the sum of each lane's four unsigned-by-signed byte products.
 #[inline]
@@ -62,9 +62,7 @@ macro_rules! q4_tiles_impl {
             let mut offs = [_mm256_setzero_ps(); R];
             for (b, t) in tiles.iter().enumerate() {
                 side.line(b, tiles.len());
-                if R >= AHEAD_MIN_ROWS {
-                    ahead_tiles(tiles, b);
-                }
+                ahead_tiles(tiles, b, R);
                 // SAFETY: `d` and `m` are 8 × u16 = 16 bytes; unaligned loads.
                 let (draw, mraw) = unsafe {
                     (
@@ -180,9 +178,7 @@ macro_rules! q8_tiles_impl {
             let mut acc = [_mm256_setzero_ps(); R];
             for (b, t) in tiles.iter().enumerate() {
                 side.line(b, tiles.len());
-                if R >= AHEAD_MIN_ROWS {
-                    ahead_tiles(tiles, b);
-                }
+                ahead_tiles(tiles, b, R);
                 // SAFETY: `d` is 16 bytes; unaligned load.
                 let dvec =
                     _mm256_cvtph_ps(unsafe { _mm_loadu_si128(t.d.as_ptr() as *const __m128i) });
@@ -231,9 +227,7 @@ fn q8_vnni<const R: usize>(
     let mut acc = [_mm256_setzero_ps(); R];
     for (b, t) in tiles.iter().enumerate() {
         side.line(b, tiles.len());
-        if R >= AHEAD_MIN_ROWS {
-            ahead_tiles(tiles, b);
-        }
+        ahead_tiles(tiles, b, R);
         // SAFETY: `d` is 16 bytes; unaligned load.
         let dvec = _mm256_cvtph_ps(unsafe { _mm_loadu_si128(t.d.as_ptr() as *const __m128i) });
         let mut u = [_mm256_setzero_si256(); 8];

@@ -551,7 +551,7 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
         return;
     }
     let plan = OutlierPlan::new(x);
-    let outs: Vec<(Option<&Weight>, SharedOut, usize, &[LoraSegmentQ8<'_>])> = jobs
+    let outs: Vec<JobOut<'_, '_>> = jobs
         .iter_mut()
         .map(|j| (j.weight, SharedOut::new(j.out), j.out_dim, j.lora))
         .collect();
@@ -743,14 +743,14 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
     });
 }
 
-/// The jobs of one region as its programs see them: each job's weight, output, output width and
-/// LoRA segments.
-type JobOuts<'w, 's> = [(
+/// A job of one region as its programs see it: its weight, output, output width and LoRA
+/// segments.
+type JobOut<'w, 's> = (
     Option<&'w Weight>,
     SharedOut,
     usize,
     &'s [LoraSegmentQ8<'s>],
-)];
+);
 
 /// A piece: (job, segment, up to [`ROWS_PER_TASK`] of the segment's rows).
 type Piece = (usize, usize, Range<usize>);
@@ -769,7 +769,7 @@ struct UnitPlan<'s> {
 }
 
 impl<'s> UnitPlan<'s> {
-    fn new(outs: &JobOuts<'_, 's>, programs: usize) -> Self {
+    fn new(outs: &[JobOut<'_, 's>], programs: usize) -> Self {
         let segments = || {
             outs.iter()
                 .enumerate()

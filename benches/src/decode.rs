@@ -13,6 +13,7 @@ use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::sampler::argmax;
 use edgelora_daemon::engine::{ForwardOptions, KvPool, SeqKv, SeqStep, forward};
 use edgelora_daemon::model::Model;
+use edgelora_kernels::cpu::phases::{self, Phase};
 use edgelora_kernels::cpu::qdot::best_isa;
 
 use crate::common::{
@@ -57,6 +58,10 @@ pub struct DecodeArgs {
     /// report each one's median step (ratios per step pair), in place of whole rounds.
     #[arg(long)]
     pub interleave: bool,
+    /// With --interleave: also time each configuration's phases (projection regions, their base
+    /// products, the adapter units' thread time, attention) and print their medians per step.
+    #[arg(long)]
+    pub phases: bool,
     /// Also measure llama.cpp (llama-cpp-python) on the same GGUF with the same threads.
     #[arg(long)]
     pub vs_llamacpp: bool,
@@ -73,6 +78,9 @@ pub struct DecodeArgs {
     #[arg(long)]
     pub json: bool,
 }
+
+/// A timed step: its seconds and its phases' nanoseconds ([`phases::take`]).
+type StepTime = (f64, [u64; 4]);
 
 /// One step of every sequence; returns each sequence's next token.
 fn step(
@@ -115,7 +123,8 @@ pub fn run_once(
 /// Prefills one prompt per sequence of each configuration (batches of the same size), then
 /// decodes them side by side, a step of each in turn, and returns every timed step's seconds per
 /// configuration: on a machine whose speed drifts within seconds, each configuration's step is
-/// measured next to the others' (`--interleave`).
+/// measured next to the others' (`--interleave`). With the phase accounting on
+/// ([`phases::set_enabled`]), each timed step's phases too.
 #[allow(clippy::too_many_arguments)]
 pub fn run_interleaved(
     model: &Model,
@@ -126,6 +135,25 @@ pub fn run_interleaved(
     steps: usize,
     opts: &ForwardOptions,
 ) -> Result<Vec<Vec<f64>>> {
+    Ok(
+        run_phased(model, pool, configs, prompt_len, warmup, steps, opts)?
+            .into_iter()
+            .map(|c| c.into_iter().map(|(secs, _)| secs).collect())
+            .collect(),
+    )
+}
+
+/// Each timed step's seconds and phases, per configuration (see [`run_interleaved`]).
+#[allow(clippy::too_many_arguments)]
+fn run_phased(
+    model: &Model,
+    pool: &mut KvPool,
+    configs: &[&[Option<&LoraAdapter>]],
+    prompt_len: usize,
+    warmup: usize,
+    steps: usize,
+    opts: &ForwardOptions,
+) -> Result<Vec<Vec<StepTime>>> {
     let b = configs.first().map_or(0, |c| c.len());
     let base = text_tokens(model, prompt_len.max(1) + b)?;
     // Each sequence starts at a different offset of the text, so they do not decode in lockstep.
@@ -145,10 +173,11 @@ pub fn run_interleaved(
         let mut secs = vec![Vec::with_capacity(steps); configs.len()];
         for s in 0..warmup + steps {
             for (ci, c) in configs.iter().enumerate() {
+                phases::take();
                 let t0 = Instant::now();
                 next[ci] = step(model, pool, &mut kvs[ci], c, &one(&next[ci]), opts)?;
                 if s >= warmup {
-                    secs[ci].push(t0.elapsed().as_secs_f64());
+                    secs[ci].push((t0.elapsed().as_secs_f64(), phases::take()));
                 }
             }
         }
@@ -160,12 +189,56 @@ pub fn run_interleaved(
     result
 }
 
+/// `--phases`: each configuration's median step and the median of each phase per step, beside the
+/// first configuration's.
+fn phase_rows(report: &mut Report, names: &[&str], timed: &[Vec<StepTime>]) {
+    let med = |c: &[StepTime], f: &dyn Fn(&StepTime) -> f64| {
+        median(&c.iter().map(f).collect::<Vec<_>>()) * 1e3
+    };
+    let parts: [(&str, Option<Phase>); 5] = [
+        ("step", None),
+        ("projection regions", Some(Phase::Regions)),
+        ("  their base products", Some(Phase::BaseProducts)),
+        ("  adapter units (thread time)", Some(Phase::AdapterUnits)),
+        ("attention", Some(Phase::Attention)),
+    ];
+    for (label, phase) in parts {
+        let f = |t: &StepTime| match phase {
+            None => t.0,
+            Some(p) => t.1[p as usize] as f64 * 1e-9,
+        };
+        let base = med(&timed[0], &f);
+        for (ci, c) in timed.iter().enumerate() {
+            let mut row = Row::new(
+                "decode",
+                format!("{label}, {}", names[ci]),
+                med(c, &f),
+                "ms",
+            );
+            if ci > 0 && base > 0.0 {
+                row = row.vs(names[0], base);
+            }
+            if ci == 0 && phase == Some(Phase::Regions) {
+                row = row.note(
+                    "medians per step; base products: each region until its last program's \
+                     share is done (the adapters' bytes stream in meanwhile); adapter units: \
+                     thread time, summed over the threads",
+                );
+            }
+            report.push(row);
+        }
+    }
+}
+
 pub fn run(a: DecodeArgs) -> Result<()> {
     if a.batch == 0 || a.steps == 0 {
         bail!("--batch and --steps must be at least 1");
     }
     if a.interleave && a.adapters == 0 {
         bail!("--interleave compares adapter configurations: give --adapters K too");
+    }
+    if a.phases && !a.interleave {
+        bail!("--phases times the interleaved configurations: give --interleave too");
     }
     let threads = resolve_threads(a.threads);
     init_threads(threads);
@@ -362,7 +435,8 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                  a step of each in turn, batch {} ...",
                 a.batch
             );
-            let secs = run_interleaved(
+            phases::set_enabled(a.phases);
+            let timed = run_phased(
                 model,
                 &mut pool,
                 &configs,
@@ -370,7 +444,21 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 a.warmup,
                 a.steps * a.rounds.max(1),
                 &l.opts,
-            )?;
+            );
+            phases::set_enabled(false);
+            let timed = timed?;
+            if a.phases {
+                let names = [
+                    "no adapter",
+                    "1 shared adapter",
+                    &format!("{n_distinct} adapters"),
+                ];
+                phase_rows(&mut report, &names, &timed);
+            }
+            let secs: Vec<Vec<f64>> = timed
+                .iter()
+                .map(|c| c.iter().map(|t| t.0).collect())
+                .collect();
             let tps = |ci: usize| a.batch as f64 / median(&secs[ci]);
             (t_none, t_shared, t_k) = (tps(0), tps(1), tps(2));
             paired = secs[0].iter().zip(&secs[2]).map(|(n, k)| n / k).collect();

@@ -317,6 +317,7 @@ pub fn paged_attention_rows(
         group
     };
     let per_row = n_heads.div_ceil(per_task);
+    let clock = crate::cpu::phases::Clock::start();
     crate::cpu::threads::global().run(queries.len() * per_row, &|t| {
         let (row, h0) = (t / per_row, (t % per_row) * per_task);
         let heads = per_task.min(n_heads - h0);
@@ -336,6 +337,7 @@ pub fn paged_attention_rows(
             out_heads,
         );
     });
+    clock.add_to(crate::cpu::phases::Phase::Attention);
 }
 
 /// Query heads `h0 .. h0 + out_group.len() / head_dim`, all of one KV head's group, attend to

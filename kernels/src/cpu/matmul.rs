@@ -7,11 +7,12 @@
 //! whatever the number of activation rows, and split the rows across the thread pool.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use crate::cpu::act::{ActQ8, BlockQ8A};
 use crate::cpu::lora::{LoraSegmentQ8, ROWS_PER_TASK, ShrinkScratch, expand_groups, shrink_rows};
 use crate::cpu::ops::dot;
+use crate::cpu::phases::{self, Clock, Phase};
 use crate::cpu::q4::TILE_ROWS;
 use crate::cpu::qdot::{
     Isa, LINE, Side, TILE_XROWS, TileOut, best_isa, q4q8_tiles_side, q4q8_tiles2_side,
@@ -498,6 +499,13 @@ pub struct ProjQ8<'w, 'o> {
 /// each program first takes pairs until none is left unclaimed, and a claimed pair is computed
 /// without waiting.
 pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
+    let clock = Clock::start();
+    project_q8_in(jobs, x, isa, clock);
+    clock.add_to(Phase::Regions);
+}
+
+/// [`project_q8`], its phases timed from `clock` (when on).
+fn project_q8_in(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa, clock: Clock) {
     let m = x.rows();
     fetch_structs(jobs);
     for j in jobs.iter() {
@@ -642,6 +650,8 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
     // others begin their base shares (made before the region, it kept every other thread
     // waiting).
     let (planned, planner) = (OnceLock::new(), AtomicBool::new(!has_units));
+    // When the last program's base share ended (`--phases`).
+    let base_end = AtomicU64::new(0);
     pool.run(programs, &|p| {
         if !planner.swap(true, Ordering::Relaxed) {
             let _ = planned.set(UnitPlan::new(&outs, programs));
@@ -689,9 +699,13 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
             }
         }
         based.fetch_add(groups, Ordering::Release);
+        if let Some(ns) = clock.ns() {
+            base_end.fetch_max(ns, Ordering::Relaxed);
+        }
         if !has_units {
             return;
         }
+        let units_clock = Clock::start();
         // Made by now, or being made by a program that is running.
         let plan = loop {
             if let Some(plan) = planned.get() {
@@ -740,7 +754,11 @@ pub fn project_q8(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa) {
                 unit(plan, u, &mut scratch, &mut codes, &mut scales);
             }
         }
+        units_clock.add_to(Phase::AdapterUnits);
     });
+    if phases::enabled() {
+        phases::add(Phase::BaseProducts, base_end.into_inner());
+    }
 }
 
 /// A job of one region as its programs see it: its weight, output, output width and LoRA
@@ -1283,6 +1301,61 @@ mod tests {
         weights[0].matmul_q8(&xq, isa, &mut base);
         assert_eq!(alone[0][6 * 48..7 * 48], base[6 * 48..7 * 48]);
         assert_ne!(alone[0][..48], base[..48], "row 0 has an adapter");
+    }
+
+    #[test]
+    fn phase_accounting_times_the_region_and_changes_no_bit() {
+        use crate::cpu::lora::LoraB;
+        use crate::cpu::phases::{self, Phase};
+        let mut g = Lcg(47);
+        let (cols, m, w, rank) = (96, 6, 40, 16);
+        let xq = ActQ8::quantize(&g.vec(m * cols), m, cols);
+        let weight = Weight::Q4(affine(w, cols, &mut g));
+        let a = Q8Matrix::quantize(&g.vec(rank * cols), rank, cols).unwrap();
+        let b = LoraB::quantize(&g.vec(w * rank), w, rank).unwrap();
+        let segs = [LoraSegmentQ8 {
+            rows: 1..5,
+            a: &a,
+            b: &b,
+            scaling: 0.5,
+        }];
+        let run = || {
+            let mut out = vec![f32::NAN; m * w];
+            project_q8(
+                &mut [ProjQ8 {
+                    weight: Some(&weight),
+                    out: &mut out,
+                    out_dim: w,
+                    lora: &segs,
+                }],
+                &xq,
+                best_isa(),
+            );
+            out
+        };
+        let _one = phases::TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let plain = run();
+        phases::set_enabled(true);
+        phases::take();
+        let timed = run();
+        phases::set_enabled(false);
+        // (Other tests' products may add to the counters meanwhile: only what holds for any
+        // region is asserted.)
+        let got = phases::take();
+        assert!(
+            plain
+                .iter()
+                .zip(&timed)
+                .all(|(p, t)| p.to_bits() == t.to_bits()),
+            "timing changed the result"
+        );
+        let [regions, base, units] =
+            [Phase::Regions, Phase::BaseProducts, Phase::AdapterUnits].map(|p| got[p as usize]);
+        assert!(regions > 0 && units > 0, "{got:?}");
+        assert!(
+            base <= regions,
+            "a region's base part lies within it: {got:?}"
+        );
     }
 
     #[test]

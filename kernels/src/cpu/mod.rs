@@ -10,6 +10,7 @@ pub mod lora;
 pub mod matmul;
 pub mod mem;
 pub mod ops;
+pub mod phases;
 pub mod q4;
 pub mod q8;
 pub mod qdot;

@@ -116,36 +116,17 @@ pub fn run_once(
     steps: usize,
     opts: &ForwardOptions,
 ) -> Result<f64> {
-    let secs = run_interleaved(model, pool, &[adapters], prompt_len, warmup, steps, opts)?;
-    Ok((adapters.len() * steps) as f64 / secs[0].iter().sum::<f64>())
+    let timed = run_interleaved(model, pool, &[adapters], prompt_len, warmup, steps, opts)?;
+    Ok((adapters.len() * steps) as f64 / timed[0].iter().map(|t| t.0).sum::<f64>())
 }
 
 /// Prefills one prompt per sequence of each configuration (batches of the same size), then
 /// decodes them side by side, a step of each in turn, and returns every timed step's seconds per
 /// configuration: on a machine whose speed drifts within seconds, each configuration's step is
 /// measured next to the others' (`--interleave`). With the phase accounting on
-/// ([`phases::set_enabled`]), each timed step's phases too.
+/// ([`phases::set_enabled`]), each step's phases are there too.
 #[allow(clippy::too_many_arguments)]
-pub fn run_interleaved(
-    model: &Model,
-    pool: &mut KvPool,
-    configs: &[&[Option<&LoraAdapter>]],
-    prompt_len: usize,
-    warmup: usize,
-    steps: usize,
-    opts: &ForwardOptions,
-) -> Result<Vec<Vec<f64>>> {
-    Ok(
-        run_phased(model, pool, configs, prompt_len, warmup, steps, opts)?
-            .into_iter()
-            .map(|c| c.into_iter().map(|(secs, _)| secs).collect())
-            .collect(),
-    )
-}
-
-/// Each timed step's seconds and phases, per configuration (see [`run_interleaved`]).
-#[allow(clippy::too_many_arguments)]
-fn run_phased(
+fn run_interleaved(
     model: &Model,
     pool: &mut KvPool,
     configs: &[&[Option<&LoraAdapter>]],
@@ -436,7 +417,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
                 a.batch
             );
             phases::set_enabled(a.phases);
-            let timed = run_phased(
+            let timed = run_interleaved(
                 model,
                 &mut pool,
                 &configs,

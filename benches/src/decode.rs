@@ -80,7 +80,7 @@ pub struct DecodeArgs {
 }
 
 /// A timed step: its seconds and its phases' nanoseconds ([`phases::take`]).
-type StepTime = (f64, [u64; 4]);
+type StepTime = (f64, [u64; phases::PHASES]);
 
 /// One step of every sequence; returns each sequence's next token.
 fn step(
@@ -151,18 +151,18 @@ fn run_interleaved(
         for (ci, c) in configs.iter().enumerate() {
             next.push(step(model, pool, &mut kvs[ci], c, &prompts, opts)?);
         }
-        let mut secs = vec![Vec::with_capacity(steps); configs.len()];
+        let mut timed = vec![Vec::with_capacity(steps); configs.len()];
         for s in 0..warmup + steps {
             for (ci, c) in configs.iter().enumerate() {
                 phases::take();
                 let t0 = Instant::now();
                 next[ci] = step(model, pool, &mut kvs[ci], c, &one(&next[ci]), opts)?;
                 if s >= warmup {
-                    secs[ci].push((t0.elapsed().as_secs_f64(), phases::take()));
+                    timed[ci].push((t0.elapsed().as_secs_f64(), phases::take()));
                 }
             }
         }
-        Ok(secs)
+        Ok(timed)
     })();
     for kv in kvs.iter_mut().flatten() {
         kv.release(pool);

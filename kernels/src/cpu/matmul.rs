@@ -756,7 +756,7 @@ fn project_q8_in(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa, clock: Clock)
         }
         units_clock.add_to(Phase::AdapterUnits);
     });
-    if phases::enabled() {
+    if clock.is_on() {
         phases::add(Phase::BaseProducts, base_end.into_inner());
     }
 }

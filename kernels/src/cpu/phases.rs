@@ -20,7 +20,8 @@ pub enum Phase {
     Attention,
 }
 
-const PHASES: usize = 4;
+/// How many phases there are ([`take`]'s length).
+pub const PHASES: usize = 4;
 
 static ON: AtomicBool = AtomicBool::new(false);
 static NS: [AtomicU64; PHASES] = [const { AtomicU64::new(0) }; PHASES];
@@ -43,6 +44,12 @@ impl Clock {
     #[inline]
     pub fn start() -> Self {
         Self(enabled().then(Instant::now))
+    }
+
+    /// Whether the accounting was on when it started (what it times gets counted).
+    #[inline]
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
     }
 
     /// Nanoseconds since [`Clock::start`] (none when the accounting was off then).

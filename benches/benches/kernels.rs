@@ -12,7 +12,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use edgelora_kernels::cpu::act::ActQ8;
 use edgelora_kernels::cpu::attention::{SparseConfig, paged_attention};
 use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool, PageId};
-use edgelora_kernels::cpu::lora::{LoraB, LoraSegmentQ8, lora_axpy, sgmv_q8};
+use edgelora_kernels::cpu::lora::{AdapterBits, LoraA, LoraB, LoraSegmentQ8, lora_axpy, sgmv_q8};
 use edgelora_kernels::cpu::qdot::available_isas;
 use edgelora_kernels::{BlockQ8, Q4Matrix, Q8Matrix, Weight};
 use half::f16;
@@ -179,21 +179,24 @@ fn lora(c: &mut Criterion) {
     let (dim, rank, rows) = (576, 16, 16);
     let mut g = Lcg(7);
     let mut group = c.benchmark_group("lora-expand");
-    let b = LoraB::quantize(&g.vec(dim * rank), dim, rank).unwrap();
+    let bv = g.vec(dim * rank);
     let t: Vec<i8> = (0..rank).map(|i| (i as i8 - 8) * 13).collect();
     let mut out = vec![0f32; dim];
     group.throughput(Throughput::Elements((dim * rank) as u64));
-    for isa in available_isas() {
-        group.bench_function(format!("{}x{rank}/{}", dim, isa.name()), |bch| {
-            bch.iter(|| lora_axpy(isa, &b, 0..dim / 8, black_box(&t), 0.5, &mut out))
-        });
+    for bits in [AdapterBits::Int8, AdapterBits::Int4] {
+        let b = LoraB::quantize_bits(&bv, dim, rank, bits).unwrap();
+        for isa in available_isas() {
+            group.bench_function(format!("{}x{rank}/int{bits}/{}", dim, isa.name()), |bch| {
+                bch.iter(|| lora_axpy(isa, &b, 0..dim / 8, black_box(&t), 0.5, &mut out))
+            });
+        }
     }
     group.finish();
     let mut group = c.benchmark_group("lora-sgmv");
-    let adapters: Vec<(Q8Matrix, LoraB)> = (0..rows)
+    let adapters: Vec<(LoraA, LoraB)> = (0..rows)
         .map(|_| {
             (
-                Q8Matrix::quantize(&g.vec(rank * dim), rank, dim).unwrap(),
+                LoraA::Q8(Q8Matrix::quantize(&g.vec(rank * dim), rank, dim).unwrap()),
                 LoraB::quantize(&g.vec(dim * rank), dim, rank).unwrap(),
             )
         })

@@ -9,6 +9,7 @@ use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
 use edgelora_daemon::model::{LoadOptions, Model, ModelConfig, Proj, WeightDtype};
 use edgelora_kernels::cpu::kv::KvGeometry;
+use edgelora_kernels::cpu::lora::AdapterBits;
 
 use crate::rng::{Rng, seed_of};
 
@@ -135,7 +136,7 @@ pub fn text_tokens(model: &Model, n: usize) -> Result<Vec<u32>> {
 
 /// A random LoRA adapter on all seven projections of every layer (scaling 1). A is uniform with
 /// std about `1/sqrt(in)`, B small, so the deltas are modest and the logits stay finite.
-pub fn synth_adapter(c: &ModelConfig, rank: usize, index: usize) -> LoraAdapter {
+pub fn synth_adapter(c: &ModelConfig, rank: usize, index: usize, bits: AdapterBits) -> LoraAdapter {
     let layers = (0..c.n_layers)
         .map(|l| {
             std::array::from_fn(|pi| {
@@ -145,7 +146,7 @@ pub fn synth_adapter(c: &ModelConfig, rank: usize, index: usize) -> LoraAdapter 
                 let sa = (3.0 / inp as f32).sqrt();
                 let a = (0..rank * inp).map(|_| g.symmetric(sa)).collect();
                 let b = (0..out * rank).map(|_| g.symmetric(0.01)).collect();
-                Some(LoraPair::new(rank, a, b).expect("consistent LoRA shapes"))
+                Some(LoraPair::with_bits(rank, a, b, bits).expect("consistent LoRA shapes"))
             })
         })
         .collect();
@@ -171,7 +172,7 @@ pub fn adapter_bytes(a: &LoraAdapter, act: ActMode) -> usize {
         .flatten()
         .flatten()
         .map(|p| match act {
-            ActMode::Int8 => p.nbytes_q8(),
+            ActMode::Int8 => p.nbytes_q(),
             ActMode::Exact => (p.a.len() + p.b.len()) * 4,
         })
         .sum()

@@ -13,6 +13,7 @@ use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::sampler::argmax;
 use edgelora_daemon::engine::{ForwardOptions, KvPool, SeqKv, SeqStep, forward};
 use edgelora_daemon::model::Model;
+use edgelora_kernels::cpu::lora::AdapterBits;
 use edgelora_kernels::cpu::phases::{self, Phase};
 use edgelora_kernels::cpu::qdot::best_isa;
 
@@ -42,6 +43,9 @@ pub struct DecodeArgs {
     /// Rank of the random adapters.
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
+    /// The adapters' integer form on the int8 path: 8 (the default) or 4 bits.
+    #[arg(long, default_value = "8")]
+    pub adapter_bits: AdapterBits,
     /// Prompt tokens prefilled per sequence before decoding.
     #[arg(long, default_value_t = 16)]
     pub prompt: usize,
@@ -394,7 +398,7 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             a.adapters, a.rank
         );
         let adapters: Vec<LoraAdapter> = (0..a.adapters)
-            .map(|i| synth_adapter(&model.config, a.rank, i))
+            .map(|i| synth_adapter(&model.config, a.rank, i, a.adapter_bits))
             .collect();
         let per_adapter = adapter_bytes(&adapters[0], l.opts.act);
         // Round-robin assignment, sorted so sequences sharing an adapter are adjacent (one SGMV
@@ -472,10 +476,10 @@ pub fn run(a: DecodeArgs) -> Result<()> {
             .note(format!(
                 "rank {}, all 7 projections, A and B read as {}, {} adapters over {} sequences",
                 a.rank,
-                if l.opts.act == ActMode::Int8 {
-                    "Q8_0"
-                } else {
-                    "f32"
+                match (l.opts.act, a.adapter_bits) {
+                    (ActMode::Int8, AdapterBits::Int8) => "int8",
+                    (ActMode::Int8, AdapterBits::Int4) => "int4",
+                    _ => "f32",
                 },
                 a.adapters,
                 a.batch

@@ -22,6 +22,7 @@ use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::{Backend, ForwardOptions, KvDtype, SeqKv, SeqStep, SparseConfig};
 use edgelora_daemon::model::{LoadOptions, Model};
 use edgelora_kernels::cpu::kv::KvGeometry;
+use edgelora_kernels::cpu::lora::AdapterBits;
 use edgelora_kernels::cuda::Gpu;
 use edgelora_kernels::cuda::attention::{
     GpuKvPool, GpuQuery, SplitPlan, attention_plan_with, paged_attention_planned,
@@ -280,7 +281,7 @@ pub fn run(a: GpuArgs) -> Result<()> {
             be.set_int8_activations(m.act == ActMode::Int8);
             let bytes = be.weight_bytes();
             let ads: Vec<LoraAdapter> = (0..adapters)
-                .map(|i| synth_adapter(&model.config, rank, i))
+                .map(|i| synth_adapter(&model.config, rank, i, AdapterBits::Int8))
                 .collect();
             // --act int8 (default): int8 activations and dp4a products for steps of up to 32
             // rows, as edgelorad runs; --act f32: the exact path.

@@ -9,11 +9,11 @@ use std::time::Instant;
 use anyhow::{Result, bail};
 use clap::Args;
 use edgelora_kernels::cpu::act::ActQ8;
-use edgelora_kernels::cpu::lora::{LoraB, LoraSegmentQ8};
+use edgelora_kernels::cpu::lora::{AdapterBits, LoraA, LoraB, LoraSegmentQ8};
 use edgelora_kernels::cpu::matmul::{ProjQ8, project_q8};
 use edgelora_kernels::cpu::mem;
 use edgelora_kernels::cpu::qdot::best_isa;
-use edgelora_kernels::{Q4Matrix, Q8Matrix, Weight};
+use edgelora_kernels::{Q4Matrix, Weight};
 
 use crate::common::{init_threads, resolve_threads};
 use crate::report::{Context, Report, Row};
@@ -36,12 +36,15 @@ pub struct LoraMixArgs {
     /// Compute threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The adapters' integer form: 8 (the default) or 4 bits.
+    #[arg(long, default_value = "8")]
+    pub adapter_bits: AdapterBits,
     #[arg(long)]
     pub json: bool,
 }
 
 struct Lora {
-    a: Q8Matrix,
+    a: LoraA,
     b: LoraB,
 }
 
@@ -90,12 +93,18 @@ pub fn run(a: LoraMixArgs) -> Result<()> {
                 let per = (0..m)
                     .map(|_| -> Result<Lora> {
                         Ok(Lora {
-                            a: Q8Matrix::quantize(
+                            a: LoraA::quantize(
                                 &random(&mut rng, rank * cols, 0.05),
                                 rank,
                                 *cols,
+                                a.adapter_bits,
                             )?,
-                            b: LoraB::quantize(&random(&mut rng, rows * rank, 0.05), rows, rank)?,
+                            b: LoraB::quantize_bits(
+                                &random(&mut rng, rows * rank, 0.05),
+                                rows,
+                                rank,
+                                a.adapter_bits,
+                            )?,
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;

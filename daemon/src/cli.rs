@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool};
+use edgelora_kernels::cpu::lora::AdapterBits;
 
 use crate::adapters::LoraAdapter;
 use crate::device::{Device, DeviceSpec};
@@ -167,6 +168,11 @@ pub struct ModelArgs {
     /// Activations against quantized weights: int8 (fast, as llama.cpp) or f32 (exact reference).
     #[arg(long, default_value = "int8")]
     pub act: ActMode,
+    /// Adapters' A and B on the int8 path: 8 bits, or 4 (half the bytes a batch of distinct
+    /// adapters reads per step, at several percent of error on each adapter's delta; see
+    /// BENCHMARKS.md).
+    #[arg(long, default_value = "8")]
+    pub adapter_bits: AdapterBits,
     /// Compute threads (default: every core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -292,10 +298,19 @@ impl ModelArgs {
                 let fp = crate::adapters::pack::fingerprint(&model.config);
                 let info = crate::adapters::pack::read_info(p, &fp)?;
                 let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                Some(crate::adapters::pack::decode(&info, &bytes, &model.config)?)
+                Some(crate::adapters::pack::decode_with(
+                    &info,
+                    &bytes,
+                    &model.config,
+                    self.adapter_bits,
+                )?)
             }
             // ... or a PEFT folder.
-            Some(dir) => Some(LoraAdapter::load_peft(dir, &model.config)?),
+            Some(dir) => Some(LoraAdapter::load_peft_with(
+                dir,
+                &model.config,
+                self.adapter_bits,
+            )?),
             None => None,
         };
         if self.page_size == 0 {

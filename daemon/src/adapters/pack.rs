@@ -20,6 +20,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use bytemuck::{Pod, Zeroable};
+use edgelora_kernels::cpu::lora::AdapterBits;
 use half::{bf16, f16};
 use serde::{Deserialize, Serialize};
 
@@ -762,6 +763,16 @@ pub fn decode(
     file: &[u8],
     config: &ModelConfig,
 ) -> Result<LoraAdapter, PackError> {
+    decode_with(info, file, config, AdapterBits::Int8)
+}
+
+/// [`decode`], the int8 path's forms at `bits`.
+pub fn decode_with(
+    info: &PackInfo,
+    file: &[u8],
+    config: &ModelConfig,
+    bits: AdapterBits,
+) -> Result<LoraAdapter, PackError> {
     let id = info.id();
     let len = file.len() as u64;
     if len < info.file_len {
@@ -787,10 +798,11 @@ pub fn decode(
             "the file changed since its header was read",
         ));
     }
-    decode_payload(
+    decode_payload_with(
         info,
         &file[info.payload_offset as usize..info.file_len as usize],
         config,
+        bits,
     )
 }
 
@@ -799,6 +811,16 @@ pub fn decode_payload(
     info: &PackInfo,
     payload: &[u8],
     config: &ModelConfig,
+) -> Result<LoraAdapter, PackError> {
+    decode_payload_with(info, payload, config, AdapterBits::Int8)
+}
+
+/// [`decode_payload`], the int8 path's forms at `bits`.
+pub fn decode_payload_with(
+    info: &PackInfo,
+    payload: &[u8],
+    config: &ModelConfig,
+    bits: AdapterBits,
 ) -> Result<LoraAdapter, PackError> {
     let id = info.id();
     if payload.len() as u64 != info.payload_len {
@@ -847,7 +869,7 @@ pub fn decode_payload(
         let (a, b) = (&pair[0], &pair[1]);
         let av = info.dtype.decode(&payload[a.range()]);
         let bv = info.dtype.decode(&payload[b.range()]);
-        LoraPair::new(rank, av, bv).map_err(|e| {
+        LoraPair::with_bits(rank, av, bv, bits).map_err(|e| {
             PackError::invalid(id, format!("layer {} {}: {e}", a.layer, a.proj.hf_name()))
         })
     };
@@ -1402,6 +1424,29 @@ pub(crate) mod tests {
             let back = decode(&info, &bytes, &c).unwrap();
             assert_eq!(back.name, "syn");
             assert_same(&ad, &back);
+            // At int4 the same f32 values, their integer forms at four bits.
+            let four = decode_with(&info, &bytes, &c, AdapterBits::Int4).unwrap();
+            assert_same(&ad, &four);
+            for (p8, p4) in back
+                .layers
+                .iter()
+                .flatten()
+                .zip(four.layers.iter().flatten())
+            {
+                let (Some(p8), Some(p4)) = (p8, p4) else {
+                    assert!(p8.is_none() && p4.is_none());
+                    continue;
+                };
+                assert_eq!(
+                    (p8.a_q.bits(), p8.b_q.bits()),
+                    (AdapterBits::Int8, AdapterBits::Int8)
+                );
+                assert_eq!(
+                    (p4.a_q.bits(), p4.b_q.bits()),
+                    (AdapterBits::Int4, AdapterBits::Int4)
+                );
+                assert!(p4.nbytes_q() < p8.nbytes_q());
+            }
         }
     }
 

@@ -8,8 +8,7 @@
 
 use std::path::Path;
 
-use edgelora_kernels::Q8Matrix;
-use edgelora_kernels::cpu::lora::LoraB;
+use edgelora_kernels::cpu::lora::{AdapterBits, LoraA, LoraB};
 use serde_json::Value;
 
 use crate::model::st::TensorStore;
@@ -22,36 +21,47 @@ pub enum AdapterError {
 }
 
 /// One adapted projection: `A [r, in]`, `B [out, r]`, in f32 (exact path), and for the int8 fast
-/// path A as Q8_0 in the base weights' tiled layout and B as int8 rows grouped by eight
-/// ([`LoraB`]), so the shrink and the fused expand run on integer dot products.
+/// path A in the base weights' tiled layout ([`LoraA`]) and B as codes grouped by eight rows
+/// ([`LoraB`]), so the shrink and the fused expand run on integer dot products; both int8 unless
+/// the daemon was asked for int4 adapters ([`AdapterBits`]).
 #[derive(Clone, Debug)]
 pub struct LoraPair {
     pub rank: usize,
     pub a: Vec<f32>,
     pub b: Vec<f32>,
-    pub a_q8: Q8Matrix,
-    pub b_q8: LoraB,
+    pub a_q: LoraA,
+    pub b_q: LoraB,
 }
 
 impl LoraPair {
-    /// Builds both forms from `A [rank, in]` and `B [out, rank]`.
+    /// Builds both forms from `A [rank, in]` and `B [out, rank]`, the integer one at int8.
     pub fn new(rank: usize, a: Vec<f32>, b: Vec<f32>) -> Result<Self, String> {
+        Self::with_bits(rank, a, b, AdapterBits::Int8)
+    }
+
+    /// As [`LoraPair::new`], the integer form at `bits`.
+    pub fn with_bits(
+        rank: usize,
+        a: Vec<f32>,
+        b: Vec<f32>,
+        bits: AdapterBits,
+    ) -> Result<Self, String> {
         let inp = a.len() / rank.max(1);
         let out = b.len() / rank.max(1);
-        let a_q8 = Q8Matrix::quantize(&a, rank, inp).map_err(|e| e.to_string())?;
-        let b_q8 = LoraB::quantize(&b, out, rank).map_err(|e| e.to_string())?;
+        let a_q = LoraA::quantize(&a, rank, inp, bits).map_err(|e| e.to_string())?;
+        let b_q = LoraB::quantize_bits(&b, out, rank, bits).map_err(|e| e.to_string())?;
         Ok(Self {
             rank,
             a,
             b,
-            a_q8,
-            b_q8,
+            a_q,
+            b_q,
         })
     }
 
     /// Bytes the int8 path reads per use.
-    pub fn nbytes_q8(&self) -> usize {
-        self.a_q8.nbytes() + self.b_q8.nbytes()
+    pub fn nbytes_q(&self) -> usize {
+        self.a_q.nbytes() + self.b_q.nbytes()
     }
 }
 
@@ -75,8 +85,8 @@ impl LoraAdapter {
     pub fn pack_pages(&mut self) {
         edgelora_kernels::cpu::mem::pack(|f| {
             for p in self.layers.iter_mut().flatten().flatten() {
-                p.a_q8.stores(f);
-                p.b_q8.stores(f);
+                p.a_q.stores(f);
+                p.b_q.stores(f);
             }
         });
     }
@@ -87,6 +97,15 @@ impl LoraAdapter {
 
     /// Loads a PEFT folder and checks it fits `config` (ranks, targets, shapes, layer indices).
     pub fn load_peft(dir: &Path, config: &ModelConfig) -> Result<Self, AdapterError> {
+        Self::load_peft_with(dir, config, AdapterBits::Int8)
+    }
+
+    /// [`LoraAdapter::load_peft`], the int8 path's forms at `bits`.
+    pub fn load_peft_with(
+        dir: &Path,
+        config: &ModelConfig,
+        bits: AdapterBits,
+    ) -> Result<Self, AdapterError> {
         let name = dir
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
@@ -212,7 +231,7 @@ impl LoraAdapter {
                     proj.hf_name()
                 ))
             })?;
-            layers[layer][proj.index()] = Some(LoraPair::new(rank, a, b).map_err(err)?);
+            layers[layer][proj.index()] = Some(LoraPair::with_bits(rank, a, b, bits).map_err(err)?);
             if !targets.contains(&proj) {
                 targets.push(proj);
             }

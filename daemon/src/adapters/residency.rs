@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use edgelora_hal::storage::{FileReader, ReaderConfig, StorageKind};
 use edgelora_kernels::cpu::kv::PageId;
+use edgelora_kernels::cpu::lora::AdapterBits;
 
 use super::LoraAdapter;
 use super::pack::{self, PackError, PackInfo};
@@ -42,6 +43,8 @@ pub struct ResidencyConfig {
     /// At most this many adapters resident (loading included); 0: only the page budget limits.
     pub max_adapters: usize,
     pub reader: ReaderConfig,
+    /// The integer form adapters are decoded to (int8 unless the daemon was asked for int4).
+    pub adapter_bits: AdapterBits,
 }
 
 /// What [`Residency::acquire`] found.
@@ -124,9 +127,10 @@ impl Residency {
         let storage = (reader.kind(), reader.why().to_string());
         let (jobs, job_rx) = std::sync::mpsc::channel::<Job>();
         let (done_tx, done) = std::sync::mpsc::channel::<Done>();
+        let bits = cfg.adapter_bits;
         std::thread::Builder::new()
             .name("edgelora-adapter-loader".into())
-            .spawn(move || loader(reader, config, job_rx, done_tx))
+            .spawn(move || loader(reader, config, bits, job_rx, done_tx))
             .expect("spawning the adapter loader thread");
         Self {
             cfg,
@@ -518,7 +522,7 @@ impl Residency {
 }
 
 /// Pages an adapter is charged: what its runtime copy holds (f32 A and B for the exact path,
-/// their int8 forms for the fast path), in whole pages.
+/// their int8 forms for the fast path, an upper bound for int4 ones), in whole pages.
 pub fn pages_for(info: &PackInfo, page_bytes: usize) -> usize {
     let elems: u64 = info
         .tensors
@@ -531,7 +535,13 @@ pub fn pages_for(info: &PackInfo, page_bytes: usize) -> usize {
 }
 
 /// The loader thread: reads each pack with the storage reader and decodes it.
-fn loader(mut reader: FileReader, config: ModelConfig, jobs: Receiver<Job>, done: Sender<Done>) {
+fn loader(
+    mut reader: FileReader,
+    config: ModelConfig,
+    bits: AdapterBits,
+    jobs: Receiver<Job>,
+    done: Sender<Done>,
+) {
     while let Ok(job) = jobs.recv() {
         let t0 = Instant::now();
         let path: PathBuf = job.info.path.clone();
@@ -540,7 +550,7 @@ fn loader(mut reader: FileReader, config: ModelConfig, jobs: Receiver<Job>, done
         let (result, bytes) = match reader.read_file_staged(&path) {
             Ok(buf) => {
                 let n = buf.len() as u64;
-                (pack::decode(&job.info, buf, &config), n)
+                (pack::decode_with(&job.info, buf, &config, bits), n)
             }
             Err(e) => (
                 Err(PackError::Io {

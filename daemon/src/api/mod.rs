@@ -23,6 +23,7 @@ use edgelora_hal::board::{
     GuardConfig, Heartbeat, LinuxWatchdog, SystemdNotifier, SystemdWatchdog, WatchdogGuard,
 };
 use edgelora_hal::clock::MonotonicClock;
+use edgelora_kernels::cpu::lora::AdapterBits;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -90,6 +91,10 @@ pub struct ServeArgs {
     /// Activations against quantized weights: int8 or f32.
     #[arg(long)]
     pub act: Option<ActMode>,
+    /// Adapters' A and B on the int8 path: 8 bits (default) or 4 (half the bytes per step for a
+    /// batch of distinct adapters, at several percent of error on each delta).
+    #[arg(long)]
+    pub adapter_bits: Option<AdapterBits>,
     /// KV cache element type: f32, f16 or int4.
     #[arg(long)]
     pub kv: Option<KvDtype>,
@@ -153,6 +158,7 @@ struct ConfigFile {
     dtype: Option<String>,
     group_size: Option<usize>,
     act: Option<String>,
+    adapter_bits: Option<u32>,
     kv: Option<String>,
     page_size: Option<usize>,
     kv_tokens: Option<usize>,
@@ -253,6 +259,11 @@ impl ServeArgs {
             act: match self.act {
                 Some(a) => a,
                 None => parse_opt(file.act, "act")?.unwrap_or(ActMode::Int8),
+            },
+            adapter_bits: match self.adapter_bits {
+                Some(b) => b,
+                None => parse_opt(file.adapter_bits.map(|b| b.to_string()), "adapter_bits")?
+                    .unwrap_or_default(),
             },
             threads: self.threads.or(file.threads),
             device: match self.device {
@@ -596,6 +607,7 @@ fn engine_thread(cfg: EngineCfg, state: Arc<AppState>) -> Result<()> {
     sched.metrics = Some(state.metrics.clone());
     sched.set_residency(ResidencyConfig {
         max_adapters: pool_adapters,
+        adapter_bits: cfg_m.adapter_bits,
         ..ResidencyConfig::default()
     });
     sched.update_gauges();
@@ -974,6 +986,22 @@ mod tests {
         assert_eq!(c.limits.max_step_tokens, 512);
         assert_eq!(c.m.kv, KvDtype::F16);
         assert_eq!(c.api_key.as_deref(), Some("k"));
+        assert_eq!(
+            c.m.adapter_bits,
+            AdapterBits::Int8,
+            "int8 adapters by default"
+        );
+        // Int4 adapters from the file, the flag over the file, a bad value named.
+        std::fs::write(&f, "adapter_bits = 4\n").unwrap();
+        let cfg = || args(&["--config", f.to_str().unwrap()]);
+        assert_eq!(cfg().resolve().unwrap().m.adapter_bits, AdapterBits::Int4);
+        let c = args(&["--config", f.to_str().unwrap(), "--adapter-bits", "8"])
+            .resolve()
+            .unwrap();
+        assert_eq!(c.m.adapter_bits, AdapterBits::Int8);
+        std::fs::write(&f, "adapter_bits = 5\n").unwrap();
+        let e = format!("{:#}", cfg().resolve().unwrap_err());
+        assert!(e.contains("adapter_bits") && e.contains("8 or 4"), "{e}");
         std::fs::write(&f, "bogus_key = 1\n").unwrap();
         assert!(args(&["--config", f.to_str().unwrap()]).resolve().is_err());
         let d = args(&[]).resolve().unwrap();

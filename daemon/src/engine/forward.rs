@@ -302,8 +302,8 @@ pub fn forward(
                     .filter_map(|(range, a)| {
                         a.get(layer, *p).map(|pair| LoraSegmentQ8 {
                             rows: range.clone(),
-                            a: &pair.a_q8,
-                            b: &pair.b_q8,
+                            a: &pair.a_q,
+                            b: &pair.b_q,
                             scaling: a.scaling,
                         })
                     })

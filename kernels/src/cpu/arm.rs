@@ -194,33 +194,55 @@ pub unsafe fn q8q8_tiles(
 }
 
 /// The LoRA expand over consecutive groups of a `LoraB` (`data`, `stride` bytes per group: eight
-/// f16 scales, then per chunk of four ranks 32 bytes whose 32-bit lane `i` holds row `i`'s four
-/// codes): `out[8g + i] += (d[i] * scale) * dot(codes of row i, t)`, rounded as the reference
-/// (`lora_axpy_reference`) rounds it, so the result is the same bits.
+/// f16 scales, then 32-byte chunks whose 32-bit lane `i` holds row `i`'s codes): `out[8g + i] +=
+/// (d[i] * scale) * dot(codes of row i, t)`, rounded as the reference (`lora_axpy_reference`)
+/// rounds it, so the result is the same bits. Int8 (`nib` false): four codes per lane and chunk.
+/// Int4: eight, byte `j` holding column `j` in its low nibble and `j + 4` in its high one, as
+/// `code + 8`; the nibbles go in as they are (0..=15 are positive bytes) and each sum starts at
+/// `-8 * sum(t)`.
 macro_rules! lora_axpy_arm {
     ($name:ident, $feat:literal, $dot:ident) => {
         #[target_feature(enable = $feat)]
-        fn $name(data: &[u8], stride: usize, chunks: usize, t: &[i8], scale: f32, out: &mut [f32]) {
+        fn $name(
+            nib: bool,
+            data: &[u8],
+            stride: usize,
+            chunks: usize,
+            t: &[i8],
+            scale: f32,
+            out: &mut [f32],
+        ) {
             let groups = out.len() / TILE_ROWS;
+            let steps = if nib { 2 * chunks } else { chunks };
             assert!(
-                data.len() >= groups * stride
-                    && stride >= 16 + 32 * chunks
-                    && t.len() >= 4 * chunks,
+                data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * steps,
                 "LoRA B layout"
             );
+            let start = if nib {
+                -8 * t[..4 * steps].iter().map(|&v| v as i32).sum::<i32>()
+            } else {
+                0
+            };
+            let m4 = vdupq_n_u8(0x0F);
             for gi in 0..groups {
                 let g = &data[gi * stride..(gi + 1) * stride];
                 let ds: [f32; TILE_ROWS] = std::array::from_fn(|i| {
                     f16_to_f32(u16::from_le_bytes([g[2 * i], g[2 * i + 1]])) * scale
                 });
-                let (mut s_lo, mut s_hi) = (vdupq_n_s32(0), vdupq_n_s32(0));
-                for j in 0..chunks {
-                    // SAFETY: chunk j is 32 bytes at 16 + 32j, inside the group (asserted).
+                let (mut s_lo, mut s_hi) = (vdupq_n_s32(start), vdupq_n_s32(start));
+                for j in 0..steps {
+                    let c = if nib { j / 2 } else { j };
+                    // SAFETY: chunk c is 32 bytes at 16 + 32c, inside the group (asserted).
                     let (w_lo, w_hi) = unsafe {
                         (
-                            vld1q_s8(g.as_ptr().add(16 + 32 * j) as *const i8),
-                            vld1q_s8(g.as_ptr().add(32 + 32 * j) as *const i8),
+                            vld1q_u8(g.as_ptr().add(16 + 32 * c)),
+                            vld1q_u8(g.as_ptr().add(32 + 32 * c)),
                         )
+                    };
+                    let (w_lo, w_hi) = match (nib, j % 2) {
+                        (false, _) => (w_lo, w_hi),
+                        (true, 0) => (vandq_u8(w_lo, m4), vandq_u8(w_hi, m4)),
+                        _ => (vshrq_n_u8(w_lo, 4), vshrq_n_u8(w_hi, 4)),
                     };
                     let tj = &t[4 * j..4 * j + 4];
                     let x = vreinterpretq_s8_s32(vdupq_n_s32(i32::from_le_bytes([
@@ -229,8 +251,8 @@ macro_rules! lora_axpy_arm {
                         tj[2] as u8,
                         tj[3] as u8,
                     ])));
-                    s_lo = vaddq_s32(s_lo, $dot(w_lo, x));
-                    s_hi = vaddq_s32(s_hi, $dot(w_hi, x));
+                    s_lo = vaddq_s32(s_lo, $dot(vreinterpretq_s8_u8(w_lo), x));
+                    s_hi = vaddq_s32(s_hi, $dot(vreinterpretq_s8_u8(w_hi), x));
                 }
                 let o = &mut out[TILE_ROWS * gi..TILE_ROWS * (gi + 1)];
                 // SAFETY: `ds` and `o` hold 8 f32 each; unaligned loads and stores.
@@ -254,8 +276,10 @@ lora_axpy_arm!(lora_axpy_sdot, "neon,dotprod", dot_i8_sdot);
 
 /// # Safety
 /// As [`q4q8_tiles`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn lora_axpy(
     dotprod: bool,
+    nib: bool,
     data: &[u8],
     stride: usize,
     chunks: usize,
@@ -266,9 +290,9 @@ pub unsafe fn lora_axpy(
     // SAFETY: the caller guarantees the features.
     unsafe {
         if dotprod {
-            lora_axpy_sdot(data, stride, chunks, t, scale, out)
+            lora_axpy_sdot(nib, data, stride, chunks, t, scale, out)
         } else {
-            lora_axpy_neon(data, stride, chunks, t, scale, out)
+            lora_axpy_neon(nib, data, stride, chunks, t, scale, out)
         }
     }
 }

@@ -10,13 +10,15 @@ use std::ops::Range;
 use half::f16;
 
 use crate::cpu::act::{ActQ8, BlockQ8A};
-use crate::cpu::matmul::{OutlierPlan, add_outliers, q8_group_columns};
+use crate::cpu::matmul::{OutlierPlan, add_outliers, q4_group_columns, q8_group_columns};
 use crate::cpu::mem::{Packable, Store};
 use crate::cpu::ops::dot;
 use crate::cpu::q4::TILE_ROWS;
-use crate::cpu::qdot::{Isa, TILE_XROWS, TileOut, q8q8_tiles, q8q8_tiles2_cached};
+use crate::cpu::qdot::{
+    Isa, TILE_XROWS, TileOut, q4q8_tiles, q4q8_tiles2_cached, q8q8_tiles, q8q8_tiles2_cached,
+};
 use crate::cpu::threads::SharedOut;
-use crate::{KernelError, Q8Matrix};
+use crate::{KernelError, Q4Matrix, Q8Matrix};
 
 /// One run of consecutive rows that share an adapter's A `[rank, in]` and B `[out, rank]`.
 #[derive(Clone, Debug)]
@@ -55,37 +57,181 @@ pub fn sgmv_reference(
     }
 }
 
-/// B `[out, rank]` of an adapted projection for the int8 expand: int8 codes with one scale per
+/// How the int8 path stores an adapter's A and B. `Int8` (the default) keeps the delta within a
+/// few tenths of a percent of f32; `Int4` halves the bytes a batch of distinct adapters streams per
+/// step (a rank-16 pair: 0.53 of the int8 bytes), at several percent of error on the delta (the
+/// base weights' own INT4 error, scaled by the delta's size). An opt-in: the quality is the user's
+/// call, see BENCHMARKS.md.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum AdapterBits {
+    #[default]
+    Int8,
+    Int4,
+}
+
+impl AdapterBits {
+    pub fn bits(self) -> u32 {
+        match self {
+            Self::Int8 => 8,
+            Self::Int4 => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for AdapterBits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.bits())
+    }
+}
+
+impl std::str::FromStr for AdapterBits {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "8" | "int8" => Ok(Self::Int8),
+            "4" | "int4" => Ok(Self::Int4),
+            _ => Err(format!("adapter bits {s:?}: expected 8 or 4")),
+        }
+    }
+}
+
+/// A `[rank, in]` of an adapted projection on the int8 path, in the base weights' tiled layout so
+/// that the shrink runs on their micro-kernels: Q8_0, or INT4 (groups of 32, zero point, as the
+/// base quantizer makes them) under [`AdapterBits::Int4`].
+#[derive(Clone, Debug)]
+pub enum LoraA {
+    Q8(Q8Matrix),
+    Q4(Q4Matrix),
+}
+
+impl LoraA {
+    /// Quantizes `a` (`[rank, cols]`, row-major) at `bits`.
+    pub fn quantize(
+        a: &[f32],
+        rank: usize,
+        cols: usize,
+        bits: AdapterBits,
+    ) -> Result<Self, KernelError> {
+        Ok(match bits {
+            AdapterBits::Int8 => Self::Q8(Q8Matrix::quantize(a, rank, cols)?),
+            AdapterBits::Int4 => Self::Q4(Q4Matrix::quantize(a, rank, cols, crate::QK)?),
+        })
+    }
+    pub fn bits(&self) -> AdapterBits {
+        match self {
+            Self::Q8(_) => AdapterBits::Int8,
+            Self::Q4(_) => AdapterBits::Int4,
+        }
+    }
+    /// The rank.
+    pub fn rows(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.rows(),
+            Self::Q4(m) => m.rows(),
+        }
+    }
+    pub fn cols(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.cols(),
+            Self::Q4(m) => m.cols(),
+        }
+    }
+    pub fn row_groups(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.row_groups(),
+            Self::Q4(m) => m.row_groups(),
+        }
+    }
+    pub fn nbytes(&self) -> usize {
+        match self {
+            Self::Q8(m) => m.nbytes(),
+            Self::Q4(m) => m.nbytes(),
+        }
+    }
+    /// The tiles as stored (for prefetching).
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Self::Q8(m) => m.as_bytes(),
+            Self::Q4(m) => m.as_bytes(),
+        }
+    }
+    /// Hands its storage to `f` (for [`crate::cpu::mem::pack`]).
+    pub fn stores(&mut self, f: &mut dyn FnMut(&mut dyn Packable)) {
+        match self {
+            Self::Q8(m) => m.stores(f),
+            Self::Q4(m) => m.stores(f),
+        }
+    }
+    /// The values the codes stand for, `[rank, cols]` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = vec![0f32; rows * cols];
+        for (n, row) in out.chunks_mut(cols).enumerate() {
+            match self {
+                Self::Q8(m) => m.dequantize_row(n, row),
+                Self::Q4(m) => m.dequantize_row(n, row),
+            }
+        }
+        out
+    }
+}
+
+/// B `[out, rank]` of an adapted projection for the integer expand: codes with one scale per
 /// output row (over its `rank` values), in groups of eight rows laid out like the base weights'
-/// tiles — eight f16 scales, then per four columns one 32-byte chunk whose 32-bit lane `i` holds
-/// those four columns of row `i` — so that a `dpbusd` gives eight outputs. The rank is padded to
-/// a multiple of four only (rank 16: 144 bytes per eight outputs), not to a block of 32.
+/// tiles — eight f16 scales, then 32-byte chunks whose 32-bit lane `i` holds row `i`'s codes of
+/// the chunk's columns — so that a `dpbusd` gives eight outputs. Int8: four columns per chunk,
+/// one byte each (rank 16: 144 bytes per eight outputs). Int4: eight columns per chunk, byte `j`
+/// of a lane holding column `j` in its low nibble and column `j + 4` in its high one, each as
+/// `code + 8` (rank 16: 80 bytes per eight outputs); the kernels take the nibbles as unsigned
+/// bytes and start each sum at `-8 * sum(t)`. The rank is padded to a chunk only, not to a block
+/// of 32.
 #[derive(Clone, Debug)]
 pub struct LoraB {
     rows: usize,
     rank: usize,
     chunks: usize,
+    bits: AdapterBits,
     data: Store<u8>,
 }
 
 impl LoraB {
-    /// Quantizes `b` (`[rows, rank]`, row-major): `d = max|row| / 127` (as f16), codes rounded
-    /// half away from zero and clamped to ±127.
+    /// Quantizes `b` (`[rows, rank]`, row-major) to int8: `d = max|row| / 127` (as f16), codes
+    /// rounded half away from zero and clamped to ±127.
     pub fn quantize(b: &[f32], rows: usize, rank: usize) -> Result<Self, KernelError> {
+        Self::quantize_bits(b, rows, rank, AdapterBits::Int8)
+    }
+
+    /// As [`LoraB::quantize`] at `bits`; at int4 `d = max|row| / 7` and codes clamped to -8..=7.
+    pub fn quantize_bits(
+        b: &[f32],
+        rows: usize,
+        rank: usize,
+        bits: AdapterBits,
+    ) -> Result<Self, KernelError> {
         if b.len() != rows * rank || rank == 0 {
             return Err(KernelError::Shape(format!(
                 "LoRA B: {} values for [{rows}, {rank}]",
                 b.len()
             )));
         }
-        let chunks = rank.div_ceil(4);
+        let (qmax, qmin, per_chunk) = match bits {
+            AdapterBits::Int8 => (127.0, -127, 4),
+            AdapterBits::Int4 => (7.0, -8, 8),
+        };
+        let chunks = rank.div_ceil(per_chunk);
         let stride = Self::stride_for(chunks);
         let mut data = vec![0u8; rows.div_ceil(TILE_ROWS) * stride];
+        if bits == AdapterBits::Int4 {
+            // Every nibble a zero code (8) to begin with, padding included.
+            for g in data.chunks_mut(stride) {
+                g[16..].fill(0x88);
+            }
+        }
         for n in 0..rows {
             let row = &b[n * rank..(n + 1) * rank];
             let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
             // The scale as stored (f16), so that codes and scale agree.
-            let d = f16::from_f32(amax / 127.0).to_f32();
+            let d = f16::from_f32(amax / qmax).to_f32();
             if !d.is_finite() {
                 return Err(KernelError::Unsupported(format!(
                     "LoRA B row {n}: magnitude {amax} is beyond an f16 scale"
@@ -98,18 +244,33 @@ impl LoraB {
                 .copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
             for (k, &v) in row.iter().enumerate() {
                 let t = v * id;
-                let q = (t + 0.5f32.copysign(t)) as i32;
-                data[base + 16 + 32 * (k / 4) + 4 * i + k % 4] = q.clamp(-127, 127) as i8 as u8;
+                let q = ((t + 0.5f32.copysign(t)) as i32).clamp(qmin, qmax as i32);
+                let at = base + Self::code_offset(bits, i, k);
+                match bits {
+                    AdapterBits::Int8 => data[at] = q as i8 as u8,
+                    AdapterBits::Int4 => {
+                        let shift = 4 * ((k % 8) / 4);
+                        data[at] = (data[at] & !(0x0F << shift)) | (((q + 8) as u8) << shift);
+                    }
+                }
             }
         }
         Ok(Self {
             rows,
             rank,
             chunks,
+            bits,
             data: data.into(),
         })
     }
 
+    /// Offset in its group of row `i`'s (of eight) byte holding column `k`.
+    fn code_offset(bits: AdapterBits, i: usize, k: usize) -> usize {
+        match bits {
+            AdapterBits::Int8 => 16 + 32 * (k / 4) + 4 * i + k % 4,
+            AdapterBits::Int4 => 16 + 32 * (k / 8) + 4 * i + k % 4,
+        }
+    }
     fn stride_for(chunks: usize) -> usize {
         16 + 32 * chunks
     }
@@ -119,9 +280,19 @@ impl LoraB {
     pub fn rank(&self) -> usize {
         self.rank
     }
-    /// Groups of four columns (the rank rounded up to a multiple of four, over four).
+    pub fn bits(&self) -> AdapterBits {
+        self.bits
+    }
+    /// 32-byte chunks per group: the rank over four (int8) or eight (int4), rounded up.
     pub fn chunks(&self) -> usize {
         self.chunks
+    }
+    /// The `t` codes the expand reads: the rank rounded up to whole chunks (zero past the rank).
+    pub fn t_len(&self) -> usize {
+        match self.bits {
+            AdapterBits::Int8 => 4 * self.chunks,
+            AdapterBits::Int4 => 8 * self.chunks,
+        }
     }
     /// Bytes per group of eight rows.
     pub fn stride(&self) -> usize {
@@ -146,22 +317,35 @@ impl LoraB {
     }
     /// Row `n`'s code of column `k`.
     pub fn code(&self, n: usize, k: usize) -> i8 {
-        self.data[(n / TILE_ROWS) * self.stride() + 16 + 32 * (k / 4) + 4 * (n % TILE_ROWS) + k % 4]
-            as i8
+        let byte = self.data
+            [(n / TILE_ROWS) * self.stride() + Self::code_offset(self.bits, n % TILE_ROWS, k)];
+        match self.bits {
+            AdapterBits::Int8 => byte as i8,
+            AdapterBits::Int4 => ((byte >> (4 * ((k % 8) / 4))) & 0x0F) as i8 - 8,
+        }
     }
     pub fn nbytes(&self) -> usize {
         self.data.len()
     }
+    /// The values the codes stand for, `[rows, rank]` row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.rank];
+        for n in 0..self.rows {
+            for k in 0..self.rank {
+                out[n * self.rank + k] = self.code(n, k) as f32 * self.scale(n);
+            }
+        }
+        out
+    }
 }
 
-/// A segment for the int8 path: A `[rank, in]` as Q8_0 in the base weights' tiled layout (the
-/// shrink runs on their micro-kernels) and B as [`LoraB`]. Shrink and expand run in the base
-/// projection's parallel region, the expand after its products, see
+/// A segment for the int8 path: A `[rank, in]` as [`LoraA`] and B as [`LoraB`]. Shrink and
+/// expand run in the base projection's parallel region, the expand after its products, see
 /// [`crate::cpu::matmul::project_q8`].
 #[derive(Clone, Debug)]
 pub struct LoraSegmentQ8<'a> {
     pub rows: Range<usize>,
-    pub a: &'a Q8Matrix,
+    pub a: &'a LoraA,
     pub b: &'a LoraB,
     pub scaling: f32,
 }
@@ -212,7 +396,7 @@ pub(crate) fn shrink_rows(
     x: &ActQ8,
     plan: &OutlierPlan,
     rows: Range<usize>,
-    a: &Q8Matrix,
+    a: &LoraA,
     codes: &mut [i8],
     stride: usize,
     scales: &mut [f32],
@@ -250,14 +434,25 @@ pub(crate) fn shrink_rows(
     // Two row groups per kernel call where there are two (a rank of 16 is exactly two).
     for g0 in (0..groups).step_by(2) {
         let gs = g0..(g0 + 2).min(groups);
-        if gs.len() == 2 {
-            let tiles = [a.group_tiles(g0), a.group_tiles(g0 + 1)];
-            q8q8_tiles2_cached(isa, tiles, &xs[..n], &mut tmp);
-        } else {
-            q8q8_tiles(isa, a.group_tiles(g0), &xs[..n], &mut tmp[0]);
+        match (a, gs.len()) {
+            (LoraA::Q8(a), 2) => {
+                let tiles = [a.group_tiles(g0), a.group_tiles(g0 + 1)];
+                q8q8_tiles2_cached(isa, tiles, &xs[..n], &mut tmp);
+            }
+            (LoraA::Q8(a), _) => q8q8_tiles(isa, a.group_tiles(g0), &xs[..n], &mut tmp[0]),
+            (LoraA::Q4(a), 2) => {
+                let tiles = [a.group_tiles(g0), a.group_tiles(g0 + 1)];
+                q4q8_tiles2_cached(isa, a.kind(), tiles, &xs[..n], &mut tmp);
+            }
+            (LoraA::Q4(a), _) => {
+                q4q8_tiles(isa, a.kind(), a.group_tiles(g0), &xs[..n], &mut tmp[0])
+            }
         }
         for (k, g) in gs.enumerate() {
-            q8_group_columns(isa, a, g, ks, cols);
+            match a {
+                LoraA::Q8(a) => q8_group_columns(isa, a, g, ks, cols),
+                LoraA::Q4(a) => q4_group_columns(isa, a, g, ks, cols),
+            }
             for (i, vals) in tmp[k][..n].iter().enumerate() {
                 // Each outlier's column found among this piece's.
                 let acc = add_outliers(*vals, plan.row(rows.start + i), |u| {
@@ -326,10 +521,11 @@ pub(crate) fn expand_groups<'t>(
 }
 
 /// The expand's micro-kernel: `out[8(g - gs.start) + i] += scale * d_B[8g + i] * dot(B[8g + i],
-/// t)` for the row groups `gs` of `b`; `t` holds `4 * b.chunks()` codes (zero past the rank) and
+/// t)` for the row groups `gs` of `b`; `t` holds `b.t_len()` codes (zero past the rank) and
 /// `out` eight values per group.
 pub fn lora_axpy(isa: Isa, b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, out: &mut [f32]) {
-    assert!(t.len() >= 4 * b.chunks(), "t codes");
+    assert!(t.len() >= b.t_len(), "t codes");
+    let nib = b.bits() == AdapterBits::Int4;
     assert_eq!(out.len(), TILE_ROWS * gs.len(), "output length");
     assert!(gs.end <= b.rows().div_ceil(TILE_ROWS), "row groups");
     match isa {
@@ -340,6 +536,7 @@ pub fn lora_axpy(isa: Isa, b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, ou
             unsafe {
                 crate::cpu::x86::lora_axpy(
                     isa == Isa::Avx512Vnni,
+                    nib,
                     b.groups_data(gs),
                     b.stride(),
                     b.chunks(),
@@ -355,6 +552,7 @@ pub fn lora_axpy(isa: Isa, b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, ou
             unsafe {
                 crate::cpu::arm::lora_axpy(
                     isa == Isa::NeonDot,
+                    nib,
                     b.groups_data(gs),
                     b.stride(),
                     b.chunks(),
@@ -374,7 +572,7 @@ pub fn lora_axpy_reference(b: &LoraB, gs: Range<usize>, t: &[i8], scale: f32, ou
         if n >= b.rows() {
             continue; // padding rows of the last group (their codes are zero anyway)
         }
-        let sumi: i32 = (0..4 * b.chunks())
+        let sumi: i32 = (0..b.t_len())
             .map(|k| {
                 let c = if k < b.rank() { b.code(n, k) } else { 0 };
                 c as i32 * t[k] as i32
@@ -426,7 +624,7 @@ mod tests {
         let mut want = vec![0.25f32; rows * out_dim];
         sgmv_reference(&x, in_dim, &mut want, out_dim, &segs);
         let (aq, bq) = (
-            Q8Matrix::quantize(&a, rank, in_dim).unwrap(),
+            LoraA::Q8(Q8Matrix::quantize(&a, rank, in_dim).unwrap()),
             LoraB::quantize(&b, out_dim, rank).unwrap(),
         );
         let segs_q8 = [
@@ -495,39 +693,58 @@ mod tests {
             (20, 100),
         ] {
             let b: Vec<f32> = (0..rows * rank).map(|_| next()).collect();
-            let lb = LoraB::quantize(&b, rows, rank).unwrap();
-            assert_eq!(lb.chunks(), rank.div_ceil(4));
-            for n in 0..rows {
-                let d = lb.scale(n);
-                for k in 0..rank {
-                    let back = lb.code(n, k) as f32 * d;
-                    // Half a step, plus the clamp when the f16 scale rounded down (127 * 2^-11 steps).
-                    assert!((back - b[n * rank + k]).abs() <= d * 0.57, "[{n},{k}]");
-                }
-            }
-            let t: Vec<i8> = (0..4 * lb.chunks())
-                .map(|k| if k < rank { (next() * 127.0) as i8 } else { 0 })
-                .collect();
-            let groups = rows.div_ceil(TILE_ROWS);
-            for gs in [0..groups, groups / 2..groups, 0..groups.div_ceil(2)] {
-                let mut want = vec![0.5f32; gs.len() * TILE_ROWS];
-                lora_axpy_reference(&lb, gs.clone(), &t, 0.75, &mut want);
-                // Against the definition, row by row.
-                for (o, n) in want.iter().zip(gs.start * TILE_ROWS..) {
-                    if n < rows {
-                        let dot: i32 = (0..rank).map(|k| lb.code(n, k) as i32 * t[k] as i32).sum();
-                        let exact = 0.5 + dot as f32 * lb.scale(n) * 0.75;
-                        assert!((o - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "row {n}");
-                    }
-                }
-                for isa in crate::cpu::qdot::available_isas() {
-                    let mut got = vec![0.5f32; gs.len() * TILE_ROWS];
-                    lora_axpy(isa, &lb, gs.clone(), &t, 0.75, &mut got);
-                    assert_eq!(got, want, "{} [{rows},{rank}] {gs:?}", isa.name());
-                }
+            for bits in [AdapterBits::Int8, AdapterBits::Int4] {
+                lora_b_case(&b, rows, rank, bits, &mut next);
             }
         }
         assert!(LoraB::quantize(&[1.0; 6], 2, 4).is_err());
+    }
+
+    fn lora_b_case(
+        b: &[f32],
+        rows: usize,
+        rank: usize,
+        bits: AdapterBits,
+        next: &mut impl FnMut() -> f32,
+    ) {
+        let lb = LoraB::quantize_bits(b, rows, rank, bits).unwrap();
+        let per_chunk = if bits == AdapterBits::Int8 { 4 } else { 8 };
+        assert_eq!(lb.chunks(), rank.div_ceil(per_chunk));
+        assert_eq!(lb.t_len(), per_chunk * lb.chunks());
+        let qmax = if bits == AdapterBits::Int8 { 127 } else { 7 };
+        assert!(
+            (0..rows).all(|n| (0..rank).any(|k| lb.code(n, k).abs() == qmax)),
+            "int{bits}: every row's largest value takes the largest code"
+        );
+        for n in 0..rows {
+            let d = lb.scale(n);
+            for k in 0..rank {
+                let back = lb.code(n, k) as f32 * d;
+                // Half a step, plus the clamp when the f16 scale rounded down (127 * 2^-11 steps).
+                assert!((back - b[n * rank + k]).abs() <= d * 0.57, "[{n},{k}]");
+            }
+        }
+        let t: Vec<i8> = (0..lb.t_len())
+            .map(|k| if k < rank { (next() * 127.0) as i8 } else { 0 })
+            .collect();
+        let groups = rows.div_ceil(TILE_ROWS);
+        for gs in [0..groups, groups / 2..groups, 0..groups.div_ceil(2)] {
+            let mut want = vec![0.5f32; gs.len() * TILE_ROWS];
+            lora_axpy_reference(&lb, gs.clone(), &t, 0.75, &mut want);
+            // Against the definition, row by row.
+            for (o, n) in want.iter().zip(gs.start * TILE_ROWS..) {
+                if n < rows {
+                    let dot: i32 = (0..rank).map(|k| lb.code(n, k) as i32 * t[k] as i32).sum();
+                    let exact = 0.5 + dot as f32 * lb.scale(n) * 0.75;
+                    assert!((o - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "row {n}");
+                }
+            }
+            for isa in crate::cpu::qdot::available_isas() {
+                let mut got = vec![0.5f32; gs.len() * TILE_ROWS];
+                lora_axpy(isa, &lb, gs.clone(), &t, 0.75, &mut got);
+                assert_eq!(got, want, "{} int{bits} [{rows},{rank}] {gs:?}", isa.name());
+            }
+        }
     }
 
     #[test]

@@ -602,7 +602,7 @@ fn project_q8_in(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa, clock: Clock)
         (g + 2).min(total) - g
     };
     // A piece's shrink result per row: its codes (the rank rounded up to a multiple of four).
-    let stride = |&(ji, si, _): &Piece| 4 * outs[ji].3[si].b.chunks();
+    let stride = |&(ji, si, _): &Piece| outs[ji].3[si].b.t_len();
     // A piece's shrink, into `codes` (a row after another, `stride` each) and `scales`.
     let shrink =
         |pc: &Piece, scratch: &mut ShrinkScratch, codes: &mut Vec<i8>, scales: &mut Vec<f32>| {
@@ -1083,7 +1083,7 @@ mod tests {
 
     #[test]
     fn fused_lora_projection_matches_base_plus_reference_sgmv_on_every_isa() {
-        use crate::cpu::lora::{LoraB, LoraSegment, sgmv_reference};
+        use crate::cpu::lora::{AdapterBits, LoraA, LoraB, LoraSegment};
         let mut g = Lcg(31);
         // (rows, cols, m, segments as (row range, rank)); ranks 8, 16, 40 (a partial second
         // block) and 64 mixed in one job; rows with no adapter in between.
@@ -1112,89 +1112,126 @@ mod tests {
                     (a, b, *rank)
                 })
                 .collect();
-            let q8s: Vec<(Q8Matrix, LoraB)> = ab
-                .iter()
-                .map(|(a, b, rank)| {
-                    (
-                        Q8Matrix::quantize(a, *rank, cols).unwrap(),
-                        LoraB::quantize(b, rows, *rank).unwrap(),
-                    )
-                })
-                .collect();
-            let lora: Vec<LoraSegmentQ8<'_>> = segs
-                .iter()
-                .zip(&q8s)
-                .enumerate()
-                .map(|(i, ((r, _), (a, b)))| LoraSegmentQ8 {
-                    rows: r.clone(),
-                    a,
-                    b,
-                    scaling: 0.5 + i as f32,
-                })
-                .collect();
-            let exact_segs: Vec<LoraSegment<'_>> = segs
-                .iter()
-                .zip(&ab)
-                .enumerate()
-                .map(|(i, ((r, _), (a, b, rank)))| LoraSegment {
-                    rows: r.clone(),
-                    a,
-                    b,
-                    rank: *rank,
-                    scaling: 0.5 + i as f32,
-                })
-                .collect();
             let w = Weight::Q4(affine(rows, cols, &mut g));
             let w8 = Weight::Q8(q8(rows, cols, &mut g));
-            for (wi, weight) in [Some(&w), Some(&w8), None].into_iter().enumerate() {
-                let what = format!("case {ci} weight {wi}");
-                let run = |isa: Isa| {
-                    let mut out = vec![0.25f32; m * rows];
-                    project_q8(
-                        &mut [ProjQ8 {
-                            weight,
-                            out: &mut out,
-                            out_dim: rows,
-                            lora: &lora,
-                        }],
-                        &xq,
-                        isa,
-                    );
-                    out
-                };
-                let scalar = run(Isa::Scalar);
-                // The base alone, through the plain product of this file.
-                let mut base = vec![0.25f32; m * rows];
-                if let Some(w) = weight {
-                    w.matmul_q8(&xq, Isa::Scalar, &mut base);
+            for bits in [AdapterBits::Int8, AdapterBits::Int4] {
+                let qs: Vec<(LoraA, LoraB)> = ab
+                    .iter()
+                    .map(|(a, b, rank)| {
+                        (
+                            LoraA::quantize(a, *rank, cols, bits).unwrap(),
+                            LoraB::quantize_bits(b, rows, *rank, bits).unwrap(),
+                        )
+                    })
+                    .collect();
+                // Int8 against the f32 adapter itself; int4 (a coarser adapter by choice) against
+                // the values its codes stand for, so both hold the kernels to the same bound.
+                let deq: Vec<(Vec<f32>, Vec<f32>, usize)> = qs
+                    .iter()
+                    .zip(&ab)
+                    .map(|((qa, qb), (a, b, rank))| match bits {
+                        AdapterBits::Int8 => (a.clone(), b.clone(), *rank),
+                        AdapterBits::Int4 => (qa.dequantize(), qb.dequantize(), *rank),
+                    })
+                    .collect();
+                let lora: Vec<LoraSegmentQ8<'_>> = segs
+                    .iter()
+                    .zip(&qs)
+                    .enumerate()
+                    .map(|(i, ((r, _), (a, b)))| LoraSegmentQ8 {
+                        rows: r.clone(),
+                        a,
+                        b,
+                        scaling: 0.5 + i as f32,
+                    })
+                    .collect();
+                let exact_segs: Vec<LoraSegment<'_>> = segs
+                    .iter()
+                    .zip(&deq)
+                    .enumerate()
+                    .map(|(i, ((r, _), (a, b, rank)))| LoraSegment {
+                        rows: r.clone(),
+                        a,
+                        b,
+                        rank: *rank,
+                        scaling: 0.5 + i as f32,
+                    })
+                    .collect();
+                fused_lora_case(
+                    ci,
+                    bits,
+                    &x,
+                    &xq,
+                    (rows, cols, m),
+                    segs,
+                    &lora,
+                    &exact_segs,
+                    [&w, &w8],
+                );
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn fused_lora_case(
+        ci: usize,
+        bits: crate::cpu::lora::AdapterBits,
+        x: &[f32],
+        xq: &ActQ8,
+        (rows, cols, m): (usize, usize, usize),
+        segs: &[(std::ops::Range<usize>, usize)],
+        lora: &[LoraSegmentQ8<'_>],
+        exact_segs: &[crate::cpu::lora::LoraSegment<'_>],
+        [w, w8]: [&Weight; 2],
+    ) {
+        for (wi, weight) in [Some(w), Some(w8), None].into_iter().enumerate() {
+            let what = format!("case {ci} weight {wi} int{bits}");
+            let run = |isa: Isa| {
+                let mut out = vec![0.25f32; m * rows];
+                project_q8(
+                    &mut [ProjQ8 {
+                        weight,
+                        out: &mut out,
+                        out_dim: rows,
+                        lora,
+                    }],
+                    xq,
+                    isa,
+                );
+                out
+            };
+            let scalar = run(Isa::Scalar);
+            // The base alone, through the plain product of this file.
+            let mut base = vec![0.25f32; m * rows];
+            if let Some(w) = weight {
+                w.matmul_q8(xq, Isa::Scalar, &mut base);
+            }
+            let mut exact = base.clone();
+            crate::cpu::lora::sgmv_reference(x, cols, &mut exact, rows, exact_segs);
+            let covered = |r: usize| segs.iter().any(|(s, _)| s.contains(&r));
+            for r in 0..m {
+                let (got, b) = (&scalar[r * rows..][..rows], &base[r * rows..][..rows]);
+                if !covered(r) {
+                    assert_eq!(got, b, "{what}: row {r} has no adapter");
+                    continue;
                 }
-                let mut exact = base.clone();
-                sgmv_reference(&x, cols, &mut exact, rows, &exact_segs);
-                let covered = |r: usize| segs.iter().any(|(s, _)| s.contains(&r));
-                for r in 0..m {
-                    let (got, b) = (&scalar[r * rows..][..rows], &base[r * rows..][..rows]);
-                    if !covered(r) {
-                        assert_eq!(got, b, "{what}: row {r} has no adapter");
-                        continue;
-                    }
-                    // The delta against the exact f32 delta: int8 roundings of x, A, t and B.
-                    let want = &exact[r * rows..][..rows];
-                    let scale = want
-                        .iter()
-                        .zip(b)
-                        .fold(0f32, |s, (w, b)| s.max((w - b).abs()));
-                    let err = got
-                        .iter()
-                        .zip(want)
-                        .fold(0f32, |e, (g, w)| e.max((g - w).abs()));
-                    assert!(
-                        scale > 0.0 && err < 0.05 * scale,
-                        "{what}: row {r} delta error {err} vs scale {scale}"
-                    );
-                }
-                for isa in available_isas() {
-                    close(&run(isa), &scalar, 1e-5, &format!("{what} {}", isa.name()));
-                }
+                // The delta against the exact f32 delta: int8 roundings of x, A, t and B.
+                let want = &exact[r * rows..][..rows];
+                let scale = want
+                    .iter()
+                    .zip(b)
+                    .fold(0f32, |s, (w, b)| s.max((w - b).abs()));
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .fold(0f32, |e, (g, w)| e.max((g - w).abs()));
+                assert!(
+                    scale > 0.0 && err < 0.05 * scale,
+                    "{what}: row {r} delta error {err} vs scale {scale}"
+                );
+            }
+            for isa in available_isas() {
+                close(&run(isa), &scalar, 1e-5, &format!("{what} {}", isa.name()));
             }
         }
     }
@@ -1205,7 +1242,7 @@ mod tests {
         // (two pieces, so two units that share its bytes), one per row over 7..12, none on row
         // 6; the middle job lacks the adapter of row 8 (its units differ from the others'), and
         // the last job lists its segments out of order.
-        use crate::cpu::lora::LoraB;
+        use crate::cpu::lora::{LoraA, LoraB};
         let mut g = Lcg(43);
         let (cols, m, rank) = (160, 12, 16);
         let widths = [48, 16, 24];
@@ -1219,7 +1256,7 @@ mod tests {
         let rows_of: Vec<std::ops::Range<usize>> = std::iter::once(0..6)
             .chain((7..12).map(|r| r..r + 1))
             .collect();
-        let adapters: Vec<Vec<(Q8Matrix, LoraB)>> = widths
+        let adapters: Vec<Vec<(LoraA, LoraB)>> = widths
             .iter()
             .map(|&w| {
                 (0..rows_of.len())
@@ -1227,7 +1264,7 @@ mod tests {
                         let a: Vec<f32> = g.vec(rank * cols).iter().map(|v| v * 0.1).collect();
                         let b: Vec<f32> = g.vec(w * rank).iter().map(|v| v * 0.1).collect();
                         (
-                            Q8Matrix::quantize(&a, rank, cols).unwrap(),
+                            LoraA::Q8(Q8Matrix::quantize(&a, rank, cols).unwrap()),
                             LoraB::quantize(&b, w, rank).unwrap(),
                         )
                     })
@@ -1305,13 +1342,13 @@ mod tests {
 
     #[test]
     fn phase_accounting_times_the_region_and_changes_no_bit() {
-        use crate::cpu::lora::LoraB;
+        use crate::cpu::lora::{LoraA, LoraB};
         use crate::cpu::phases::{self, Phase};
         let mut g = Lcg(47);
         let (cols, m, w, rank) = (96, 6, 40, 16);
         let xq = ActQ8::quantize(&g.vec(m * cols), m, cols);
         let weight = Weight::Q4(affine(w, cols, &mut g));
-        let a = Q8Matrix::quantize(&g.vec(rank * cols), rank, cols).unwrap();
+        let a = LoraA::Q8(Q8Matrix::quantize(&g.vec(rank * cols), rank, cols).unwrap());
         let b = LoraB::quantize(&g.vec(w * rank), w, rank).unwrap();
         let segs = [LoraSegmentQ8 {
             rows: 1..5,
@@ -1391,7 +1428,7 @@ mod tests {
 
     #[test]
     fn weights_and_adapters_packed_on_huge_pages_give_the_same_bits() {
-        use crate::cpu::lora::LoraB;
+        use crate::cpu::lora::{LoraA, LoraB};
         use crate::cpu::mem::{self, HUGE_PAGE};
         let mut g = Lcg(77);
         let (rows, cols, m, rank) = (1536, 576, 6, 16);
@@ -1402,17 +1439,17 @@ mod tests {
             Weight::Q4(affine(rows, cols, &mut g)),
             Weight::Q8(q8(rows, cols, &mut g)),
         ];
-        let mut ads: Vec<(Q8Matrix, LoraB)> = (0..3)
+        let mut ads: Vec<(LoraA, LoraB)> = (0..3)
             .map(|_| {
                 let a: Vec<f32> = g.vec(rank * cols).iter().map(|v| v * 0.1).collect();
                 let b: Vec<f32> = g.vec(rows * rank).iter().map(|v| v * 0.1).collect();
                 (
-                    Q8Matrix::quantize(&a, rank, cols).unwrap(),
+                    LoraA::Q8(Q8Matrix::quantize(&a, rank, cols).unwrap()),
                     LoraB::quantize(&b, rows, rank).unwrap(),
                 )
             })
             .collect();
-        let run = |ws: &[Weight], ads: &[(Q8Matrix, LoraB)]| -> Vec<Vec<f32>> {
+        let run = |ws: &[Weight], ads: &[(LoraA, LoraB)]| -> Vec<Vec<f32>> {
             let mut outs = vec![vec![0f32; m * rows]; ws.len()];
             let segs: Vec<LoraSegmentQ8> = ads
                 .iter()
@@ -1616,6 +1653,10 @@ mod tests {
                     }
                     assert_eq!(pair, one, "{} {:?} m={m}", isa.name(), w4.kind());
                     assert!(pair[1][m - 1].iter().any(|&v| v != 0.0));
+                    // The in-cache form (an int4 LoRA A): the pair kernel from one row.
+                    let mut cached = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+                    crate::cpu::qdot::q4q8_tiles2_cached(isa, w4.kind(), tiles, &xs, &mut cached);
+                    assert_eq!(cached, one, "{} {:?} m={m} cached", isa.name(), w4.kind());
                 }
                 let mut pair = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
                 q8q8_tiles2_side(
@@ -1630,6 +1671,10 @@ mod tests {
                     crate::cpu::qdot::q8q8_tiles(isa, w8.group_tiles(k), &xs, o);
                 }
                 assert_eq!(pair, one, "{} q8 m={m}", isa.name());
+                let mut cached = [[[0f32; TILE_ROWS]; TILE_XROWS]; 2];
+                let tiles = [w8.group_tiles(0), w8.group_tiles(1)];
+                crate::cpu::qdot::q8q8_tiles2_cached(isa, tiles, &xs, &mut cached);
+                assert_eq!(cached, one, "{} q8 m={m} cached", isa.name());
             }
         }
     }
@@ -1677,10 +1722,10 @@ mod tests {
     #[test]
     #[should_panic(expected = "LoRA segments of one projection overlap")]
     fn overlapping_lora_segments_are_refused() {
-        use crate::cpu::lora::LoraB;
+        use crate::cpu::lora::{LoraA, LoraB};
         let mut g = Lcg(3);
         let x = ActQ8::quantize(&g.vec(4 * 64), 4, 64);
-        let a = Q8Matrix::quantize(&g.vec(8 * 64), 8, 64).unwrap();
+        let a = LoraA::Q8(Q8Matrix::quantize(&g.vec(8 * 64), 8, 64).unwrap());
         let b = LoraB::quantize(&g.vec(16 * 8), 16, 8).unwrap();
         let seg = |rows| LoraSegmentQ8 {
             rows,

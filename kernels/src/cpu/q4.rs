@@ -257,6 +257,10 @@ impl Q4Matrix {
     pub fn stores(&mut self, f: &mut dyn FnMut(&mut dyn Packable)) {
         f(&mut self.tiles)
     }
+    /// The tiles as stored (for prefetching).
+    pub fn as_bytes(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.tiles)
+    }
 
     /// Quantizes a row-major f32 matrix by the reference definition (see the fixtures README):
     /// per output row, groups of `group_size` consecutive input columns (the last one shorter when

@@ -346,9 +346,36 @@ pub fn q4q8_tiles2_side(
     side: Side,
 ) {
     debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS && tiles[0].len() == tiles[1].len());
+    q4q8_pair_from(isa, kind, tiles, xs, out, side, false)
+}
+
+/// [`q4q8_tiles2_side`] for tiles in cache already (an int4 LoRA A, which the base product
+/// prefetched), as [`q8q8_tiles2_cached`]: the pair kernel from one row, no prefetch ahead.
+pub fn q4q8_tiles2_cached(
+    isa: Isa,
+    kind: Q4Kind,
+    tiles: [&[TileQ4]; 2],
+    xs: &[&[BlockQ8A]],
+    out: &mut [TileOut; 2],
+) {
+    q4q8_pair_from(isa, kind, tiles, xs, out, Side::NONE, true)
+}
+
+/// Both groups through the 512-bit pair kernel where it applies: from [`PAIR_MIN_ROWS`] rows,
+/// or from one row for tiles in `cached`.
+fn q4q8_pair_from(
+    isa: Isa,
+    kind: Q4Kind,
+    tiles: [&[TileQ4]; 2],
+    xs: &[&[BlockQ8A]],
+    out: &mut [TileOut; 2],
+    side: Side,
+    cached: bool,
+) {
+    debug_assert!(!xs.is_empty() && xs.len() <= TILE_XROWS && tiles[0].len() == tiles[1].len());
     let [oa, ob] = out;
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512Vnni && xs.len() >= PAIR_MIN_ROWS {
+    if isa == Isa::Avx512Vnni && (cached || xs.len() >= PAIR_MIN_ROWS) {
         // SAFETY: `Avx512Vnni` is only available with AVX-512 F, BW, VL and VNNI besides AVX2,
         // FMA and F16C.
         unsafe {
@@ -360,10 +387,12 @@ pub fn q4q8_tiles2_side(
                 oa,
                 ob,
                 side,
+                !cached,
             )
         };
         return;
     }
+    let _ = cached;
     q4q8_tiles_side(isa, kind, tiles[0], xs, oa, side);
     q4q8_tiles_side(isa, kind, tiles[1], xs, ob, Side::NONE);
 }

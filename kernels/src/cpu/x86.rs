@@ -268,29 +268,42 @@ fn lora_axpy_with(
     t: &[i8],
     scale: f32,
     out: &mut [f32],
+    nib: bool,
     start: __m256i,
     dot: impl Fn(__m256i, __m256i, __m256i) -> __m256i,
 ) {
     let groups = out.len() / 8;
+    // Four codes per lane and step: a chunk's bytes (int8), or a chunk's low, then high nibbles.
+    let steps = if nib { 2 * chunks } else { chunks };
     assert!(
-        data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * chunks,
+        data.len() >= groups * stride && stride >= 16 + 32 * chunks && t.len() >= 4 * steps,
         "LoRA B layout"
     );
     // SAFETY (every `unsafe` below): the callers are compiled for AVX2, FMA and F16C; group gi
     // starts at gi * stride in `data` (asserted above) with eight f16 scales (16 bytes), then
-    // chunk j's 32 bytes at 16 + 32j < stride; `t` has 4 * chunks codes.
+    // chunk c's 32 bytes at 16 + 32c < stride; `t` has 4 * steps codes.
     let tv = |j: usize| unsafe {
         _mm256_set1_epi32((t.as_ptr().add(4 * j) as *const i32).read_unaligned())
     };
     let w = |base: *const u8, j: usize| unsafe {
-        _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i)
+        if nib {
+            let v = _mm256_loadu_si256(base.add(16 + 32 * (j / 2)) as *const __m256i);
+            let v = if j.is_multiple_of(2) {
+                v
+            } else {
+                _mm256_srli_epi16(v, 4)
+            };
+            _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+        } else {
+            _mm256_loadu_si256(base.add(16 + 32 * j) as *const __m256i)
+        }
     };
-    match chunks {
+    match steps {
         2 => lora_groups(data, stride, scale, out, unrolled::<2>(start, tv, w, &dot)),
         4 => lora_groups(data, stride, scale, out, unrolled::<4>(start, tv, w, &dot)),
         8 => lora_groups(data, stride, scale, out, unrolled::<8>(start, tv, w, &dot)),
         _ => lora_groups(data, stride, scale, out, |base| {
-            two_chains(start, chunks, &dot, |j| (w(base, j), tv(j)))
+            two_chains(start, steps, &dot, |j| (w(base, j), tv(j)))
         }),
     }
 }
@@ -363,16 +376,44 @@ fn lora_axpy_avx2(
     out: &mut [f32],
 ) {
     let dot = |a, w, x| dpbusd_avx2(a, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
-    lora_axpy_with(
-        data,
-        stride,
-        chunks,
-        t,
-        scale,
-        out,
-        _mm256_setzero_si256(),
-        dot,
-    )
+    let z = _mm256_setzero_si256();
+    lora_axpy_with(data, stride, chunks, t, scale, out, false, z, dot)
+}
+
+/// The int4 expand: the nibbles `code + 8` are unsigned bytes already, so `maddubs` takes them
+/// as they are (15 * 127 * 2 cannot saturate) and each sum starts at `-8 * sum(t)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lora_axpy4_avx2(
+    data: &[u8],
+    stride: usize,
+    chunks: usize,
+    t: &[i8],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let start = _mm256_set1_epi32(-8 * t_sum(t, 8 * chunks));
+    let dot = |a, w, x| dpbusd_avx2(a, w, x);
+    lora_axpy_with(data, stride, chunks, t, scale, out, true, start, dot)
+}
+
+/// [`lora_axpy4_avx2`] on AVX-512 VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+fn lora_axpy4_vnni(
+    data: &[u8],
+    stride: usize,
+    chunks: usize,
+    t: &[i8],
+    scale: f32,
+    out: &mut [f32],
+) {
+    let start = _mm256_set1_epi32(-8 * t_sum(t, 8 * chunks));
+    let dot = |a, w, x| _mm256_dpbusd_epi32(a, w, x);
+    lora_axpy_with(data, stride, chunks, t, scale, out, true, start, dot)
+}
+
+/// The sum of `t[..n]` (the codes the expand reads).
+fn t_sum(t: &[i8], n: usize) -> i32 {
+    t[..n].iter().map(|&v| v as i32).sum()
 }
 
 /// [`lora_axpy_avx2`] on AVX-512 VNNI without the sign trick, as `q8_vnni`: the codes go in as
@@ -388,10 +429,9 @@ fn lora_axpy_vnni(
     out: &mut [f32],
 ) {
     let bias = _mm256_set1_epi8(-128);
-    let tsum: i32 = t[..4 * chunks].iter().map(|&v| v as i32).sum();
-    let start = _mm256_set1_epi32(-U8_BIAS * tsum);
+    let start = _mm256_set1_epi32(-U8_BIAS * t_sum(t, 4 * chunks));
     let dot = |a, w, x| _mm256_dpbusd_epi32(a, _mm256_xor_si256(w, bias), x);
-    lora_axpy_with(data, stride, chunks, t, scale, out, start, dot)
+    lora_axpy_with(data, stride, chunks, t, scale, out, false, start, dot)
 }
 
 /// The LoRA expand over consecutive groups of a `LoraB` (`data`, `stride` bytes per group):
@@ -399,8 +439,10 @@ fn lora_axpy_vnni(
 ///
 /// # Safety
 /// As [`q4q8_tiles`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn lora_axpy(
     vnni: bool,
+    nib: bool,
     data: &[u8],
     stride: usize,
     chunks: usize,
@@ -410,10 +452,11 @@ pub unsafe fn lora_axpy(
 ) {
     // SAFETY: the caller guarantees the features.
     unsafe {
-        if vnni {
-            lora_axpy_vnni(data, stride, chunks, t, scale, out)
-        } else {
-            lora_axpy_avx2(data, stride, chunks, t, scale, out)
+        match (vnni, nib) {
+            (true, false) => lora_axpy_vnni(data, stride, chunks, t, scale, out),
+            (false, false) => lora_axpy_avx2(data, stride, chunks, t, scale, out),
+            (true, true) => lora_axpy4_vnni(data, stride, chunks, t, scale, out),
+            (false, true) => lora_axpy4_avx2(data, stride, chunks, t, scale, out),
         }
     }
 }

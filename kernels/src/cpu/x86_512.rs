@@ -124,9 +124,10 @@ macro_rules! rows8 {
 
 /// INT4 tiles of two row groups against `R` activation rows; `ZP`: zero-point tiles, from
 /// `FOLD_MIN_ROWS` rows with their zero point folded into the integer sums as in `x86.rs`
-/// (`c - z + 128` against `bias_sum`), below that as a float offset, as there.
+/// (`c - z + 128` against `bias_sum`), below that as a float offset, as there; with `AHEAD`,
+/// prefetching the tiles ahead (not for tiles in cache, such as an int4 LoRA A).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni,avx512vl")]
-fn q4_pair<const R: usize, const ZP: bool>(
+fn q4_pair<const R: usize, const ZP: bool, const AHEAD: bool>(
     ta: &[TileQ4],
     tb: &[TileQ4],
     xs: &[&[BlockQ8A]],
@@ -147,7 +148,9 @@ fn q4_pair<const R: usize, const ZP: bool>(
     let mut offs = [_mm512_setzero_ps(); R];
     for b in 0..n {
         side.line(b, n);
-        ahead(ta, tb, b);
+        if AHEAD {
+            ahead(ta, tb, b);
+        }
         let (a, t) = (&ta[b], &tb[b]);
         // SAFETY: `d` and `m` are 8 × u16 = 16 bytes each.
         let (draw, mraw) = unsafe {
@@ -248,22 +251,23 @@ fn q8_pair<const R: usize, const AHEAD: bool>(
 
 /// Dispatches on the number of activation rows (1..=8).
 macro_rules! by_rows {
-    ($n:expr, $f:ident $(::<$zp:literal>)?, $($arg:expr),*) => {
+    ($n:expr, $f:ident $(::<$($c:literal),+>)?, $($arg:expr),*) => {
         match $n {
-            1 => $f::<1 $(, $zp)?>($($arg),*),
-            2 => $f::<2 $(, $zp)?>($($arg),*),
-            3 => $f::<3 $(, $zp)?>($($arg),*),
-            4 => $f::<4 $(, $zp)?>($($arg),*),
-            5 => $f::<5 $(, $zp)?>($($arg),*),
-            6 => $f::<6 $(, $zp)?>($($arg),*),
-            7 => $f::<7 $(, $zp)?>($($arg),*),
-            8 => $f::<8 $(, $zp)?>($($arg),*),
+            1 => $f::<1 $($(, $c)+)?>($($arg),*),
+            2 => $f::<2 $($(, $c)+)?>($($arg),*),
+            3 => $f::<3 $($(, $c)+)?>($($arg),*),
+            4 => $f::<4 $($(, $c)+)?>($($arg),*),
+            5 => $f::<5 $($(, $c)+)?>($($arg),*),
+            6 => $f::<6 $($(, $c)+)?>($($arg),*),
+            7 => $f::<7 $($(, $c)+)?>($($arg),*),
+            8 => $f::<8 $($(, $c)+)?>($($arg),*),
             n => panic!("{n} activation rows: the pair kernels take 1 to 8"),
         }
     };
 }
 
-/// Two consecutive INT4 row groups (`ta`, `tb`) against 1 to 8 activation rows, into `oa`, `ob`.
+/// Two consecutive INT4 row groups (`ta`, `tb`) against 1 to 8 activation rows, into `oa`, `ob`;
+/// `ahead`: prefetch the tiles ahead of the one being read.
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI.
@@ -276,13 +280,17 @@ pub unsafe fn q4q8_pair(
     oa: &mut [[f32; TILE_ROWS]],
     ob: &mut [[f32; TILE_ROWS]],
     side: Side,
+    ahead: bool,
 ) {
     // SAFETY: the caller guarantees the features.
     unsafe {
-        if zero_point {
-            by_rows!(xs.len(), q4_pair::<true>, ta, tb, xs, oa, ob, side)
-        } else {
-            by_rows!(xs.len(), q4_pair::<false>, ta, tb, xs, oa, ob, side)
+        match (zero_point, ahead) {
+            (true, true) => by_rows!(xs.len(), q4_pair::<true, true>, ta, tb, xs, oa, ob, side),
+            (false, true) => by_rows!(xs.len(), q4_pair::<false, true>, ta, tb, xs, oa, ob, side),
+            (true, false) => by_rows!(xs.len(), q4_pair::<true, false>, ta, tb, xs, oa, ob, side),
+            (false, false) => {
+                by_rows!(xs.len(), q4_pair::<false, false>, ta, tb, xs, oa, ob, side)
+            }
         }
     }
 }

@@ -240,8 +240,9 @@ pub fn run(a: LoraMixArgs) -> Result<()> {
         )
         .vs("no adapter", t0)
         .note(format!(
-            "each adapter {:.2} MB (rank {rank}, all 7 projections, Q8_0 A and B); {:.1} MB more per step",
+            "each adapter {:.2} MB (rank {rank}, all 7 projections, int{} A and B); {:.1} MB more per step",
             per_adapter as f64 / 1e6,
+            a.adapter_bits,
             (m * per_adapter) as f64 / 1e6
         )),
     );

@@ -351,6 +351,13 @@ impl ModelArgs {
         let backend: Box<dyn Backend> = match device {
             Device::Cpu { .. } => Box::new(self.pool(model, tokens)?),
             Device::Cuda { gpu, .. } => {
+                if self.adapter_bits != AdapterBits::Int8 {
+                    tracing::warn!(
+                        adapter_bits = %self.adapter_bits,
+                        "--adapter-bits applies to the CPU's int8 path; the CUDA backend keeps \
+                         adapters in its own form"
+                    );
+                }
                 let pages = tokens.div_ceil(self.page_size) + 1;
                 Box::new(CudaBackend::new(
                     gpu,

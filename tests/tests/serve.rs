@@ -1162,3 +1162,92 @@ fn the_appliance_is_found_on_the_lan_over_dns_sd() {
     }
     panic!("the server's _edgelora._tcp advertisement was not resolved within 15 s");
 }
+
+/// `serve --adapter-bits 4`: the pool's loader decodes each pack at four bits, and what the
+/// server answers is what the library computes with the same adapter at four bits (greedy tokens
+/// equal); its log-probabilities differ from a server at eight bits, so the flag took effect.
+#[test]
+fn int4_adapters_are_served_as_the_library_computes_them() {
+    use edgelora_daemon::adapters::LoraAdapter;
+    use edgelora_daemon::engine::forward::ActMode;
+    use edgelora_daemon::engine::generate::{GenerateParams, generate};
+    use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
+    use edgelora_daemon::model::{LoadOptions, Model, WeightDtype};
+    use edgelora_kernels::cpu::kv::KvGeometry;
+    use edgelora_kernels::cpu::lora::AdapterBits;
+    // As the server loads it by default: INT4 weights, int8 activations and so a Q8_0 head.
+    let m = Model::load(
+        &tiny(),
+        &LoadOptions {
+            q8_embeddings: true,
+            ..LoadOptions::reference(WeightDtype::Int4)
+        },
+    )
+    .unwrap();
+    let opts = ForwardOptions {
+        act: ActMode::Int8,
+        ..ForwardOptions::exact()
+    };
+    let c = &m.config;
+    let geom = KvGeometry {
+        page_size: 16,
+        n_layers: c.n_layers,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim,
+    };
+    let mut pool = KvPool::new(geom, KvDtype::F32, 64).unwrap();
+    let four = start(&["--adapter-bits", "4"]);
+    let eight = start(&[]);
+    let body = |name: &str, p: usize| {
+        json!({"model": name, "prompt": prompt(p), "max_tokens": 12, "temperature": 0,
+               "ignore_eos": true, "logprobs": 1, "return_token_ids": true})
+    };
+    let mut differs = 0f64;
+    for name in ["alpha-qv", "beta-attn", "gamma-all"] {
+        let dir = tiny().join("adapters").join(name);
+        let a4 = LoraAdapter::load_peft_with(&dir, c, AdapterBits::Int4).unwrap();
+        for p in 0..4 {
+            let (st, v4) = four.post("/v1/completions", &body(name, p));
+            assert_eq!(st, 200, "{name} p{p}: {v4}");
+            let want = generate(
+                &m,
+                &mut pool,
+                Some(&a4),
+                &prompt(p),
+                &GenerateParams {
+                    max_tokens: 12,
+                    ..GenerateParams::default()
+                },
+                &opts,
+                |_| {},
+            )
+            .unwrap()
+            .tokens;
+            assert_eq!(ids(&v4["choices"][0]["token_ids"]), want, "{name} p{p}");
+            let (st, v8) = eight.post("/v1/completions", &body(name, p));
+            assert_eq!(st, 200, "{name} p{p}: {v8}");
+            let lp = |v: &Value| -> Vec<f64> {
+                v["choices"][0]["logprobs"]["token_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            };
+            let (l4, l8) = (lp(&v4), lp(&v8));
+            // Where the greedy paths agree, the same token's log-probability at both widths.
+            let same = ids(&v4["choices"][0]["token_ids"])
+                .iter()
+                .zip(ids(&v8["choices"][0]["token_ids"]))
+                .take_while(|(a, b)| **a == *b)
+                .count();
+            for i in 0..same {
+                differs = differs.max((l4[i] - l8[i]).abs());
+            }
+        }
+    }
+    assert!(
+        differs > 1e-3,
+        "the int4 server's log-probabilities equal the int8 server's ({differs})"
+    );
+}

@@ -437,12 +437,7 @@ pub fn run(a: AdaptersArgs) -> Result<()> {
     let pack_mb = packs[0].file_len as f64 / 1e6;
 
     // KV for `batch` sequences of prompt + max_tokens (+1 page each), and the pool's adapters.
-    let geom = KvGeometry {
-        page_size: a.m.page_size.max(1),
-        n_layers: config.n_layers,
-        n_kv_heads: config.n_kv_heads,
-        head_dim: config.head_dim,
-    };
+    let geom = config.kv_geometry(a.m.page_size.max(1));
     let page_bytes = KvPool::new(geom, a.m.kv, 1)?.page_bytes();
     let kv_pages = a.batch * ((a.prompt + a.max_tokens + 1).div_ceil(geom.page_size) + 1);
     let per_adapter = pages_for(&packs[0], page_bytes);

@@ -8,7 +8,6 @@ use edgelora_daemon::adapters::{LoraAdapter, LoraPair};
 use edgelora_daemon::engine::forward::ActMode;
 use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
 use edgelora_daemon::model::{LoadOptions, Model, ModelConfig, Proj, WeightDtype};
-use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_kernels::cpu::lora::AdapterBits;
 
 use crate::rng::{Rng, seed_of};
@@ -102,12 +101,7 @@ impl ModelArgs {
     /// A pool with room for `seqs` sequences of `tokens` tokens each.
     pub fn pool(&self, model: &Model, seqs: usize, tokens: usize) -> Result<KvPool> {
         let c = &model.config;
-        let geom = KvGeometry {
-            page_size: self.page_size.max(1),
-            n_layers: c.n_layers,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        };
+        let geom = c.kv_geometry(self.page_size.max(1));
         let pages = seqs * (tokens.div_ceil(geom.page_size) + 1);
         Ok(KvPool::new(geom, self.kv, pages)?)
     }

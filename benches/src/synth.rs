@@ -647,7 +647,6 @@ fn random_q8(rows: usize, cols: usize, g: &mut Rng) -> Result<Q8Matrix> {
 mod tests {
     use edgelora_daemon::engine::forward::ActMode;
     use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool, SeqKv, SeqStep, forward};
-    use edgelora_kernels::cpu::kv::KvGeometry;
 
     use super::*;
 
@@ -747,12 +746,7 @@ mod tests {
     /// One forward step of a short prompt on the CPU: the logits are finite and not constant.
     fn check_forward(m: &Model, act: ActMode) {
         let c = &m.config;
-        let geom = KvGeometry {
-            page_size: 16,
-            n_layers: c.n_layers,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        };
+        let geom = c.kv_geometry(16);
         let mut pool = KvPool::new(geom, KvDtype::F32, 4).unwrap();
         let mut kv = SeqKv::new();
         let tokens = m.tokenizer.encode("Once upon a time", true).unwrap();

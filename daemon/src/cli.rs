@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use edgelora_kernels::cpu::kv::{KvDtype, KvGeometry, KvPool};
+use edgelora_kernels::cpu::kv::{KvDtype, KvPool};
 use edgelora_kernels::cpu::lora::AdapterBits;
 
 use crate::adapters::LoraAdapter;
@@ -168,9 +168,9 @@ pub struct ModelArgs {
     /// Activations against quantized weights: int8 (fast, as llama.cpp) or f32 (exact reference).
     #[arg(long, default_value = "int8")]
     pub act: ActMode,
-    /// Adapters' A and B on the int8 path: 8 bits, or 4 (half the bytes a batch of distinct
-    /// adapters reads per step, at several percent of error on each adapter's delta; see
-    /// BENCHMARKS.md).
+    /// Adapters' A and B on the int8 path: 8 bits, or 4 (0.57 of the bytes a batch of distinct
+    /// adapters reads per step, moving each adapter's effect on the logits by 10-14% against
+    /// under 1% at 8 bits; see BENCHMARKS.md).
     #[arg(long, default_value = "8")]
     pub adapter_bits: AdapterBits,
     /// Compute threads (default: every core).
@@ -373,12 +373,7 @@ impl ModelArgs {
 
     fn pool(&self, model: &Model, tokens: usize) -> Result<KvPool> {
         let c = &model.config;
-        let geom = KvGeometry {
-            page_size: self.page_size,
-            n_layers: c.n_layers,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        };
+        let geom = c.kv_geometry(self.page_size);
         Ok(KvPool::new(
             geom,
             self.kv,

@@ -15,7 +15,6 @@ use edgelora_daemon::engine::generate::{GenerateParams, generate};
 use edgelora_daemon::engine::scheduler::{Event, GenRequest, Limits, Scheduler};
 use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
 use edgelora_daemon::model::{LoadOptions, Model, Proj, WeightDtype};
-use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_tests::*;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -43,17 +42,7 @@ fn model() -> Arc<Model> {
 
 fn kv_pool(m: &Model, pages: usize) -> KvPool {
     let c = &m.config;
-    KvPool::new(
-        KvGeometry {
-            page_size: 16,
-            n_layers: c.n_layers,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        },
-        KvDtype::F32,
-        pages,
-    )
-    .unwrap()
+    KvPool::new(c.kv_geometry(16), KvDtype::F32, pages).unwrap()
 }
 
 /// An adapter with random weights, a random rank in 1..=16 and a random non-empty subset of the

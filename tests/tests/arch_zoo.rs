@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use edgelora_daemon::engine::generate::all_logits;
 use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
 use edgelora_daemon::model::{Arch, LoadOptions, Model, ModelConfig, RopeScaling, WeightDtype};
-use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_tests::*;
 use safetensors::{Dtype, SafeTensors};
 
@@ -81,17 +80,7 @@ fn load(dir: &Path) -> Model {
 fn logits(m: &Model, prompt: &[u32]) -> Vec<f32> {
     let c = &m.config;
     // Pages of 8 so the 16-token prompt spans two of them.
-    let mut pool = KvPool::new(
-        KvGeometry {
-            page_size: 8,
-            n_layers: c.n_layers,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        },
-        KvDtype::F32,
-        8,
-    )
-    .unwrap();
+    let mut pool = KvPool::new(c.kv_geometry(8), KvDtype::F32, 8).unwrap();
     all_logits(m, &mut pool, None, prompt, &ForwardOptions::exact()).expect("forward")
 }
 

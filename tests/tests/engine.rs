@@ -8,7 +8,6 @@ use edgelora_daemon::engine::{
 };
 use edgelora_daemon::model::{LoadOptions, Model, WeightDtype};
 use edgelora_kernels::Q4Matrix;
-use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_tests::*;
 
 fn model(dtype: WeightDtype) -> Model {
@@ -21,17 +20,7 @@ fn adapter(m: &Model, name: &str) -> LoraAdapter {
 
 fn pool(m: &Model, dtype: KvDtype, page_size: usize, pages: usize) -> KvPool {
     let c = &m.config;
-    KvPool::new(
-        KvGeometry {
-            page_size,
-            n_layers: c.n_layers,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        },
-        dtype,
-        pages,
-    )
-    .unwrap()
+    KvPool::new(c.kv_geometry(page_size), dtype, pages).unwrap()
 }
 
 /// One forward step with every sequence `i` adding `tokens[i]` to `kvs[i]` under `adapters[i]`.

@@ -1173,7 +1173,6 @@ fn int4_adapters_are_served_as_the_library_computes_them() {
     use edgelora_daemon::engine::generate::{GenerateParams, generate};
     use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
     use edgelora_daemon::model::{LoadOptions, Model, WeightDtype};
-    use edgelora_kernels::cpu::kv::KvGeometry;
     use edgelora_kernels::cpu::lora::AdapterBits;
     // As the server loads it by default: INT4 weights, int8 activations and so a Q8_0 head.
     let m = Model::load(
@@ -1189,13 +1188,7 @@ fn int4_adapters_are_served_as_the_library_computes_them() {
         ..ForwardOptions::exact()
     };
     let c = &m.config;
-    let geom = KvGeometry {
-        page_size: 16,
-        n_layers: c.n_layers,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: c.head_dim,
-    };
-    let mut pool = KvPool::new(geom, KvDtype::F32, 64).unwrap();
+    let mut pool = KvPool::new(c.kv_geometry(16), KvDtype::F32, 64).unwrap();
     let four = start(&["--adapter-bits", "4"]);
     let eight = start(&[]);
     let body = |name: &str, p: usize| {

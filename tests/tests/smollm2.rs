@@ -7,7 +7,6 @@ use edgelora_daemon::engine::generate::{GenerateParams, all_logits, generate};
 use edgelora_daemon::engine::{ForwardOptions, KvDtype, KvPool};
 use edgelora_daemon::model::chat::ChatMessage;
 use edgelora_daemon::model::{LoadOptions, Model};
-use edgelora_kernels::cpu::kv::KvGeometry;
 use edgelora_tests::*;
 use serde_json::Value;
 
@@ -30,12 +29,7 @@ fn messages(v: &Value) -> Vec<ChatMessage> {
 
 fn pool(m: &Model, tokens: usize) -> KvPool {
     let c = &m.config;
-    let g = KvGeometry {
-        page_size: 16,
-        n_layers: c.n_layers,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: c.head_dim,
-    };
+    let g = c.kv_geometry(16);
     KvPool::new(g, KvDtype::F32, tokens.div_ceil(16) + 1).unwrap()
 }
 

@@ -91,8 +91,8 @@ pub struct ServeArgs {
     /// Activations against quantized weights: int8 or f32.
     #[arg(long)]
     pub act: Option<ActMode>,
-    /// Adapters' A and B on the int8 path: 8 bits (default) or 4 (half the bytes per step for a
-    /// batch of distinct adapters, at several percent of error on each delta).
+    /// Adapters' A and B on the int8 path: 8 bits (default) or 4 (0.57 of the bytes per step for a
+    /// batch of distinct adapters, moving each adapter's effect by 10-14%; BENCHMARKS.md).
     #[arg(long)]
     pub adapter_bits: Option<AdapterBits>,
     /// KV cache element type: f32, f16 or int4.

@@ -179,12 +179,7 @@ impl CudaBackend {
             None => None,
         };
         weight_bytes += lm_head.as_ref().unwrap_or(&embed).nbytes();
-        let geom = KvGeometry {
-            page_size,
-            n_layers: c.n_layers,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: c.head_dim,
-        };
+        let geom = c.kv_geometry(page_size);
         let pool = GpuKvPool::new(g, geom, kv, n_pages)?;
         let upload = gpu.context().new_stream().map_err(CudaError::from)?;
         Ok(Self {

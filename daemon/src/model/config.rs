@@ -131,6 +131,16 @@ pub fn token_id_list(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
+    /// The KV cache's shape for this model, in pages of `page_size` tokens.
+    pub fn kv_geometry(&self, page_size: usize) -> edgelora_kernels::cpu::kv::KvGeometry {
+        edgelora_kernels::cpu::kv::KvGeometry {
+            page_size,
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
     /// Parses a Hugging Face `config.json`. Handles both the transformers 4 (`rope_theta`,
     /// `rope_scaling`) and transformers 5 (`rope_parameters`) spellings.
     pub fn from_hf_json(v: &Value) -> Result<Self, ModelError> {

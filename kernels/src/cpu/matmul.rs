@@ -601,7 +601,7 @@ fn project_q8_in(jobs: &mut [ProjQ8<'_, '_>], x: &ActQ8, isa: Isa, clock: Clock)
         }
         (g + 2).min(total) - g
     };
-    // A piece's shrink result per row: its codes (the rank rounded up to a multiple of four).
+    // A piece's shrink result per row: its codes (the rank rounded up to the expand's chunks).
     let stride = |&(ji, si, _): &Piece| outs[ji].3[si].b.t_len();
     // A piece's shrink, into `codes` (a row after another, `stride` each) and `scales`.
     let shrink =

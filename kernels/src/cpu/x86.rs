@@ -255,8 +255,9 @@ fn q8_vnni<const R: usize>(
 }
 
 /// The LoRA expand over the groups of `data` (see [`lora_axpy`]), each group's integer sum
-/// starting at `start` and taking chunk `j` (32 code bytes `w`, four `t` codes `x` in every lane)
-/// as `dot(acc, w, x)`. The usual ranks (8, 16, 32) get their chunk count as a constant, so the
+/// starting at `start` and taking step `j` (32 code bytes `w`: a chunk, or one nibble of each of
+/// its bytes under `nib`; four `t` codes `x` in every lane) as `dot(acc, w, x)`. The usual ranks
+/// (8, 16, 32) get their step count as a constant, so the
 /// broadcasts of `t` stay in registers across groups and the chunk loop unrolls (a rank-16
 /// expand: 6.4 cycles per group of eight outputs before, 4.7 after, on Zen 4).
 #[inline(always)]
